@@ -1,0 +1,536 @@
+//! The broker: topics, publishing, subscriptions and ack handles.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use tokio::sync::Notify;
+
+use switchyard_core::{
+    validate_name, Acker, Broker, BrokerUrl, Capabilities, Delivery, Error, Message, Nack, Origin,
+    Publisher, Receipt, Result, StartFrom, SubscribeOptions, Subscriber, Subscription,
+};
+
+use crate::group::{Entry, Group, Settled};
+
+const BACKEND: &str = "memory";
+
+/// Settings of a memory broker; also accepted as URL parameters
+/// (`memory://name?capacity=1000000&publish_timeout_ms=30000&max_message_size=1048576`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MemoryConfig {
+    /// Most messages one topic holds (default 1,048,576).
+    pub capacity: usize,
+    /// How long a publish waits for room in a full topic (default 30 s).
+    pub publish_timeout: Duration,
+    /// Largest accepted payload, if limited (default: none).
+    pub max_message_size: Option<usize>,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 1 << 20,
+            publish_timeout: Duration::from_secs(30),
+            max_message_size: None,
+        }
+    }
+}
+
+impl MemoryConfig {
+    /// Sets the per-topic capacity.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// Sets how long a publish waits for room.
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
+    }
+
+    /// Sets the largest accepted payload.
+    pub fn max_message_size(mut self, limit: Option<usize>) -> Self {
+        self.max_message_size = limit;
+        self
+    }
+
+    fn from_url(url: &BrokerUrl) -> Result<Self> {
+        let mut config = Self::default();
+        for (key, _) in &url.params {
+            match key.as_str() {
+                "capacity" | "publish_timeout_ms" | "max_message_size" => {}
+                other => {
+                    return Err(Error::config(
+                        other,
+                        "unknown memory:// setting; known: capacity, publish_timeout_ms, max_message_size",
+                    ))
+                }
+            }
+        }
+        if let Some(c) = url.param_parse("capacity")? {
+            config.capacity = c;
+        }
+        if let Some(ms) = url.param_parse::<u64>("publish_timeout_ms")? {
+            config.publish_timeout = Duration::from_millis(ms);
+        }
+        if let Some(limit) = url.param_parse("max_message_size")? {
+            config.max_message_size = Some(limit);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.capacity == 0 {
+            return Err(Error::config(
+                "capacity",
+                "must be at least 1 message per topic; the default is 1048576",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The in-memory broker. Clones share the same topics.
+///
+/// [`MemoryBroker::connect`] with a `memory://name` URL returns the process-wide broker
+/// of that name (created on first use, kept while a handle lives), so separate parts of
+/// an application that connect by URL see the same topics. [`MemoryBroker::new`] makes a
+/// private one.
+#[derive(Clone)]
+pub struct MemoryBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: MemoryConfig,
+    topics: Mutex<HashMap<String, Arc<Topic>>>,
+}
+
+struct Topic {
+    name: Arc<str>,
+    state: Mutex<TopicState>,
+    /// Wakes subscribers: something was published, acked, nacked or returned.
+    changed: Notify,
+    /// Wakes publishers waiting for room.
+    room: Notify,
+}
+
+struct TopicState {
+    log: VecDeque<Arc<Message>>,
+    /// Offset of `log[0]`.
+    base: u64,
+    groups: Vec<(Arc<str>, Group)>,
+    closed: bool,
+}
+
+impl TopicState {
+    fn end(&self) -> u64 {
+        self.base + self.log.len() as u64
+    }
+
+    /// Drops messages every group has read, oldest first, until there is room for `need`.
+    fn make_room(&mut self, capacity: usize, need: usize) {
+        let lowest_read = self
+            .groups
+            .iter()
+            .map(|(_, g)| g.next)
+            .min()
+            .unwrap_or(u64::MAX);
+        while self.log.len() + need > capacity && self.base < lowest_read && !self.log.is_empty() {
+            self.log.pop_front();
+            self.base += 1;
+        }
+    }
+}
+
+fn registry() -> &'static Mutex<HashMap<String, Weak<Inner>>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<String, Weak<Inner>>>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave our state half-written in a way that
+    // matters more than stopping every consumer would, so keep going.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryBroker {
+    /// A private broker with default settings.
+    pub fn new() -> Self {
+        Self::with_config(MemoryConfig::default())
+    }
+
+    /// A private broker with these settings.
+    pub fn with_config(config: MemoryConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                topics: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The shared broker named by a `memory://[name][?settings]` URL.
+    pub fn connect(url: &str) -> Result<Self> {
+        let parsed = BrokerUrl::parse(url)?;
+        if parsed.scheme != "memory" {
+            return Err(Error::UnknownScheme {
+                scheme: parsed.scheme,
+                url: switchyard_core::redact(url),
+            });
+        }
+        let name = parsed.authority.trim_end_matches('/').to_string();
+        let config = MemoryConfig::from_url(&parsed)?;
+        let mut registry = lock(registry());
+        if let Some(inner) = registry.get(&name).and_then(Weak::upgrade) {
+            if !parsed.params.is_empty() && inner.config != config {
+                return Err(Error::config(
+                    "url",
+                    format!(
+                        "memory broker {name:?} already runs with {:?}; connect without settings to share it, or use another name",
+                        inner.config
+                    ),
+                ));
+            }
+            return Ok(Self { inner });
+        }
+        let broker = Self::with_config(config);
+        registry.insert(name, Arc::downgrade(&broker.inner));
+        Ok(broker)
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &MemoryConfig {
+        &self.inner.config
+    }
+
+    fn topic(&self, name: &str) -> Result<Arc<Topic>> {
+        let mut topics = lock(&self.inner.topics);
+        if let Some(t) = topics.get(name) {
+            return Ok(t.clone());
+        }
+        validate_name("topic", name)?;
+        let topic = Arc::new(Topic {
+            name: name.into(),
+            state: Mutex::new(TopicState {
+                log: VecDeque::new(),
+                base: 0,
+                groups: Vec::new(),
+                closed: false,
+            }),
+            changed: Notify::new(),
+            room: Notify::new(),
+        });
+        topics.insert(name.to_string(), topic.clone());
+        Ok(topic)
+    }
+
+    /// How many messages `topic` holds and each group's read position and backlog:
+    /// `(end_offset, [(group, next_offset)])`. For inspection and tests.
+    pub fn topic_stats(&self, topic: &str) -> Option<(u64, Vec<(String, u64)>)> {
+        let t = lock(&self.inner.topics).get(topic).cloned()?;
+        let state = lock(&t.state);
+        let groups = state
+            .groups
+            .iter()
+            .map(|(n, g)| (n.to_string(), g.next))
+            .collect();
+        Some((state.end(), groups))
+    }
+
+    fn check_size(&self, message: &Message) -> Result<()> {
+        match self.inner.config.max_message_size {
+            Some(limit) if message.payload.len() > limit => Err(Error::MessageTooLarge {
+                id: message.id.clone(),
+                size: message.payload.len(),
+                limit,
+                backend: BACKEND,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    async fn append(&self, topic: &str, messages: Vec<Message>) -> Result<Vec<Receipt>> {
+        for m in &messages {
+            self.check_size(m)?;
+        }
+        let topic = self.topic(topic)?;
+        let capacity = self.inner.config.capacity;
+        let timeout = self.inner.config.publish_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut receipts = Vec::with_capacity(messages.len());
+        let mut pending = messages.into_iter().peekable();
+        while pending.peek().is_some() {
+            let room = topic.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let mut state = lock(&topic.state);
+                if state.closed {
+                    return Err(Error::Closed { backend: BACKEND });
+                }
+                let want = pending.len();
+                state.make_room(capacity, want.min(capacity));
+                let fit = capacity.saturating_sub(state.log.len()).min(want);
+                if fit > 0 {
+                    for m in pending.by_ref().take(fit) {
+                        let offset = state.end() as i64;
+                        receipts.push(Receipt::new(m.id.clone(), None, Some(offset)));
+                        state.log.push_back(Arc::new(m));
+                    }
+                    drop(state);
+                    topic.changed.notify_waiters();
+                    continue;
+                }
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                return Err(Error::Timeout {
+                    after: timeout,
+                    what: format!(
+                        "room in memory topic {:?} (capacity {capacity} messages; a group is not keeping up)",
+                        &*topic.name
+                    ),
+                });
+            }
+        }
+        Ok(receipts)
+    }
+}
+
+#[async_trait]
+impl Publisher for MemoryBroker {
+    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt> {
+        let mut r = self.append(topic, vec![message]).await?;
+        Ok(r.pop().expect("one receipt per message"))
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<Vec<Receipt>> {
+        self.append(topic, messages).await
+    }
+}
+
+#[async_trait]
+impl Subscriber for MemoryBroker {
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+        options.validate()?;
+        let topic = self.topic(&options.topic)?;
+        let (group, member) = {
+            let mut state = lock(&topic.state);
+            let idx = match state.groups.iter().position(|(n, _)| **n == *options.group) {
+                Some(i) => i,
+                None => {
+                    let start = match options.start {
+                        StartFrom::Latest => state.end(),
+                        _ => state.base,
+                    };
+                    state
+                        .groups
+                        .push((options.group.as_str().into(), Group::new(start)));
+                    state.groups.len() - 1
+                }
+            };
+            let member = state.groups[idx].1.join();
+            (idx, member)
+        };
+        let group_name = lock(&topic.state).groups[group].0.clone();
+        Ok(Box::new(MemorySubscription {
+            topic,
+            group,
+            group_name,
+            member,
+            prefetch: options.prefetch,
+            scratch: Vec::new(),
+            closed: false,
+        }))
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            replay: true,
+            persistent: false,
+            per_key_order: true,
+            durable_attempts: true,
+            native_dead_letter: false,
+            delayed_delivery: false,
+            max_message_size: self.inner.config.max_message_size,
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        let topics: Vec<_> = lock(&self.inner.topics).values().cloned().collect();
+        for t in topics {
+            lock(&t.state).closed = true;
+            t.changed.notify_waiters();
+            t.room.notify_waiters();
+        }
+        Ok(())
+    }
+}
+
+struct MemorySubscription {
+    topic: Arc<Topic>,
+    group: usize,
+    group_name: Arc<str>,
+    member: u64,
+    prefetch: usize,
+    scratch: Vec<Entry>,
+    closed: bool,
+}
+
+impl MemorySubscription {
+    fn deliver(&self, entry: Entry) -> Delivery {
+        let origin = Origin::new(
+            self.topic.name.clone(),
+            self.group_name.clone(),
+            None,
+            Some(entry.offset as i64),
+        );
+        let acker = MemoryAcker {
+            topic: self.topic.clone(),
+            group: self.group,
+            member: self.member,
+            offset: entry.offset,
+        };
+        Delivery::new(entry.message, entry.attempt, origin, acker)
+    }
+}
+
+#[async_trait]
+impl Subscription for MemorySubscription {
+    async fn recv(&mut self) -> Option<Result<Delivery>> {
+        let mut buf = Vec::with_capacity(1);
+        match self.recv_many(&mut buf, 1).await {
+            Ok(0) => None,
+            Ok(_) => buf.pop().map(Ok),
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    async fn recv_many(&mut self, buf: &mut Vec<Delivery>, max: usize) -> Result<usize> {
+        if self.closed {
+            return Ok(0);
+        }
+        loop {
+            let changed = self.topic.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut state = lock(&self.topic.state);
+                if state.closed {
+                    return Ok(0);
+                }
+                let state = &mut *state;
+                let group = &mut state.groups[self.group].1;
+                let credit = self.prefetch.saturating_sub(group.unsettled(self.member));
+                let before = group.next;
+                group.take(
+                    self.member,
+                    max.min(credit),
+                    &state.log,
+                    state.base,
+                    &mut self.scratch,
+                );
+                if group.next != before {
+                    // Reading moved this group on, which may let publishers evict.
+                    self.topic.room.notify_waiters();
+                }
+            }
+            if !self.scratch.is_empty() {
+                let n = self.scratch.len();
+                let entries = std::mem::take(&mut self.scratch);
+                buf.extend(entries.into_iter().map(|e| self.deliver(e)));
+                return Ok(n);
+            }
+            changed.await;
+        }
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        self.closed = true;
+        let returned = {
+            let mut state = lock(&self.topic.state);
+            let group = &mut state.groups[self.group].1;
+            let n = group.leave(self.member);
+            n > 0 || group.has_ready()
+        };
+        if returned {
+            self.topic.changed.notify_waiters();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MemorySubscription {
+    fn drop(&mut self) {
+        if !self.closed {
+            // Dropped without close: behave like a consumer that died, whose unsettled
+            // messages go to the rest of the group.
+            let mut state = lock(&self.topic.state);
+            state.groups[self.group].1.leave(self.member);
+            drop(state);
+            self.topic.changed.notify_waiters();
+        }
+    }
+}
+
+struct MemoryAcker {
+    topic: Arc<Topic>,
+    group: usize,
+    member: u64,
+    offset: u64,
+}
+
+impl MemoryAcker {
+    fn settle(&self, nack: Option<Nack>) -> Result<()> {
+        let outcome = {
+            let mut state = lock(&self.topic.state);
+            state.groups[self.group]
+                .1
+                .settle(self.member, self.offset, nack)
+        };
+        match outcome {
+            Settled::Done => {
+                self.topic.changed.notify_waiters();
+                Ok(())
+            }
+            Settled::MemberGone => Err(Error::SubscriptionClosed {
+                id: format!("{}@{}", self.topic.name, self.offset),
+            }),
+        }
+    }
+}
+
+impl Acker for MemoryAcker {
+    fn ack(&self) -> BoxFuture<'_, Result<()>> {
+        let r = self.settle(None);
+        Box::pin(futures::future::ready(r))
+    }
+
+    fn nack(&self, action: Nack) -> BoxFuture<'_, Result<()>> {
+        let r = self.settle(Some(action));
+        Box::pin(futures::future::ready(r))
+    }
+
+    fn dropped_unsettled(&self) {
+        let _ = self.settle(Some(Nack::Requeue));
+    }
+}

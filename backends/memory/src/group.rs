@@ -1,0 +1,282 @@
+//! A group's view of a topic log: read position, unsettled deliveries per member, and
+//! same-key messages held back until their predecessor is acked. Pure, synchronous
+//! state; the broker module wraps it in the topic's lock.
+
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use switchyard_core::{Message, Nack};
+
+/// One message as a group holds it.
+#[derive(Clone, Debug)]
+pub(crate) struct Entry {
+    pub(crate) offset: u64,
+    pub(crate) message: Arc<Message>,
+    pub(crate) attempt: u32,
+}
+
+/// A message's key, hashed and compared as the key string without copying it.
+#[derive(Clone, Debug)]
+struct KeyOf(Arc<Message>);
+
+impl KeyOf {
+    fn as_str(&self) -> &str {
+        self.0.key.as_deref().unwrap_or_default()
+    }
+}
+
+impl Borrow<str> for KeyOf {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl Hash for KeyOf {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl PartialEq for KeyOf {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for KeyOf {}
+
+#[derive(Default)]
+struct Member {
+    unsettled: HashMap<u64, Entry>,
+}
+
+/// What happened when a delivery was settled.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// Settled as asked.
+    Done,
+    /// The member had already left; its deliveries were requeued then.
+    MemberGone,
+}
+
+pub(crate) struct Group {
+    /// Next log offset to examine.
+    pub(crate) next: u64,
+    /// Deliverable now: requeued messages and unblocked same-key successors.
+    ready: VecDeque<Entry>,
+    /// Keys with a message that is unsettled or waiting in `ready`.
+    busy: HashSet<KeyOf>,
+    /// Messages whose key is busy, in publish order per key.
+    blocked: HashMap<KeyOf, VecDeque<Entry>>,
+    blocked_len: usize,
+    members: HashMap<u64, Member>,
+    next_member: u64,
+}
+
+/// How many held-back same-key messages a group buffers before it stops reading ahead;
+/// bounds memory when one key is stuck (Kafka has the same head-of-line limit).
+pub(crate) const MAX_BLOCKED: usize = 65_536;
+
+impl Group {
+    pub(crate) fn new(next: u64) -> Self {
+        Self {
+            next,
+            ready: VecDeque::new(),
+            busy: HashSet::new(),
+            blocked: HashMap::new(),
+            blocked_len: 0,
+            members: HashMap::new(),
+            next_member: 0,
+        }
+    }
+
+    pub(crate) fn join(&mut self) -> u64 {
+        let id = self.next_member;
+        self.next_member += 1;
+        self.members.insert(id, Member::default());
+        id
+    }
+
+    /// Removes a member; its unsettled deliveries go back to `ready` with attempt + 1.
+    pub(crate) fn leave(&mut self, member: u64) -> usize {
+        let Some(m) = self.members.remove(&member) else {
+            return 0;
+        };
+        let mut entries: Vec<Entry> = m.unsettled.into_values().collect();
+        entries.sort_by_key(|e| e.offset);
+        let n = entries.len();
+        for mut e in entries {
+            e.attempt += 1;
+            self.ready.push_back(e);
+        }
+        n
+    }
+
+    pub(crate) fn unsettled(&self, member: u64) -> usize {
+        self.members.get(&member).map_or(0, |m| m.unsettled.len())
+    }
+
+    /// Hands `member` up to `max` entries from `log` (which starts at offset `base`).
+    pub(crate) fn take(
+        &mut self,
+        member: u64,
+        max: usize,
+        log: &VecDeque<Arc<Message>>,
+        base: u64,
+        out: &mut Vec<Entry>,
+    ) {
+        let Some(m) = self.members.get_mut(&member) else {
+            return;
+        };
+        let end = base + log.len() as u64;
+        let start = out.len();
+        while out.len() - start < max {
+            if let Some(e) = self.ready.pop_front() {
+                out.push(e);
+                continue;
+            }
+            if self.next >= end || self.blocked_len >= MAX_BLOCKED {
+                break;
+            }
+            // Eviction never passes a group's read position, so this index is in range.
+            let message = log[(self.next - base) as usize].clone();
+            let entry = Entry {
+                offset: self.next,
+                message,
+                attempt: 1,
+            };
+            self.next += 1;
+            if entry.message.key.is_none() {
+                out.push(entry);
+                continue;
+            }
+            let key = KeyOf(entry.message.clone());
+            if self.busy.contains(key.as_str()) {
+                self.blocked.entry(key).or_default().push_back(entry);
+                self.blocked_len += 1;
+            } else {
+                self.busy.insert(key);
+                out.push(entry);
+            }
+        }
+        for e in &out[start..] {
+            m.unsettled.insert(e.offset, e.clone());
+        }
+    }
+
+    /// Acks (or nacks) one delivery of `member`.
+    pub(crate) fn settle(&mut self, member: u64, offset: u64, nack: Option<Nack>) -> Settled {
+        let Some(entry) = self
+            .members
+            .get_mut(&member)
+            .and_then(|m| m.unsettled.remove(&offset))
+        else {
+            return Settled::MemberGone;
+        };
+        match nack {
+            Some(Nack::Requeue) => {
+                // The key stays busy: the requeued message is still the key's head.
+                let mut entry = entry;
+                entry.attempt += 1;
+                self.ready.push_back(entry);
+            }
+            _ => self.release_key(&entry),
+        }
+        Settled::Done
+    }
+
+    /// After `entry` is done, its key's next held-back message becomes deliverable.
+    fn release_key(&mut self, entry: &Entry) {
+        let Some(key) = entry.message.key.as_deref() else {
+            return;
+        };
+        if let Some(queue) = self.blocked.get_mut(key) {
+            if let Some(next) = queue.pop_front() {
+                self.blocked_len -= 1;
+                if queue.is_empty() {
+                    self.blocked.remove(key);
+                }
+                self.ready.push_back(next);
+                return;
+            }
+        }
+        self.busy.remove(key);
+    }
+
+    /// Whether something is deliverable without reading further in the log.
+    pub(crate) fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(keys: &[Option<&str>]) -> VecDeque<Arc<Message>> {
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let m = Message::new(format!("{i}"));
+                Arc::new(match k {
+                    Some(k) => m.with_key(*k),
+                    None => m,
+                })
+            })
+            .collect()
+    }
+
+    fn offsets(v: &[Entry]) -> Vec<u64> {
+        v.iter().map(|e| e.offset).collect()
+    }
+
+    #[test]
+    fn same_key_waits_for_ack_and_keeps_order() {
+        let log = log(&[Some("a"), Some("a"), Some("b"), None, Some("a")]);
+        let mut g = Group::new(0);
+        let m = g.join();
+        let mut out = Vec::new();
+        g.take(m, 10, &log, 0, &mut out);
+        assert_eq!(
+            offsets(&out),
+            vec![0, 2, 3],
+            "second and third 'a' are held back"
+        );
+        out.clear();
+        assert_eq!(g.settle(m, 0, None), Settled::Done);
+        g.take(m, 10, &log, 0, &mut out);
+        assert_eq!(offsets(&out), vec![1]);
+        out.clear();
+        g.settle(m, 1, Some(Nack::Requeue));
+        g.take(m, 10, &log, 0, &mut out);
+        assert_eq!(
+            offsets(&out),
+            vec![1],
+            "a requeued message comes back before its successor"
+        );
+        assert_eq!(out[0].attempt, 2);
+        out.clear();
+        g.settle(m, 1, None);
+        g.take(m, 10, &log, 0, &mut out);
+        assert_eq!(offsets(&out), vec![4]);
+    }
+
+    #[test]
+    fn leaving_member_returns_its_deliveries() {
+        let log = log(&[None, None, None]);
+        let mut g = Group::new(0);
+        let a = g.join();
+        let b = g.join();
+        let mut out = Vec::new();
+        g.take(a, 2, &log, 0, &mut out);
+        assert_eq!(g.leave(a), 2);
+        assert_eq!(g.settle(a, 0, None), Settled::MemberGone);
+        out.clear();
+        g.take(b, 10, &log, 0, &mut out);
+        assert_eq!(offsets(&out), vec![0, 1, 2]);
+        assert_eq!(out[0].attempt, 2);
+        assert_eq!(out[2].attempt, 1);
+    }
+}

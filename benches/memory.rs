@@ -1,0 +1,2 @@
+//! Placeholder; the memory benchmark follows.
+fn main() {}

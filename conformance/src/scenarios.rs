@@ -1,0 +1,880 @@
+//! The scenarios. Each is an async fn taking the context and returning `Check`.
+//! Each subscribes before it publishes, so backends whose groups only see messages
+//! published after the group exists (RabbitMQ queues) run them unchanged.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use switchyard_core::{
+    Consumer, ConsumerReport, Delivery, Error, HandlerError, Message, Nack, StartFrom,
+    SubscribeOptions, Subscription,
+};
+use switchyard_middleware::InspectLayer;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+
+use crate::kit::{ensure, Check, Ctx, OrFail, Outcome, ScenarioFn};
+
+/// Every scenario, in the order they run.
+pub(crate) const SCENARIOS: &[(&str, ScenarioFn)] = &[
+    ("roundtrip_bytes_exact", |c| {
+        Box::pin(roundtrip_bytes_exact(c))
+    }),
+    ("fanout_three_groups", |c| Box::pin(fanout_three_groups(c))),
+    ("competing_consumers_share_work", |c| {
+        Box::pin(competing_consumers(c))
+    }),
+    ("per_key_order_at_concurrency_16", |c| {
+        Box::pin(per_key_order(c))
+    }),
+    ("nack_redelivers_with_rising_attempt", |c| {
+        Box::pin(nack_redelivers(c))
+    }),
+    ("unacked_returned_when_subscriber_closes", |c| {
+        Box::pin(unacked_returned(c))
+    }),
+    ("graceful_shutdown_1000_in_flight", |c| {
+        Box::pin(graceful_shutdown(c))
+    }),
+    ("shutdown_deadline_returns_unfinished_work", |c| {
+        Box::pin(shutdown_deadline(c))
+    }),
+    ("late_group_earliest_and_latest", |c| {
+        Box::pin(late_group(c))
+    }),
+    ("topics_isolated", |c| Box::pin(topics_isolated(c))),
+    ("concurrent_publishers", |c| {
+        Box::pin(concurrent_publishers(c))
+    }),
+    ("handler_panic_contained", |c| Box::pin(panic_contained(c))),
+    ("double_ack_is_typed_error", |c| Box::pin(double_ack(c))),
+    ("tower_layers_wrap_handlers", |c| Box::pin(tower_layers(c))),
+    ("bad_input_typed_errors", |c| Box::pin(bad_input(c))),
+];
+
+const LONG: Duration = Duration::from_secs(90);
+
+async fn subscribe(ctx: &Ctx, opts: SubscribeOptions) -> Result<Box<dyn Subscription>, Outcome> {
+    ctx.broker.subscribe(opts).await.or_fail("subscribe")
+}
+
+async fn publish_all(ctx: &Ctx, topic: &str, messages: Vec<Message>) -> Check {
+    for chunk in messages.chunks(500) {
+        ctx.broker
+            .publish_batch(topic, chunk.to_vec())
+            .await
+            .or_fail("publish")?;
+    }
+    Ok(())
+}
+
+/// Receives until `n` deliveries arrived (acking each unless told not to).
+async fn recv_n(
+    sub: &mut Box<dyn Subscription>,
+    n: usize,
+    ack: bool,
+) -> Result<Vec<Delivery>, Outcome> {
+    let mut got = Vec::with_capacity(n);
+    let deadline = tokio::time::Instant::now() + LONG;
+    let mut buf = Vec::new();
+    while got.len() < n {
+        let r = tokio::time::timeout_at(deadline, sub.recv_many(&mut buf, n - got.len())).await;
+        match r {
+            Err(_) => {
+                return Err(Outcome::Failed(format!(
+                    "received {} of {n} messages before timing out",
+                    got.len()
+                )))
+            }
+            Ok(Err(e)) => return Err(Outcome::Failed(format!("receive failed: {e}"))),
+            Ok(Ok(0)) => return Err(Outcome::Failed("subscription ended early".into())),
+            Ok(Ok(_)) => {
+                for d in buf.drain(..) {
+                    if ack {
+                        d.ack().await.or_fail("ack")?;
+                    }
+                    got.push(d);
+                }
+            }
+        }
+    }
+    Ok(got)
+}
+
+/// Asserts that nothing more arrives within `quiet`.
+async fn expect_nothing(sub: &mut Box<dyn Subscription>, quiet: Duration) -> Check {
+    let mut buf = Vec::new();
+    if let Ok(Ok(n)) = tokio::time::timeout(quiet, sub.recv_many(&mut buf, 100)).await {
+        ensure!(
+            n == 0,
+            "expected no more messages, got {n} (first id {})",
+            buf[0].id()
+        );
+    }
+    Ok(())
+}
+
+type Running = (
+    JoinHandle<switchyard_core::Result<ConsumerReport>>,
+    CancellationToken,
+);
+
+fn spawn<S>(ctx: &Ctx, consumer: Consumer<S>) -> Running
+where
+    S: tower::Service<Delivery, Response = (), Error = HandlerError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let token = CancellationToken::new();
+    let broker = ctx.broker.clone();
+    let t = token.clone();
+    (tokio::spawn(consumer.run(broker, t)), token)
+}
+
+async fn stop((task, token): Running) -> Result<ConsumerReport, Outcome> {
+    token.cancel();
+    match tokio::time::timeout(LONG, task).await {
+        Err(_) => Err(Outcome::Failed(
+            "consumer did not stop within 90 s of shutdown".into(),
+        )),
+        Ok(Err(e)) => Err(Outcome::Failed(format!("consumer task panicked: {e}"))),
+        Ok(Ok(r)) => r.or_fail("consumer"),
+    }
+}
+
+/// Counts handler runs per message id.
+#[derive(Clone, Default)]
+struct Tally(Arc<Mutex<HashMap<String, usize>>>);
+
+impl Tally {
+    fn add(&self, id: &str) {
+        *self.0.lock().unwrap().entry(id.to_string()).or_default() += 1;
+    }
+    fn distinct(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+    fn check_exactly_once(&self, ids: &HashSet<String>, label: &str) -> Check {
+        let map = self.0.lock().unwrap();
+        let missing = ids.iter().filter(|id| !map.contains_key(*id)).count();
+        let dup = map.values().filter(|&&n| n > 1).count();
+        let foreign = map.keys().filter(|id| !ids.contains(*id)).count();
+        ensure!(
+            missing == 0 && dup == 0 && foreign == 0,
+            "{label}: {missing} missing, {dup} handled more than once, {foreign} not ours (of {})",
+            ids.len()
+        );
+        Ok(())
+    }
+}
+
+fn counting_handler(
+    tally: Tally,
+) -> impl Fn(Delivery) -> BoxFuture<'static, Result<(), HandlerError>> + Clone + Send + Sync + 'static
+{
+    move |d: Delivery| {
+        let tally = tally.clone();
+        Box::pin(async move {
+            tally.add(d.id());
+            Ok(())
+        })
+    }
+}
+
+fn ids(messages: &[Message]) -> HashSet<String> {
+    messages.iter().map(|m| m.id.clone()).collect()
+}
+
+fn plain(n: usize, label: &str) -> Vec<Message> {
+    (0..n)
+        .map(|i| Message::new(format!("{label}-{i}")))
+        .collect()
+}
+
+async fn roundtrip_bytes_exact(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("roundtrip");
+    let mut sub = subscribe(&ctx, SubscribeOptions::new(&topic, ctx.name("g"))).await?;
+    let sent: Vec<Message> = (0..1000)
+        .map(|i| {
+            let payload: Vec<u8> = match i % 5 {
+                0 => Vec::new(),
+                1 => (0..=255u8).collect(),
+                2 => format!("ünïcödé ✓ {i}").into_bytes(),
+                3 => vec![0xff, 0x00, 0xfe, (i % 256) as u8, 0x80],
+                _ => vec![b'x'; 4096],
+            };
+            let mut m = Message::new(payload)
+                .with_header("seq", i.to_string())
+                .with_header("ünï-header", "välue ✓ \"quoted\" ; = ,")
+                .with_header("empty", "");
+            if i % 3 != 0 {
+                m = m.with_key(format!("kéy/{}", i % 7));
+            }
+            m
+        })
+        .collect();
+    publish_all(&ctx, &topic, sent.clone()).await?;
+    let got = recv_n(&mut sub, sent.len(), true).await?;
+    let by_id: HashMap<&str, &Message> = sent.iter().map(|m| (m.id.as_str(), m)).collect();
+    for d in &got {
+        let Some(orig) = by_id.get(d.id()) else {
+            return Err(Outcome::Failed(format!("received unknown id {}", d.id())));
+        };
+        let m = d.message();
+        ensure!(m.payload == orig.payload, "payload of {} differs", d.id());
+        ensure!(
+            m.key == orig.key,
+            "key of {} differs: {:?} vs {:?}",
+            d.id(),
+            m.key,
+            orig.key
+        );
+        ensure!(
+            m.headers == orig.headers,
+            "headers of {} differ: {:?} vs {:?}",
+            d.id(),
+            m.headers,
+            orig.headers
+        );
+        ensure!(
+            d.attempt() == 1,
+            "first delivery has attempt {}",
+            d.attempt()
+        );
+        ensure!(
+            d.topic() == topic,
+            "origin topic {} is not {topic}",
+            d.topic()
+        );
+    }
+    let distinct: HashSet<&str> = got.iter().map(|d| d.id()).collect();
+    ensure!(
+        distinct.len() == sent.len(),
+        "{} distinct of {}",
+        distinct.len(),
+        sent.len()
+    );
+    expect_nothing(&mut sub, Duration::from_millis(300)).await?;
+    sub.close().await.or_fail("close")
+}
+
+async fn fanout_three_groups(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("fanout");
+    let tallies: Vec<Tally> = (0..3).map(|_| Tally::default()).collect();
+    let mut running = Vec::new();
+    for (i, tally) in tallies.iter().enumerate() {
+        let opts = SubscribeOptions::new(&topic, ctx.name(&format!("group{i}")));
+        running.push(spawn(
+            &ctx,
+            Consumer::handler(opts, counting_handler(tally.clone())),
+        ));
+    }
+    wait_subscribed(&ctx).await;
+    let sent = plain(500, "fanout");
+    publish_all(&ctx, &topic, sent.clone()).await?;
+    let want = ids(&sent);
+    ctx.wait_for(LONG, "every group to get every message", || {
+        tallies.iter().all(|t| t.distinct() >= want.len())
+    })
+    .await?;
+    for r in running {
+        stop(r).await?;
+    }
+    for (i, t) in tallies.iter().enumerate() {
+        t.check_exactly_once(&want, &format!("group{i}"))?;
+    }
+    Ok(())
+}
+
+/// Gives consumers spawned just before a moment to join (the runtime subscribes in its task).
+async fn wait_subscribed(_ctx: &Ctx) {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+async fn competing_consumers(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("competing");
+    let group = ctx.name("workers");
+    let tally = Tally::default();
+    let per_member: Vec<Arc<AtomicUsize>> = (0..4).map(|_| Arc::default()).collect();
+    // Four members, each its own subscription, so we can see the work was shared.
+    let mut running = Vec::new();
+    for count in &per_member {
+        let (tally, count) = (tally.clone(), count.clone());
+        let handler = move |d: Delivery| {
+            let (tally, count) = (tally.clone(), count.clone());
+            async move {
+                tally.add(d.id());
+                count.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                Ok::<_, HandlerError>(())
+            }
+        };
+        let opts = SubscribeOptions::new(&topic, &group).prefetch(32);
+        running.push(spawn(&ctx, Consumer::handler(opts, handler).concurrency(8)));
+    }
+    wait_subscribed(&ctx).await;
+    let sent: Vec<Message> = (0..5000)
+        .map(|i| {
+            let m = Message::new(format!("work-{i}"));
+            if i % 2 == 0 {
+                m.with_key(format!("k{}", i % 64))
+            } else {
+                m
+            }
+        })
+        .collect();
+    publish_all(&ctx, &topic, sent.clone()).await?;
+    let want = ids(&sent);
+    ctx.wait_for(LONG, "all 5000 messages handled", || {
+        tally.distinct() >= want.len()
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for r in running {
+        stop(r).await?;
+    }
+    tally.check_exactly_once(&want, "workers")?;
+    let active = per_member
+        .iter()
+        .filter(|c| c.load(Ordering::Relaxed) > 0)
+        .count();
+    ensure!(
+        active >= 2,
+        "the work was not shared: only {active} of 4 members handled messages"
+    );
+    Ok(())
+}
+
+async fn per_key_order(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("order");
+    let keys = 16;
+    let per_key = 100;
+    let last: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
+    let busy: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let violations: Arc<Mutex<Vec<String>>> = Arc::default();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let (last, busy, violations) = (last.clone(), busy.clone(), violations.clone());
+        let (in_flight, peak, done) = (in_flight.clone(), peak.clone(), done.clone());
+        move |d: Delivery| {
+            let (last, busy, violations) = (last.clone(), busy.clone(), violations.clone());
+            let (in_flight, peak, done) = (in_flight.clone(), peak.clone(), done.clone());
+            async move {
+                let key = d.key().unwrap_or_default().to_string();
+                let seq: i64 = std::str::from_utf8(d.payload())
+                    .ok()
+                    .and_then(|s| s.rsplit('|').next())
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(-1);
+                if !busy.lock().unwrap().insert(key.clone()) {
+                    violations
+                        .lock()
+                        .unwrap()
+                        .push(format!("{key} ran concurrently"));
+                }
+                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                // Vary handler time so different keys overtake each other.
+                tokio::time::sleep(Duration::from_micros(100 + (seq as u64 * 37 % 900))).await;
+                {
+                    let mut last = last.lock().unwrap();
+                    let prev = last.get(&key).copied().unwrap_or(-1);
+                    if seq != prev + 1 {
+                        violations
+                            .lock()
+                            .unwrap()
+                            .push(format!("{key}: {seq} after {prev}"));
+                    }
+                    last.insert(key.clone(), seq);
+                }
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                busy.lock().unwrap().remove(&key);
+                done.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, HandlerError>(())
+            }
+        }
+    };
+    let opts = SubscribeOptions::new(&topic, ctx.name("ordered")).prefetch(64);
+    let running = spawn(&ctx, Consumer::handler(opts, handler).concurrency(16));
+    wait_subscribed(&ctx).await;
+    let mut sent = Vec::new();
+    for seq in 0..per_key {
+        for k in 0..keys {
+            sent.push(Message::new(format!("k{k}|{seq}")).with_key(format!("k{k}")));
+        }
+    }
+    publish_all(&ctx, &topic, sent).await?;
+    ctx.wait_for(LONG, "all keyed messages handled", || {
+        done.load(Ordering::SeqCst) >= keys * per_key
+    })
+    .await?;
+    stop(running).await?;
+    let v = violations.lock().unwrap();
+    ensure!(
+        v.is_empty(),
+        "{} order violations, first: {:?}",
+        v.len(),
+        v.first()
+    );
+    let peak = peak.load(Ordering::SeqCst);
+    ensure!(
+        peak >= 2,
+        "handlers never overlapped (peak {peak}): the test proves nothing"
+    );
+    Ok(())
+}
+
+async fn nack_redelivers(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("nack");
+    let attempts: Arc<Mutex<BTreeMap<String, Vec<u32>>>> = Arc::default();
+    let handler = {
+        let attempts = attempts.clone();
+        move |d: Delivery| {
+            let attempts = attempts.clone();
+            async move {
+                attempts
+                    .lock()
+                    .unwrap()
+                    .entry(d.id().to_string())
+                    .or_default()
+                    .push(d.attempt());
+                if d.attempt() < 3 {
+                    return Err(HandlerError::transient(std::io::Error::other("not yet")));
+                }
+                Ok(())
+            }
+        }
+    };
+    let opts = SubscribeOptions::new(&topic, ctx.name("g"));
+    let consumer = Consumer::handler(opts, handler)
+        .redelivery_backoff(Duration::from_millis(1), Duration::from_millis(10));
+    let running = spawn(&ctx, consumer);
+    wait_subscribed(&ctx).await;
+    let sent: Vec<Message> = (0..20)
+        .map(|i| Message::new(format!("n{i}")).with_key(format!("k{}", i % 4)))
+        .collect();
+    publish_all(&ctx, &topic, sent.clone()).await?;
+    ctx.wait_for(LONG, "each message to reach attempt 3", || {
+        let a = attempts.lock().unwrap();
+        a.len() == sent.len() && a.values().all(|v| v.contains(&3))
+    })
+    .await?;
+    let report = stop(running).await?;
+    let a = attempts.lock().unwrap();
+    for (id, seen) in a.iter() {
+        ensure!(
+            seen == &vec![1, 2, 3],
+            "message {id} saw attempts {seen:?}, expected [1, 2, 3]"
+        );
+    }
+    ensure!(
+        report.acked == 20 && report.nacked == 40,
+        "report {report:?}"
+    );
+    Ok(())
+}
+
+async fn unacked_returned(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("noack");
+    let group = ctx.name("g");
+    let mut first = subscribe(&ctx, SubscribeOptions::new(&topic, &group).prefetch(10)).await?;
+    let sent = plain(10, "noack");
+    publish_all(&ctx, &topic, sent.clone()).await?;
+    let got = recv_n(&mut first, 10, false).await?;
+    ensure!(got.len() == 10, "first subscriber got {}", got.len());
+    first.close().await.or_fail("close")?;
+    // Settling after close must not pretend to succeed.
+    if let Err(e) = got[0].ack().await {
+        ensure!(
+            matches!(
+                e,
+                Error::SubscriptionClosed { .. } | Error::Backend { .. } | Error::Closed { .. }
+            ),
+            "ack after close gave an unexpected error: {e}"
+        );
+    }
+    drop(got);
+    let mut second = subscribe(&ctx, SubscribeOptions::new(&topic, &group)).await?;
+    let again = recv_n(&mut second, 10, true).await?;
+    let again_ids: HashSet<String> = again.iter().map(|d| d.id().to_string()).collect();
+    ensure!(
+        again_ids == ids(&sent),
+        "redelivered set differs from the unacked set"
+    );
+    if ctx.caps.durable_attempts {
+        ensure!(
+            again.iter().all(|d| d.attempt() >= 2),
+            "redelivered messages should have attempt >= 2"
+        );
+    }
+    second.close().await.or_fail("close")
+}
+
+async fn graceful_shutdown(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("shutdown");
+    let group = ctx.name("g");
+    let tally = Tally::default();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let token_seen = CancellationToken::new();
+    let handler = {
+        let (tally, in_flight, stop_seen) = (tally.clone(), in_flight.clone(), token_seen.clone());
+        move |d: Delivery| {
+            let (tally, in_flight, stop_seen) =
+                (tally.clone(), in_flight.clone(), stop_seen.clone());
+            async move {
+                in_flight.fetch_add(1, Ordering::SeqCst);
+                // Hold every handler until shutdown starts, so 1000 are in flight at once.
+                stop_seen.cancelled().await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                tally.add(d.id());
+                Ok::<_, HandlerError>(())
+            }
+        }
+    };
+    let opts = SubscribeOptions::new(&topic, &group).prefetch(1000);
+    let running = spawn(&ctx, Consumer::handler(opts, handler).concurrency(1000));
+    wait_subscribed(&ctx).await;
+    let sent = plain(1000, "inflight");
+    publish_all(&ctx, &topic, sent.clone()).await?;
+    ctx.wait_for(LONG, "1000 handlers in flight", || {
+        in_flight.load(Ordering::SeqCst) >= 1000
+    })
+    .await?;
+    let (task, token) = running;
+    token.cancel();
+    token_seen.cancel();
+    let report = stop((task, token)).await?;
+    ensure!(
+        report.acked == 1000,
+        "acked {} of 1000 in-flight messages",
+        report.acked
+    );
+    tally.check_exactly_once(&ids(&sent), "shutdown")?;
+    let mut after = subscribe(&ctx, SubscribeOptions::new(&topic, &group)).await?;
+    expect_nothing(&mut after, Duration::from_millis(500)).await?;
+    after.close().await.or_fail("close")
+}
+
+async fn shutdown_deadline(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("deadline");
+    let group = ctx.name("g");
+    let sent = plain(50, "stuck");
+    let stuck = {
+        move |_d: Delivery| async move {
+            // Never finishes: shutdown must give up on it and leave it for redelivery.
+            futures::future::pending::<()>().await;
+            Ok::<_, HandlerError>(())
+        }
+    };
+    let opts = SubscribeOptions::new(&topic, &group).prefetch(100);
+    let running = spawn(
+        &ctx,
+        Consumer::handler(opts, stuck)
+            .concurrency(100)
+            .shutdown_timeout(Duration::from_millis(300)),
+    );
+    wait_subscribed(&ctx).await;
+    publish_all(&ctx, &topic, sent.clone()).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = stop(running).await?;
+    ensure!(
+        report.acked == 0,
+        "nothing can have been acked, report {report:?}"
+    );
+    ensure!(
+        report.abandoned > 0,
+        "expected abandoned deliveries, report {report:?}"
+    );
+    let tally = Tally::default();
+    let running = spawn(
+        &ctx,
+        Consumer::handler(
+            SubscribeOptions::new(&topic, &group),
+            counting_handler(tally.clone()),
+        ),
+    );
+    let want = ids(&sent);
+    ctx.wait_for(LONG, "abandoned messages redelivered", || {
+        tally.distinct() >= want.len()
+    })
+    .await?;
+    stop(running).await?;
+    tally.check_exactly_once(&want, "redelivered")
+}
+
+async fn late_group(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("late");
+    // A first group makes the topic exist before anything is published.
+    let mut early = subscribe(&ctx, SubscribeOptions::new(&topic, ctx.name("early"))).await?;
+    let old = plain(20, "old");
+    publish_all(&ctx, &topic, old.clone()).await?;
+    recv_n(&mut early, 20, true).await?;
+    let mut latest = subscribe(
+        &ctx,
+        SubscribeOptions::new(&topic, ctx.name("latest")).start(StartFrom::Latest),
+    )
+    .await?;
+    let mut earliest = if ctx.caps.replay {
+        Some(
+            subscribe(
+                &ctx,
+                SubscribeOptions::new(&topic, ctx.name("earliest")).start(StartFrom::Earliest),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let new = plain(20, "new");
+    publish_all(&ctx, &topic, new.clone()).await?;
+    let got = recv_n(&mut latest, 20, true).await?;
+    let got_ids: HashSet<String> = got.iter().map(|d| d.id().to_string()).collect();
+    ensure!(
+        got_ids == ids(&new),
+        "a group starting at latest must see exactly the new messages"
+    );
+    expect_nothing(&mut latest, Duration::from_millis(300)).await?;
+    latest.close().await.or_fail("close")?;
+    early.close().await.or_fail("close")?;
+    let Some(mut earliest) = earliest.take() else {
+        return ctx.require(
+            false,
+            "replay (a new group cannot start at the earliest message)",
+        );
+    };
+    let got = recv_n(&mut earliest, 40, true).await?;
+    let got_ids: HashSet<String> = got.iter().map(|d| d.id().to_string()).collect();
+    let all: HashSet<String> = ids(&old).union(&ids(&new)).cloned().collect();
+    ensure!(
+        got_ids == all,
+        "a group starting at earliest must see old and new messages"
+    );
+    earliest.close().await.or_fail("close")
+}
+
+async fn topics_isolated(ctx: Arc<Ctx>) -> Check {
+    let n = 20;
+    let mut subs = Vec::new();
+    for i in 0..n {
+        let topic = ctx.name(&format!("iso{i}"));
+        subs.push((
+            topic.clone(),
+            subscribe(&ctx, SubscribeOptions::new(&topic, ctx.name("g"))).await?,
+        ));
+    }
+    let topics: Vec<String> = subs.iter().map(|(t, _)| t.clone()).collect();
+    let mut sent = Vec::new();
+    for topic in &topics {
+        let msgs = plain(25, topic);
+        publish_all(&ctx, topic, msgs.clone()).await?;
+        sent.push(ids(&msgs));
+    }
+    for ((topic, sub), want) in subs.iter_mut().zip(&sent) {
+        let got = recv_n(sub, 25, true).await?;
+        let got: HashSet<String> = got.iter().map(|d| d.id().to_string()).collect();
+        ensure!(
+            &got == want,
+            "topic {topic} received messages that were not published to it"
+        );
+        expect_nothing(sub, Duration::from_millis(50)).await?;
+    }
+    for (_, sub) in subs {
+        sub.close().await.or_fail("close")?;
+    }
+    Ok(())
+}
+
+async fn concurrent_publishers(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("manypub");
+    let tally = Tally::default();
+    let running = spawn(
+        &ctx,
+        Consumer::handler(
+            SubscribeOptions::new(&topic, ctx.name("g")),
+            counting_handler(tally.clone()),
+        )
+        .concurrency(32),
+    );
+    wait_subscribed(&ctx).await;
+    let mut tasks = Vec::new();
+    let mut all = HashSet::new();
+    for t in 0..10 {
+        let msgs: Vec<Message> = (0..1000)
+            .map(|i| Message::new(format!("p{t}-{i}")).with_key(format!("p{t}")))
+            .collect();
+        all.extend(ids(&msgs));
+        let broker = ctx.broker.clone();
+        let topic = topic.clone();
+        tasks.push(tokio::spawn(async move {
+            for m in msgs {
+                broker.publish(&topic, m).await?;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await.or_fail("publisher task")?.or_fail("publish")?;
+    }
+    ctx.wait_for(LONG, "10 x 1000 messages handled", || {
+        tally.distinct() >= all.len()
+    })
+    .await?;
+    stop(running).await?;
+    tally.check_exactly_once(&all, "concurrent publishers")
+}
+
+async fn panic_contained(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("panic");
+    let tally = Tally::default();
+    let handler = {
+        let tally = tally.clone();
+        move |d: Delivery| {
+            let tally = tally.clone();
+            async move {
+                let n: usize = std::str::from_utf8(d.payload()).unwrap().parse().unwrap();
+                if n % 3 == 0 && d.attempt() == 1 {
+                    panic!("conformance: deliberate panic on message {n}");
+                }
+                tally.add(d.id());
+                Ok::<_, HandlerError>(())
+            }
+        }
+    };
+    let consumer = Consumer::handler(SubscribeOptions::new(&topic, ctx.name("g")), handler)
+        .redelivery_backoff(Duration::from_millis(1), Duration::from_millis(5));
+    let running = spawn(&ctx, consumer);
+    wait_subscribed(&ctx).await;
+    let sent: Vec<Message> = (0..60).map(|i| Message::new(i.to_string())).collect();
+    publish_all(&ctx, &topic, sent.clone()).await?;
+    ctx.wait_for(LONG, "all messages handled despite panics", || {
+        tally.distinct() >= 60
+    })
+    .await?;
+    let report = stop(running).await?;
+    tally.check_exactly_once(&ids(&sent), "after panics")?;
+    ensure!(
+        report.panics == 20,
+        "expected 20 panics caught, report {report:?}"
+    );
+    Ok(())
+}
+
+async fn double_ack(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("dblack");
+    let mut sub = subscribe(&ctx, SubscribeOptions::new(&topic, ctx.name("g"))).await?;
+    publish_all(&ctx, &topic, plain(1, "once")).await?;
+    let d = recv_n(&mut sub, 1, false).await?.remove(0);
+    d.ack().await.or_fail("first ack")?;
+    match d.ack().await {
+        Err(Error::AlreadySettled { .. }) => {}
+        other => return Err(Outcome::Failed(format!("second ack returned {other:?}"))),
+    }
+    match d.nack(Nack::Requeue).await {
+        Err(Error::AlreadySettled { .. }) => {}
+        other => {
+            return Err(Outcome::Failed(format!(
+                "nack after ack returned {other:?}"
+            )))
+        }
+    }
+    expect_nothing(&mut sub, Duration::from_millis(300)).await?;
+    sub.close().await.or_fail("close")
+}
+
+async fn tower_layers(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("tower");
+    let observed = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let service = {
+        let (observed, failed) = (observed.clone(), failed.clone());
+        ServiceBuilder::new()
+            .layer(InspectLayer::new(move |_d, outcome| {
+                observed.fetch_add(1, Ordering::SeqCst);
+                if outcome.is_err() {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                }
+            }))
+            .service(switchyard_core::handler_fn(|d: Delivery| async move {
+                if d.attempt() == 1 && d.payload() == b"fail-once" {
+                    return Err(HandlerError::transient(std::io::Error::other(
+                        "first try fails",
+                    )));
+                }
+                Ok(())
+            }))
+    };
+    let consumer = Consumer::new(SubscribeOptions::new(&topic, ctx.name("g")), service)
+        .redelivery_backoff(Duration::from_millis(1), Duration::from_millis(5));
+    let running = spawn(&ctx, consumer);
+    wait_subscribed(&ctx).await;
+    let mut msgs = plain(9, "ok");
+    msgs.push(Message::new("fail-once"));
+    publish_all(&ctx, &topic, msgs).await?;
+    ctx.wait_for(LONG, "the layer to observe 11 runs", || {
+        observed.load(Ordering::SeqCst) >= 11
+    })
+    .await?;
+    let report = stop(running).await?;
+    ensure!(
+        failed.load(Ordering::SeqCst) == 1,
+        "the layer saw {} failures",
+        failed.load(Ordering::SeqCst)
+    );
+    ensure!(
+        report.acked == 10 && report.nacked == 1,
+        "report {report:?}"
+    );
+    Ok(())
+}
+
+async fn bad_input(ctx: Arc<Ctx>) -> Check {
+    for (topic, group) in [("", "g"), ("ok", ""), ("has space", "g"), ("ok", "sl/ash")] {
+        match ctx
+            .broker
+            .subscribe(SubscribeOptions::new(topic, group))
+            .await
+        {
+            Err(Error::InvalidName { .. }) => {}
+            Err(e) => {
+                return Err(Outcome::Failed(format!(
+                    "subscribe({topic:?}, {group:?}) gave {e}"
+                )))
+            }
+            Ok(_) => {
+                return Err(Outcome::Failed(format!(
+                    "subscribe({topic:?}, {group:?}) was accepted"
+                )))
+            }
+        }
+    }
+    match ctx.broker.publish("bad topic!", Message::new("x")).await {
+        Err(Error::InvalidName { what: "topic", .. }) => {}
+        other => {
+            return Err(Outcome::Failed(format!(
+                "publish to a bad topic gave {other:?}"
+            )))
+        }
+    }
+    let zero = Consumer::handler(
+        SubscribeOptions::new(ctx.name("t"), "g"),
+        |_d: Delivery| async { Ok::<_, HandlerError>(()) },
+    )
+    .concurrency(0);
+    match zero.run(ctx.broker.clone(), CancellationToken::new()).await {
+        Err(Error::Config { setting, .. }) if setting == "concurrency" => {}
+        other => return Err(Outcome::Failed(format!("concurrency 0 gave {other:?}"))),
+    }
+    match ctx
+        .broker
+        .subscribe(SubscribeOptions::new(ctx.name("t"), "g").prefetch(0))
+        .await
+    {
+        Err(Error::Config { setting, .. }) if setting == "prefetch" => Ok(()),
+        Err(e) => Err(Outcome::Failed(format!("prefetch 0 gave {e}"))),
+        Ok(_) => Err(Outcome::Failed("prefetch 0 was accepted".into())),
+    }
+}

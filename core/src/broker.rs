@@ -1,0 +1,214 @@
+//! The backend traits: publishing, subscribing, and a broker that does both.
+//!
+//! They are object-safe, so an application can hold an [`AnyBroker`] chosen at run time
+//! from a URL. Each trait has few required methods; the rest have default bodies.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::delivery::Delivery;
+use crate::error::Result;
+use crate::message::{Message, Receipt};
+use crate::names::validate_name;
+
+/// Sends messages to topics.
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Publishes one message; resolves once the broker has accepted it (durably, where
+    /// the backend is durable).
+    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt>;
+
+    /// Publishes several messages to one topic, in order. Backends override it to batch.
+    /// On error, some of the messages may have been published.
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<Vec<Receipt>> {
+        let mut receipts = Vec::with_capacity(messages.len());
+        for message in messages {
+            receipts.push(self.publish(topic, message).await?);
+        }
+        Ok(receipts)
+    }
+}
+
+/// Typed publishing helpers for every [`Publisher`].
+#[async_trait]
+pub trait PublisherExt: Publisher {
+    /// Publishes `value` as JSON, with an optional ordering key.
+    async fn publish_json<T: Serialize + Sync + ?Sized>(
+        &self,
+        topic: &str,
+        key: Option<&str>,
+        value: &T,
+    ) -> Result<Receipt> {
+        let mut message = Message::json(value)?;
+        message.key = key.map(str::to_string);
+        self.publish(topic, message).await
+    }
+
+    /// Publishes raw bytes.
+    async fn publish_bytes(&self, topic: &str, payload: bytes::Bytes) -> Result<Receipt> {
+        self.publish(topic, Message::new(payload)).await
+    }
+}
+
+impl<P: Publisher + ?Sized> PublisherExt for P {}
+
+/// Where a group with no stored position starts reading.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StartFrom {
+    /// The oldest message the broker still retains (Kafka's `auto.offset.reset=earliest`).
+    #[default]
+    Earliest,
+    /// Only messages published after the group first subscribed.
+    Latest,
+}
+
+/// What to subscribe to: a topic and a group.
+///
+/// - publish-subscribe: give each service its own group; every group gets every message;
+/// - competing consumers: subscribe several times with the same group; they share the work;
+/// - point-to-point: [`SubscribeOptions::queue`], a topic consumed by one group.
+///
+/// ```
+/// use switchyard_core::{SubscribeOptions, StartFrom};
+/// let payment = SubscribeOptions::new("orders", "payment").start(StartFrom::Latest);
+/// let tasks = SubscribeOptions::queue("tasks");
+/// assert_eq!((tasks.topic.as_str(), tasks.group.as_str()), ("tasks", "tasks"));
+/// # let _ = payment;
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SubscribeOptions {
+    /// The topic.
+    pub topic: String,
+    /// The group.
+    pub group: String,
+    /// Where a new group starts.
+    pub start: StartFrom,
+    /// How many unsettled deliveries this subscriber may hold at once (its in-flight window).
+    pub prefetch: usize,
+}
+
+impl SubscribeOptions {
+    /// Default in-flight window of a subscription.
+    pub const DEFAULT_PREFETCH: usize = 256;
+
+    /// Subscribe `group` to `topic`.
+    pub fn new(topic: impl Into<String>, group: impl Into<String>) -> Self {
+        Self {
+            topic: topic.into(),
+            group: group.into(),
+            start: StartFrom::Earliest,
+            prefetch: Self::DEFAULT_PREFETCH,
+        }
+    }
+
+    /// A point-to-point queue: the topic `name` consumed by the group `name`.
+    pub fn queue(name: impl Into<String>) -> Self {
+        let name = name.into();
+        Self::new(name.clone(), name)
+    }
+
+    /// Where a new group starts.
+    pub fn start(mut self, start: StartFrom) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// The in-flight window.
+    pub fn prefetch(mut self, prefetch: usize) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// Checks names and numbers; backends call it before subscribing.
+    pub fn validate(&self) -> Result<()> {
+        validate_name("topic", &self.topic)?;
+        validate_name("group", &self.group)?;
+        if self.prefetch == 0 {
+            return Err(crate::Error::config(
+                "prefetch",
+                "must be at least 1: it is how many messages a subscriber may hold unacked",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A stream of deliveries for one member of a group.
+///
+/// Contract every backend keeps (the conformance suite checks it):
+/// - a message with a key is not handed out while an earlier message with the same key
+///   is unsettled in the same group, so same-key messages are handled in publish order
+///   even by a concurrent consumer;
+/// - at most `prefetch` deliveries are unsettled at once;
+/// - deliveries still unsettled when the subscription closes are redelivered later.
+#[async_trait]
+pub trait Subscription: Send {
+    /// The next delivery; `None` once the subscription is closed.
+    async fn recv(&mut self) -> Option<Result<Delivery>>;
+
+    /// Up to `max` deliveries appended to `buf`, waiting for at least one. Returns how
+    /// many were added; 0 means the subscription is closed. Backends override it to
+    /// take many messages per round trip.
+    async fn recv_many(&mut self, buf: &mut Vec<Delivery>, max: usize) -> Result<usize> {
+        let _ = max;
+        match self.recv().await {
+            Some(Ok(d)) => {
+                buf.push(d);
+                Ok(1)
+            }
+            Some(Err(e)) => Err(e),
+            None => Ok(0),
+        }
+    }
+
+    /// Leaves the group cleanly: unsettled deliveries go back for redelivery.
+    async fn close(self: Box<Self>) -> Result<()>;
+}
+
+/// Opens subscriptions.
+#[async_trait]
+pub trait Subscriber: Send + Sync {
+    /// Joins `options.group` on `options.topic` as one more member.
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>>;
+}
+
+/// What a backend can do, so tests and applications can adapt instead of guessing.
+/// Backends build it with `..Default::default()` so new fields stay compatible.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// A new group can start at the earliest retained message (Kafka, memory), not only
+    /// at messages published after it joined (RabbitMQ queues).
+    pub replay: bool,
+    /// Messages survive a broker restart.
+    pub persistent: bool,
+    /// Same-key messages are handled in publish order within a group.
+    pub per_key_order: bool,
+    /// Attempt counts survive a consumer restart (not just in-process redelivery).
+    pub durable_attempts: bool,
+    /// The broker can dead-letter messages itself.
+    pub native_dead_letter: bool,
+    /// The broker can delay a delivery.
+    pub delayed_delivery: bool,
+    /// The largest payload the backend accepts, where it has a limit.
+    pub max_message_size: Option<usize>,
+}
+
+/// A client that publishes and subscribes. `Arc<dyn Broker>` is [`AnyBroker`].
+#[async_trait]
+pub trait Broker: Publisher + Subscriber {
+    /// The backend's name: "memory", "kafka" or "rabbitmq".
+    fn backend(&self) -> &'static str;
+    /// What it can do.
+    fn capabilities(&self) -> Capabilities;
+    /// Flushes and closes the client. Default: nothing to do.
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A broker chosen at run time.
+pub type AnyBroker = Arc<dyn Broker>;

@@ -1,0 +1,77 @@
+//! # switchyard-core
+//!
+//! The pieces every switchyard backend and application share:
+//!
+//! - the message model: [`Message`] (id, key, headers, payload), [`Delivery`]
+//!   (a received message with its attempt count, [`Origin`] and a one-shot ack handle);
+//! - the backend traits: [`Publisher`], [`Subscriber`], [`Subscription`], [`Broker`]
+//!   (object-safe, so [`AnyBroker`] can be picked at run time from a URL);
+//! - one [`Error`] type with [`Error::is_transient`], and [`HandlerError`] for handlers;
+//! - codecs ([`JsonCodec`]) and handler arguments ([`Json<T>`](Json), [`Delivery`], `Bytes`);
+//! - the consumer runtime: [`Consumer`] (bounded concurrency, ack after success, nack on
+//!   failure, panics caught, graceful shutdown) and [`App`] for several consumers.
+//!
+//! Handlers are `tower::Service<Delivery>`s, so middleware are `tower::Layer`s:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use futures::future::BoxFuture;
+//! use switchyard_core::{handler_fn, Acker, Delivery, HandlerError, Json, Message, Nack, Origin};
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct Order { id: u64 }
+//!
+//! async fn charge(Json(order): Json<Order>) -> Result<(), HandlerError> {
+//!     assert_eq!(order.id, 7);
+//!     Ok(())
+//! }
+//!
+//! // A stand-in ack handle; real ones come from a backend's subscription.
+//! struct NoAck;
+//! impl Acker for NoAck {
+//!     fn ack(&self) -> BoxFuture<'_, switchyard_core::Result<()>> { Box::pin(async { Ok(()) }) }
+//!     fn nack(&self, _: Nack) -> BoxFuture<'_, switchyard_core::Result<()>> { Box::pin(async { Ok(()) }) }
+//! }
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! // Outermost first: errors come back up through the timeout as BoxError,
+//! // and from_boxed restores the handler's failure kind.
+//! let mut service = ServiceBuilder::new()
+//!     .map_err(HandlerError::from_boxed)
+//!     .layer(tower::timeout::TimeoutLayer::new(std::time::Duration::from_secs(5)))
+//!     .service(handler_fn(charge));
+//! let message = Arc::new(Message::json(&Order { id: 7 }).unwrap().with_key("customer-1"));
+//! let delivery = Delivery::new(message, 1, Origin::new("orders".into(), "payment".into(), None, None), NoAck);
+//! service.ready().await.unwrap().call(delivery).await.unwrap();
+//! # });
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
+mod broker;
+mod codec;
+mod delivery;
+mod error;
+mod handler;
+mod message;
+mod names;
+mod runtime;
+mod url;
+
+pub use broker::{
+    AnyBroker, Broker, Capabilities, Publisher, PublisherExt, StartFrom, SubscribeOptions,
+    Subscriber, Subscription,
+};
+pub use codec::{Codec, JsonCodec, CONTENT_TYPE_HEADER};
+pub use delivery::{Acker, Delivery, Nack, Origin};
+pub use error::{BoxError, Error, FailureKind, HandlerError, Result};
+pub use handler::{handler_fn, FromDelivery, Handler, HandlerFuture, HandlerService, Json};
+pub use message::{new_id, Headers, Message, Receipt};
+pub use names::{validate_name, MAX_NAME_LEN};
+pub use runtime::{shutdown_on_signal, App, Consumer, ConsumerReport};
+pub use url::{redact, BrokerUrl};
+
+/// Re-exported so users and backends name the same versions.
+pub use bytes::Bytes;
+pub use tokio_util::sync::CancellationToken;

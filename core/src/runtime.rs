@@ -1,0 +1,494 @@
+//! The consumer runtime: pull deliveries, run the handler with bounded concurrency,
+//! ack on success, nack on failure, and shut down without losing anything.
+//!
+//! A [`Consumer`] is one topic + group with a handler (a `tower::Service<Delivery>`)
+//! and `members` subscriptions (competing consumers in one process). An [`App`] runs
+//! several consumers under one shutdown token, like Spring's listener containers or
+//! Watermill's router.
+//!
+//! Ordering: the runtime runs whatever its subscription hands out concurrently; the
+//! subscription contract (see [`Subscription`]) keeps same-key messages one at a time, so
+//! different keys run in parallel while each key stays in publish order.
+//!
+//! Shutdown: on cancellation a member stops taking messages, lets in-flight handlers
+//! finish (up to `shutdown_timeout`), settles them, then closes its subscription;
+//! whatever was still running at the deadline is left unacked and so is redelivered.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::Service;
+
+use crate::broker::{SubscribeOptions, Subscriber, Subscription};
+use crate::delivery::{Delivery, Nack};
+use crate::error::{Error, FailureKind, HandlerError, Result};
+use crate::handler::{handler_fn, Handler, HandlerService};
+
+/// What a consumer did, returned when it stops.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumerReport {
+    /// The topic.
+    pub topic: String,
+    /// The group.
+    pub group: String,
+    /// Deliveries whose handler succeeded and that were acked.
+    pub acked: u64,
+    /// Deliveries whose handler failed and that were nacked for redelivery.
+    pub nacked: u64,
+    /// Handler panics caught (also counted in `nacked`).
+    pub panics: u64,
+    /// Deliveries still running at the shutdown deadline, left for redelivery.
+    pub abandoned: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    acked: AtomicU64,
+    nacked: AtomicU64,
+    panics: AtomicU64,
+    abandoned: AtomicU64,
+}
+
+/// One topic + group with its handler.
+///
+/// ```
+/// # async fn demo() -> switchyard_core::Result<()> {
+/// use switchyard_core::{Consumer, Delivery, HandlerError, SubscribeOptions};
+/// # let broker: switchyard_core::AnyBroker = unimplemented!();
+/// let consumer = Consumer::handler(SubscribeOptions::new("orders", "email"), |d: Delivery| async move {
+///     println!("{}", d.id());
+///     Ok::<_, HandlerError>(())
+/// })
+/// .concurrency(16)
+/// .members(2);
+/// consumer.run(broker, tokio_util::sync::CancellationToken::new()).await?;
+/// # Ok(()) }
+/// ```
+pub struct Consumer<S> {
+    options: SubscribeOptions,
+    service: S,
+    concurrency: usize,
+    members: usize,
+    shutdown_timeout: Duration,
+    redelivery_backoff: (Duration, Duration),
+}
+
+impl<H, Args> Consumer<HandlerService<H, Args>>
+where
+    H: Handler<Args>,
+{
+    /// A consumer running an async fn.
+    pub fn handler(options: SubscribeOptions, handler: H) -> Self {
+        Self::new(options, handler_fn(handler))
+    }
+}
+
+impl<S> Consumer<S> {
+    /// A consumer running a `tower::Service<Delivery>` (for example a `ServiceBuilder` stack).
+    pub fn new(options: SubscribeOptions, service: S) -> Self {
+        Self {
+            options,
+            service,
+            concurrency: 16,
+            members: 1,
+            shutdown_timeout: Duration::from_secs(30),
+            redelivery_backoff: (Duration::from_millis(5), Duration::from_secs(1)),
+        }
+    }
+
+    /// How many handlers each member runs at once (default 16).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    /// How many competing members of the group this consumer runs (default 1).
+    pub fn members(mut self, n: usize) -> Self {
+        self.members = n;
+        self
+    }
+
+    /// How long shutdown waits for in-flight handlers (default 30 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Delay before a failed delivery is nacked for redelivery: `base × 2^(attempt−1)`,
+    /// capped at `max` (default 5 ms, 1 s), so a failing message does not spin.
+    /// Real retry policy belongs in the retry middleware; this only paces redelivery.
+    pub fn redelivery_backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.redelivery_backoff = (base, max);
+        self
+    }
+
+    /// The subscription this consumer opens.
+    pub fn options(&self) -> &SubscribeOptions {
+        &self.options
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.options.validate()?;
+        if self.concurrency == 0 {
+            return Err(Error::config(
+                "concurrency",
+                "must be at least 1 (it is how many handlers run at once); use .concurrency(1) for one at a time",
+            ));
+        }
+        if self.members == 0 {
+            return Err(Error::config(
+                "members",
+                "must be at least 1 (it is how many subscriptions share the group)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl<S> Consumer<S>
+where
+    S: Service<Delivery, Response = (), Error = HandlerError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    /// Subscribes every member, then consumes until `shutdown` is cancelled or the
+    /// subscriptions end. Returns what was done, or the first fatal error.
+    pub async fn run<B>(self, broker: Arc<B>, shutdown: CancellationToken) -> Result<ConsumerReport>
+    where
+        B: Subscriber + ?Sized + 'static,
+    {
+        self.validate()?;
+        let mut subscriptions = Vec::with_capacity(self.members);
+        for _ in 0..self.members {
+            match broker.subscribe(self.options.clone()).await {
+                Ok(s) => subscriptions.push(s),
+                Err(e) => {
+                    for s in subscriptions {
+                        let _ = s.close().await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let stats = Arc::new(Stats::default());
+        let settings = Arc::new(MemberSettings {
+            concurrency: self.concurrency,
+            shutdown_timeout: self.shutdown_timeout,
+            backoff: self.redelivery_backoff,
+        });
+        let mut tasks = Vec::with_capacity(self.members);
+        for sub in subscriptions {
+            tasks.push(tokio::spawn(run_member(
+                sub,
+                self.service.clone(),
+                settings.clone(),
+                shutdown.clone(),
+                stats.clone(),
+            )));
+        }
+        let mut first_error = None;
+        for task in tasks {
+            let result = match task.await {
+                Ok(r) => r,
+                Err(join) => Err(Error::permanent(
+                    "runtime",
+                    format!("consumer member task failed: {join}"),
+                )),
+            };
+            if let Err(e) = result {
+                // One member failing stops the others, so the app sees the failure.
+                shutdown.cancel();
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        Ok(ConsumerReport {
+            topic: self.options.topic,
+            group: self.options.group,
+            acked: stats.acked.load(Ordering::Relaxed),
+            nacked: stats.nacked.load(Ordering::Relaxed),
+            panics: stats.panics.load(Ordering::Relaxed),
+            abandoned: stats.abandoned.load(Ordering::Relaxed),
+        })
+    }
+}
+
+struct MemberSettings {
+    concurrency: usize,
+    shutdown_timeout: Duration,
+    backoff: (Duration, Duration),
+}
+
+async fn run_member<S>(
+    mut sub: Box<dyn Subscription>,
+    mut service: S,
+    settings: Arc<MemberSettings>,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+) -> Result<()>
+where
+    S: Service<Delivery, Response = (), Error = HandlerError> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let mut in_flight = FuturesUnordered::new();
+    let mut buf: Vec<Delivery> = Vec::with_capacity(settings.concurrency);
+    let mut ended = false;
+    let mut recv_errors = 0u32;
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let stopping = ended || shutdown.is_cancelled();
+        if stopping && deadline.is_none() {
+            deadline = Some(Instant::now() + settings.shutdown_timeout);
+        }
+        let free = settings.concurrency - in_flight.len();
+        if !stopping && free > 0 {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {}
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                received = sub.recv_many(&mut buf, free) => match received {
+                    Ok(0) => ended = true,
+                    Ok(_) => {
+                        recv_errors = 0;
+                        for delivery in buf.drain(..) {
+                            let fut = call_service(&mut service, delivery.clone()).await;
+                            in_flight.push(settle(fut, delivery, settings.clone(), stats.clone()));
+                        }
+                    }
+                    Err(e) if e.is_transient() => {
+                        recv_errors += 1;
+                        let pause = Duration::from_millis(50 * u64::from(recv_errors.min(40)));
+                        tracing::warn!(error = %e, ?pause, "receive failed; retrying");
+                        tokio::time::sleep(pause).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "receive failed permanently; stopping this member");
+                        drop(in_flight);
+                        let _ = sub.close().await;
+                        return Err(e);
+                    }
+                },
+            }
+        } else if in_flight.is_empty() {
+            break;
+        } else if let Some(deadline) = deadline {
+            if tokio::time::timeout_at(deadline, in_flight.next())
+                .await
+                .is_err()
+            {
+                let left = in_flight.len() as u64;
+                stats.abandoned.fetch_add(left, Ordering::Relaxed);
+                tracing::warn!(
+                    left,
+                    "shutdown deadline passed; unfinished deliveries will be redelivered"
+                );
+                break;
+            }
+        } else {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {}
+                _ = in_flight.next() => {}
+            }
+        }
+    }
+    // Dropping unfinished handlers leaves their deliveries unsettled; closing the
+    // subscription hands them back to the broker for redelivery.
+    drop(in_flight);
+    sub.close().await
+}
+
+type HandlerOutcome = BoxFuture<'static, Result<(), HandlerError>>;
+
+async fn call_service<S>(service: &mut S, delivery: Delivery) -> HandlerOutcome
+where
+    S: Service<Delivery, Response = (), Error = HandlerError>,
+    S::Future: Send + 'static,
+{
+    if let Err(e) = futures::future::poll_fn(|cx| service.poll_ready(cx)).await {
+        return Box::pin(futures::future::ready(Err(e)));
+    }
+    match std::panic::catch_unwind(AssertUnwindSafe(|| service.call(delivery))) {
+        Ok(fut) => Box::pin(fut),
+        Err(panic) => Box::pin(futures::future::ready(Err(panic_error(panic)))),
+    }
+}
+
+fn panic_error(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "handler panicked".to_string());
+    HandlerError::new(FailureKind::Panic, format!("handler panicked: {text}"))
+}
+
+async fn settle(
+    fut: HandlerOutcome,
+    delivery: Delivery,
+    settings: Arc<MemberSettings>,
+    stats: Arc<Stats>,
+) {
+    {
+        let outcome = match AssertUnwindSafe(fut).catch_unwind().await {
+            Ok(r) => r,
+            Err(panic) => Err(panic_error(panic)),
+        };
+        if delivery.is_settled() {
+            return; // the handler acked or nacked it itself
+        }
+        match outcome {
+            Ok(()) => match delivery.ack().await {
+                Ok(()) => {
+                    stats.acked.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::warn!(id = delivery.id(), error = %e, "ack failed; the broker will redeliver")
+                }
+            },
+            Err(e) => {
+                if e.kind() == FailureKind::Panic {
+                    stats.panics.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::warn!(
+                    id = delivery.id(),
+                    topic = delivery.topic(),
+                    group = delivery.group(),
+                    attempt = delivery.attempt(),
+                    kind = %e.kind(),
+                    error = %e,
+                    "handler failed; nacking for redelivery"
+                );
+                let (base, max) = settings.backoff;
+                let exp = delivery.attempt().saturating_sub(1).min(20);
+                let pause = base.saturating_mul(1 << exp).min(max);
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+                match delivery.nack(Nack::Requeue).await {
+                    Ok(()) => {
+                        stats.nacked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::warn!(id = delivery.id(), error = %e, "nack failed; the broker will redeliver")
+                    }
+                }
+            }
+        }
+    }
+}
+
+type Runner<B> =
+    Box<dyn FnOnce(Arc<B>, CancellationToken) -> BoxFuture<'static, Result<ConsumerReport>> + Send>;
+
+/// Several consumers in one application under one shutdown.
+///
+/// ```
+/// # async fn demo(broker: switchyard_core::AnyBroker) -> switchyard_core::Result<()> {
+/// use switchyard_core::{App, Consumer, Delivery, HandlerError, SubscribeOptions};
+/// async fn log(d: Delivery) -> Result<(), HandlerError> { println!("{}", d.id()); Ok(()) }
+/// let reports = App::new(broker)
+///     .consumer(Consumer::handler(SubscribeOptions::new("orders", "payment"), log))
+///     .consumer(Consumer::handler(SubscribeOptions::new("orders", "email"), log))
+///     .run(switchyard_core::shutdown_on_signal())
+///     .await?;
+/// # let _ = reports; Ok(()) }
+/// ```
+pub struct App<B: ?Sized> {
+    broker: Arc<B>,
+    runners: Vec<Runner<B>>,
+}
+
+impl<B: Subscriber + ?Sized + 'static> App<B> {
+    /// An app consuming from `broker`.
+    pub fn new(broker: Arc<B>) -> Self {
+        Self {
+            broker,
+            runners: Vec::new(),
+        }
+    }
+
+    /// Adds a consumer.
+    pub fn consumer<S>(mut self, consumer: Consumer<S>) -> Self
+    where
+        S: Service<Delivery, Response = (), Error = HandlerError> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        self.runners.push(Box::new(move |broker, token| {
+            Box::pin(consumer.run(broker, token))
+        }));
+        self
+    }
+
+    /// Runs every consumer until `shutdown` is cancelled (or one fails, which stops the
+    /// rest), and returns their reports in the order they were added.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<Vec<ConsumerReport>> {
+        let token = shutdown.child_token();
+        let tasks: Vec<_> = self
+            .runners
+            .into_iter()
+            .map(|run| tokio::spawn(run(self.broker.clone(), token.clone())))
+            .collect();
+        let mut reports = Vec::with_capacity(tasks.len());
+        let mut first_error = None;
+        for task in tasks {
+            match task.await {
+                Ok(Ok(report)) => reports.push(report),
+                Ok(Err(e)) => {
+                    token.cancel();
+                    first_error.get_or_insert(e);
+                }
+                Err(join) => {
+                    token.cancel();
+                    first_error.get_or_insert(Error::permanent(
+                        "runtime",
+                        format!("consumer task failed: {join}"),
+                    ));
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(reports),
+        }
+    }
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM: pass it to [`App::run`] or [`Consumer::run`].
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutdown signal received");
+        trigger.cancel();
+    });
+    token
+}

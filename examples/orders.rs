@@ -1,0 +1,2 @@
+//! Placeholder; the orders example follows.
+fn main() {}

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Starts the brokers the tests need and stops what it started.
+#   source scripts/brokers.sh; start_tansu; start_rabbitmq; ...; stop_started
+# tansu (a Kafka-protocol broker) is installed from crates.io when missing; RabbitMQ is
+# started (or installed from Debian's packages) only when 127.0.0.1:5672 does not answer.
+set -u
+
+SWITCHYARD_ROOT=${SWITCHYARD_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+SCRATCH="$SWITCHYARD_ROOT/.scratch"
+TANSU_VERSION=0.6.0
+STARTED_PIDS=()
+STARTED_RABBITMQ=0
+
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+wait_port() { # host port seconds what
+  local i
+  for ((i = 0; i < $3 * 10; i++)); do
+    port_open "$1" "$2" && return 0
+    sleep 0.1
+  done
+  echo "brokers: $4 did not answer on $1:$2 within $3 s" >&2
+  return 1
+}
+
+ensure_tansu() {
+  export PATH="$HOME/.cargo/bin:$PATH"
+  if tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+    return 0
+  fi
+  echo "brokers: installing tansu $TANSU_VERSION from crates.io (7-10 minutes, once per machine)" >&2
+  cargo install tansu --locked --version "$TANSU_VERSION" --features dynostore,libsql >&2 || {
+    echo "brokers: cargo install tansu failed" >&2
+    return 1
+  }
+}
+
+start_tansu() {
+  if port_open 127.0.0.1 9092; then
+    echo "brokers: something already answers on 127.0.0.1:9092; using it as Kafka" >&2
+    return 0
+  fi
+  ensure_tansu || return 1
+  local dir="$SCRATCH/tansu"
+  # A fresh database each run: tests use random topic names, and old data only slows it.
+  rm -rf "$dir" && mkdir -p "$dir"
+  (
+    cd "$dir" &&
+      exec tansu broker \
+        --listener-url tcp://127.0.0.1:9092 \
+        --advertised-listener-url tcp://127.0.0.1:9092 \
+        --storage-engine sqlite://tansu.db >"$dir/tansu.log" 2>&1
+  ) &
+  STARTED_PIDS+=($!)
+  echo $! >"$dir/tansu.pid"
+  wait_port 127.0.0.1 9092 60 tansu || { tail -20 "$dir/tansu.log" >&2; return 1; }
+  echo "brokers: tansu $TANSU_VERSION started (pid $!, sqlite storage in $dir)" >&2
+}
+
+start_rabbitmq() {
+  if port_open 127.0.0.1 5672; then
+    return 0
+  fi
+  if ! command -v rabbitmq-server >/dev/null; then
+    echo "brokers: installing rabbitmq-server from Debian's packages" >&2
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >&2 || return 1
+  fi
+  echo "brokers: starting RabbitMQ" >&2
+  rabbitmq-server -detached >&2 || return 1
+  STARTED_RABBITMQ=1
+  wait_port 127.0.0.1 5672 120 RabbitMQ || return 1
+  rabbitmqctl await_startup >/dev/null 2>&1 || true
+}
+
+stop_started() {
+  local pid
+  for pid in "${STARTED_PIDS[@]}"; do
+    kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+  done
+  STARTED_PIDS=()
+  if [ "$STARTED_RABBITMQ" = 1 ]; then
+    rabbitmqctl stop >/dev/null 2>&1 || true
+    STARTED_RABBITMQ=0
+  fi
+}
