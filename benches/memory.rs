@@ -1,2 +1,198 @@
-//! Placeholder; the memory benchmark follows.
-fn main() {}
+//! Run: `scripts/bench memory` (or `cargo bench --bench memory -- [--messages N]`)
+//!
+//! Moves N messages of 256 bytes (default 1,000,000) publish → consumer runtime →
+//! handler → ack on the in-memory backend, and in the same run the same payloads
+//! through a raw tokio mpsc channel (one producer task, one consumer), then prints
+//! `pair=memory-e2e switchyard=<msgs/s> raw=<msgs/s> ratio=<switchyard/raw>`.
+//! It also reports the memory held with a 1M backlog and a slow handler.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use switchyard::memory::{MemoryBroker, MemoryConfig};
+use switchyard::{
+    Bytes, CancellationToken, Consumer, Delivery, HandlerError, Message, Publisher,
+    SubscribeOptions,
+};
+
+const PAYLOAD: usize = 256;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn raw(n: u64, payload: Bytes) -> f64 {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
+    let start = Instant::now();
+    let producer = tokio::spawn(async move {
+        for _ in 0..n {
+            tx.send(payload.clone()).await.unwrap();
+        }
+    });
+    let consumer = tokio::spawn(async move {
+        let mut bytes = 0u64;
+        let mut count = 0u64;
+        while let Some(p) = rx.recv().await {
+            bytes += p.len() as u64;
+            count += 1;
+        }
+        assert_eq!(bytes, count * PAYLOAD as u64);
+        count
+    });
+    producer.await.unwrap();
+    assert_eq!(consumer.await.unwrap(), n);
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn switchyard_e2e(n: u64, payload: Bytes) -> f64 {
+    let broker = Arc::new(MemoryBroker::with_config(
+        MemoryConfig::default().capacity(1 << 16),
+    ));
+    let handled = Arc::new(AtomicU64::new(0));
+    let seen = handled.clone();
+    let handler = move |d: Delivery| {
+        let seen = seen.clone();
+        async move {
+            if d.payload().len() != PAYLOAD {
+                return Err(HandlerError::permanent("wrong payload size"));
+            }
+            seen.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let options = SubscribeOptions::new("bench", "bench").prefetch(2048);
+    let running = Consumer::handler(options, handler)
+        .concurrency(1024)
+        .start(broker.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let publisher = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < n {
+                let k = (n - sent).min(1024);
+                let batch = (0..k).map(|_| Message::new(payload.clone())).collect();
+                broker.publish_batch("bench", batch).await.unwrap();
+                sent += k;
+            }
+        })
+    };
+    publisher.await.unwrap();
+    while handled.load(Ordering::Relaxed) < n {
+        tokio::task::yield_now().await;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    shutdown.cancel();
+    let report = running.join().await.unwrap();
+    assert_eq!(report.acked, n);
+    rate
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A 1M backlog with a slow handler: the group's read position may run ahead of what
+/// was acked by at most the prefetch window, whatever the backlog.
+async fn bounded(backlog: u64, payload: Bytes) {
+    let broker = Arc::new(MemoryBroker::with_config(
+        MemoryConfig::default().capacity(backlog as usize),
+    ));
+    let before = rss_kib();
+    let mut sent = 0;
+    while sent < backlog {
+        let k = (backlog - sent).min(4096);
+        broker
+            .publish_batch(
+                "backlog",
+                (0..k).map(|_| Message::new(payload.clone())).collect(),
+            )
+            .await
+            .unwrap();
+        sent += k;
+    }
+    let stored = rss_kib();
+    let prefetch = 64;
+    let shutdown = CancellationToken::new();
+    let handled = Arc::new(AtomicU64::new(0));
+    let slow = {
+        let handled = handled.clone();
+        move |_d: Delivery| {
+            let handled = handled.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                handled.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, HandlerError>(())
+            }
+        }
+    };
+    let running = Consumer::handler(
+        SubscribeOptions::new("backlog", "slow").prefetch(prefetch),
+        slow,
+    )
+    .concurrency(16)
+    .start(broker.clone(), shutdown.clone())
+    .await
+    .unwrap();
+    // Sample how far the group has read against how many the handler finished: the
+    // difference is everything the runtime and the subscription hold beyond the log.
+    let mut max_ahead = 0;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let done = handled.load(Ordering::SeqCst);
+        let (_, groups) = broker.topic_stats("backlog").unwrap();
+        max_ahead = max_ahead.max(groups[0].1.saturating_sub(done));
+    }
+    let during = rss_kib();
+    shutdown.cancel();
+    let report = running.join().await.unwrap();
+    println!(
+        "bounded backlog={backlog} rss_before_kib={before} rss_stored_kib={stored} rss_consuming_kib={during} handled={} max_read_ahead_of_handled={max_ahead} prefetch={prefetch}",
+        report.acked
+    );
+    assert!(
+        max_ahead <= prefetch as u64,
+        "the runtime held {max_ahead} messages beyond the log, more than prefetch {prefetch}"
+    );
+}
+
+fn main() {
+    let n = arg("--messages", 1_000_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let payload = Bytes::from(vec![0xab; PAYLOAD]);
+    rt.block_on(async {
+        // Warm up both paths once so allocators and thread pools are in steady state.
+        raw(n / 10, payload.clone()).await;
+        switchyard_e2e(n / 10, payload.clone()).await;
+        let raw_rate = raw(n, payload.clone()).await;
+        let sy_rate = switchyard_e2e(n, payload.clone()).await;
+        println!(
+            "pair=memory-e2e switchyard={sy_rate:.0} raw={raw_rate:.0} ratio={:.3}",
+            sy_rate / raw_rate
+        );
+        if std::env::args().all(|a| a != "--no-backlog") {
+            bounded(arg("--backlog", 1_000_000), payload).await;
+        }
+    });
+}

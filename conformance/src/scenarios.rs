@@ -123,15 +123,18 @@ type Running = (
     CancellationToken,
 );
 
-fn spawn<S>(ctx: &Ctx, consumer: Consumer<S>) -> Running
+/// Starts a consumer; when this returns its members have subscribed.
+async fn spawn<S>(ctx: &Ctx, consumer: Consumer<S>) -> Result<Running, Outcome>
 where
     S: tower::Service<Delivery, Response = (), Error = HandlerError> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     let token = CancellationToken::new();
-    let broker = ctx.broker.clone();
-    let t = token.clone();
-    (tokio::spawn(consumer.run(broker, t)), token)
+    let running = consumer
+        .start(ctx.broker.clone(), token.clone())
+        .await
+        .or_fail("start consumer")?;
+    Ok((tokio::spawn(running.join()), token))
 }
 
 async fn stop((task, token): Running) -> Result<ConsumerReport, Outcome> {
@@ -266,12 +269,14 @@ async fn fanout_three_groups(ctx: Arc<Ctx>) -> Check {
     let mut running = Vec::new();
     for (i, tally) in tallies.iter().enumerate() {
         let opts = SubscribeOptions::new(&topic, ctx.name(&format!("group{i}")));
-        running.push(spawn(
-            &ctx,
-            Consumer::handler(opts, counting_handler(tally.clone())),
-        ));
+        running.push(
+            spawn(
+                &ctx,
+                Consumer::handler(opts, counting_handler(tally.clone())),
+            )
+            .await?,
+        );
     }
-    wait_subscribed(&ctx).await;
     let sent = plain(500, "fanout");
     publish_all(&ctx, &topic, sent.clone()).await?;
     let want = ids(&sent);
@@ -286,11 +291,6 @@ async fn fanout_three_groups(ctx: Arc<Ctx>) -> Check {
         t.check_exactly_once(&want, &format!("group{i}"))?;
     }
     Ok(())
-}
-
-/// Gives consumers spawned just before a moment to join (the runtime subscribes in its task).
-async fn wait_subscribed(_ctx: &Ctx) {
-    tokio::time::sleep(Duration::from_millis(200)).await;
 }
 
 async fn competing_consumers(ctx: Arc<Ctx>) -> Check {
@@ -312,9 +312,8 @@ async fn competing_consumers(ctx: Arc<Ctx>) -> Check {
             }
         };
         let opts = SubscribeOptions::new(&topic, &group).prefetch(32);
-        running.push(spawn(&ctx, Consumer::handler(opts, handler).concurrency(8)));
+        running.push(spawn(&ctx, Consumer::handler(opts, handler).concurrency(8)).await?);
     }
-    wait_subscribed(&ctx).await;
     let sent: Vec<Message> = (0..5000)
         .map(|i| {
             let m = Message::new(format!("work-{i}"));
@@ -399,8 +398,7 @@ async fn per_key_order(ctx: Arc<Ctx>) -> Check {
         }
     };
     let opts = SubscribeOptions::new(&topic, ctx.name("ordered")).prefetch(64);
-    let running = spawn(&ctx, Consumer::handler(opts, handler).concurrency(16));
-    wait_subscribed(&ctx).await;
+    let running = spawn(&ctx, Consumer::handler(opts, handler).concurrency(16)).await?;
     let mut sent = Vec::new();
     for seq in 0..per_key {
         for k in 0..keys {
@@ -452,8 +450,7 @@ async fn nack_redelivers(ctx: Arc<Ctx>) -> Check {
     let opts = SubscribeOptions::new(&topic, ctx.name("g"));
     let consumer = Consumer::handler(opts, handler)
         .redelivery_backoff(Duration::from_millis(1), Duration::from_millis(10));
-    let running = spawn(&ctx, consumer);
-    wait_subscribed(&ctx).await;
+    let running = spawn(&ctx, consumer).await?;
     let sent: Vec<Message> = (0..20)
         .map(|i| Message::new(format!("n{i}")).with_key(format!("k{}", i % 4)))
         .collect();
@@ -536,8 +533,7 @@ async fn graceful_shutdown(ctx: Arc<Ctx>) -> Check {
         }
     };
     let opts = SubscribeOptions::new(&topic, &group).prefetch(1000);
-    let running = spawn(&ctx, Consumer::handler(opts, handler).concurrency(1000));
-    wait_subscribed(&ctx).await;
+    let running = spawn(&ctx, Consumer::handler(opts, handler).concurrency(1000)).await?;
     let sent = plain(1000, "inflight");
     publish_all(&ctx, &topic, sent.clone()).await?;
     ctx.wait_for(LONG, "1000 handlers in flight", || {
@@ -576,8 +572,8 @@ async fn shutdown_deadline(ctx: Arc<Ctx>) -> Check {
         Consumer::handler(opts, stuck)
             .concurrency(100)
             .shutdown_timeout(Duration::from_millis(300)),
-    );
-    wait_subscribed(&ctx).await;
+    )
+    .await?;
     publish_all(&ctx, &topic, sent.clone()).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let report = stop(running).await?;
@@ -596,7 +592,8 @@ async fn shutdown_deadline(ctx: Arc<Ctx>) -> Check {
             SubscribeOptions::new(&topic, &group),
             counting_handler(tally.clone()),
         ),
-    );
+    )
+    .await?;
     let want = ids(&sent);
     ctx.wait_for(LONG, "abandoned messages redelivered", || {
         tally.distinct() >= want.len()
@@ -698,8 +695,8 @@ async fn concurrent_publishers(ctx: Arc<Ctx>) -> Check {
             counting_handler(tally.clone()),
         )
         .concurrency(32),
-    );
-    wait_subscribed(&ctx).await;
+    )
+    .await?;
     let mut tasks = Vec::new();
     let mut all = HashSet::new();
     for t in 0..10 {
@@ -746,8 +743,7 @@ async fn panic_contained(ctx: Arc<Ctx>) -> Check {
     };
     let consumer = Consumer::handler(SubscribeOptions::new(&topic, ctx.name("g")), handler)
         .redelivery_backoff(Duration::from_millis(1), Duration::from_millis(5));
-    let running = spawn(&ctx, consumer);
-    wait_subscribed(&ctx).await;
+    let running = spawn(&ctx, consumer).await?;
     let sent: Vec<Message> = (0..60).map(|i| Message::new(i.to_string())).collect();
     publish_all(&ctx, &topic, sent.clone()).await?;
     ctx.wait_for(LONG, "all messages handled despite panics", || {
@@ -809,8 +805,7 @@ async fn tower_layers(ctx: Arc<Ctx>) -> Check {
     };
     let consumer = Consumer::new(SubscribeOptions::new(&topic, ctx.name("g")), service)
         .redelivery_backoff(Duration::from_millis(1), Duration::from_millis(5));
-    let running = spawn(&ctx, consumer);
-    wait_subscribed(&ctx).await;
+    let running = spawn(&ctx, consumer).await?;
     let mut msgs = plain(9, "ok");
     msgs.push(Message::new("fail-once"));
     publish_all(&ctx, &topic, msgs).await?;

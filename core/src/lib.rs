@@ -69,7 +69,7 @@ pub use error::{BoxError, Error, FailureKind, HandlerError, Result};
 pub use handler::{handler_fn, FromDelivery, Handler, HandlerFuture, HandlerService, Json};
 pub use message::{new_id, Headers, Message, Receipt};
 pub use names::{validate_name, MAX_NAME_LEN};
-pub use runtime::{shutdown_on_signal, App, Consumer, ConsumerReport};
+pub use runtime::{shutdown_on_signal, App, Consumer, ConsumerReport, RunningApp, RunningConsumer};
 pub use url::{redact, BrokerUrl};
 
 /// Re-exported so users and backends name the same versions.

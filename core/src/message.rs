@@ -41,12 +41,14 @@ pub struct Message {
 impl Message {
     /// A message with this payload, a fresh id and the current time.
     pub fn new(payload: impl Into<Bytes>) -> Self {
+        // One clock read for both the id and the timestamp.
+        let timestamp = SystemTime::now();
         Self {
-            id: new_id(),
+            id: id_at(timestamp),
             key: None,
             headers: Headers::new(),
             payload: payload.into(),
-            timestamp: SystemTime::now(),
+            timestamp,
         }
     }
 
@@ -93,7 +95,16 @@ impl Message {
 
 /// A new unique message id: a UUIDv7, so ids sort by creation time (kind to database indexes).
 pub fn new_id() -> String {
-    uuid::Uuid::now_v7().to_string()
+    id_at(SystemTime::now())
+}
+
+fn id_at(time: SystemTime) -> String {
+    let since = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let ts = uuid::Timestamp::from_unix(uuid::NoContext, since.as_secs(), since.subsec_nanos());
+    // 74 random bits per id: unique without a shared counter between threads.
+    uuid::Uuid::new_v7(ts).to_string()
 }
 
 /// Where a published message landed, once the broker accepted it.

@@ -164,6 +164,20 @@ where
     where
         B: Subscriber + ?Sized + 'static,
     {
+        self.start(broker, shutdown).await?.join().await
+    }
+
+    /// Subscribes every member and starts consuming in background tasks. When this
+    /// returns, the group exists on the broker (so messages published from now on reach
+    /// it, even on brokers without replay); [`RunningConsumer::join`] waits for the end.
+    pub async fn start<B>(
+        self,
+        broker: Arc<B>,
+        shutdown: CancellationToken,
+    ) -> Result<RunningConsumer>
+    where
+        B: Subscriber + ?Sized + 'static,
+    {
         self.validate()?;
         let mut subscriptions = Vec::with_capacity(self.members);
         for _ in 0..self.members {
@@ -183,18 +197,45 @@ where
             shutdown_timeout: self.shutdown_timeout,
             backoff: self.redelivery_backoff,
         });
-        let mut tasks = Vec::with_capacity(self.members);
-        for sub in subscriptions {
-            tasks.push(tokio::spawn(run_member(
-                sub,
-                self.service.clone(),
-                settings.clone(),
-                shutdown.clone(),
-                stats.clone(),
-            )));
-        }
+        // A member that fails cancels this token so its siblings stop too.
+        let shutdown = shutdown.child_token();
+        let tasks = subscriptions
+            .into_iter()
+            .map(|sub| {
+                tokio::spawn(run_member(
+                    sub,
+                    self.service.clone(),
+                    settings.clone(),
+                    shutdown.clone(),
+                    stats.clone(),
+                ))
+            })
+            .collect();
+        Ok(RunningConsumer {
+            topic: self.options.topic,
+            group: self.options.group,
+            tasks,
+            stats,
+            shutdown,
+        })
+    }
+}
+
+/// A started consumer: its members run in background tasks.
+pub struct RunningConsumer {
+    topic: String,
+    group: String,
+    tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+}
+
+impl RunningConsumer {
+    /// Waits until every member stopped (after `shutdown` is cancelled, or a fatal
+    /// error, which cancels the token so the other members stop too).
+    pub async fn join(self) -> Result<ConsumerReport> {
         let mut first_error = None;
-        for task in tasks {
+        for task in self.tasks {
             let result = match task.await {
                 Ok(r) => r,
                 Err(join) => Err(Error::permanent(
@@ -203,17 +244,17 @@ where
                 )),
             };
             if let Err(e) = result {
-                // One member failing stops the others, so the app sees the failure.
-                shutdown.cancel();
+                self.shutdown.cancel();
                 first_error.get_or_insert(e);
             }
         }
         if let Some(e) = first_error {
             return Err(e);
         }
+        let stats = &self.stats;
         Ok(ConsumerReport {
-            topic: self.options.topic,
-            group: self.options.group,
+            topic: self.topic,
+            group: self.group,
             acked: stats.acked.load(Ordering::Relaxed),
             nacked: stats.nacked.load(Ordering::Relaxed),
             panics: stats.panics.load(Ordering::Relaxed),
@@ -260,8 +301,25 @@ where
                     Ok(_) => {
                         recv_errors = 0;
                         for delivery in buf.drain(..) {
-                            let fut = call_service(&mut service, delivery.clone()).await;
-                            in_flight.push(settle(fut, delivery, settings.clone(), stats.clone()));
+                            let mut fut = call_service(&mut service, delivery.clone()).await;
+                            // Many handlers finish without waiting: ack those right here and
+                            // skip the in-flight bookkeeping (a large share of the per-message cost).
+                            match poll_once(&mut fut).await {
+                                Some(Ok(())) if !delivery.is_settled() => ack(&delivery, &stats).await,
+                                Some(Ok(())) => {}
+                                Some(Err(e)) => in_flight.push(settle(
+                                    Handling::Finished(Err(e)),
+                                    delivery,
+                                    settings.clone(),
+                                    stats.clone(),
+                                )),
+                                None => in_flight.push(settle(
+                                    Handling::Running(fut),
+                                    delivery,
+                                    settings.clone(),
+                                    stats.clone(),
+                                )),
+                            }
                         }
                     }
                     Err(e) if e.is_transient() => {
@@ -271,7 +329,8 @@ where
                         tokio::time::sleep(pause).await;
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "receive failed permanently; stopping this member");
+                        tracing::error!(error = %e, "receive failed permanently; stopping this consumer");
+                        shutdown.cancel();
                         drop(in_flight);
                         let _ = sub.close().await;
                         return Err(e);
@@ -332,63 +391,92 @@ fn panic_error(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
     HandlerError::new(FailureKind::Panic, format!("handler panicked: {text}"))
 }
 
+/// Polls a handler future once, catching a panic; `None` if it has to wait.
+async fn poll_once(fut: &mut HandlerOutcome) -> Option<Result<(), HandlerError>> {
+    futures::future::poll_fn(|cx| {
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll_unpin(cx)));
+        std::task::Poll::Ready(match polled {
+            Ok(std::task::Poll::Ready(r)) => Some(r),
+            Ok(std::task::Poll::Pending) => None,
+            Err(panic) => Some(Err(panic_error(panic))),
+        })
+    })
+    .await
+}
+
+/// A handler still running, or its outcome.
+enum Handling {
+    Running(HandlerOutcome),
+    Finished(Result<(), HandlerError>),
+}
+
+async fn ack(delivery: &Delivery, stats: &Stats) {
+    let result = match delivery.try_ack_now() {
+        Some(done) => done,
+        None => delivery.ack().await,
+    };
+    match result {
+        Ok(()) => {
+            stats.acked.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            tracing::warn!(id = delivery.id(), error = %e, "ack failed; the broker will redeliver")
+        }
+    }
+}
+
 async fn settle(
-    fut: HandlerOutcome,
+    handling: Handling,
     delivery: Delivery,
     settings: Arc<MemberSettings>,
     stats: Arc<Stats>,
 ) {
-    {
-        let outcome = match AssertUnwindSafe(fut).catch_unwind().await {
+    let outcome = match handling {
+        Handling::Finished(r) => r,
+        Handling::Running(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
             Ok(r) => r,
             Err(panic) => Err(panic_error(panic)),
-        };
-        if delivery.is_settled() {
-            return; // the handler acked or nacked it itself
-        }
-        match outcome {
-            Ok(()) => match delivery.ack().await {
+        },
+    };
+    if delivery.is_settled() {
+        return; // the handler acked or nacked it itself
+    }
+    match outcome {
+        Ok(()) => ack(&delivery, &stats).await,
+        Err(e) => {
+            if e.kind() == FailureKind::Panic {
+                stats.panics.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::warn!(
+                id = delivery.id(),
+                topic = delivery.topic(),
+                group = delivery.group(),
+                attempt = delivery.attempt(),
+                kind = %e.kind(),
+                error = %e,
+                "handler failed; nacking for redelivery"
+            );
+            let (base, max) = settings.backoff;
+            let exp = delivery.attempt().saturating_sub(1).min(20);
+            let pause = base.saturating_mul(1 << exp).min(max);
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            match delivery.nack(Nack::Requeue).await {
                 Ok(()) => {
-                    stats.acked.fetch_add(1, Ordering::Relaxed);
+                    stats.nacked.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    tracing::warn!(id = delivery.id(), error = %e, "ack failed; the broker will redeliver")
-                }
-            },
-            Err(e) => {
-                if e.kind() == FailureKind::Panic {
-                    stats.panics.fetch_add(1, Ordering::Relaxed);
-                }
-                tracing::warn!(
-                    id = delivery.id(),
-                    topic = delivery.topic(),
-                    group = delivery.group(),
-                    attempt = delivery.attempt(),
-                    kind = %e.kind(),
-                    error = %e,
-                    "handler failed; nacking for redelivery"
-                );
-                let (base, max) = settings.backoff;
-                let exp = delivery.attempt().saturating_sub(1).min(20);
-                let pause = base.saturating_mul(1 << exp).min(max);
-                if !pause.is_zero() {
-                    tokio::time::sleep(pause).await;
-                }
-                match delivery.nack(Nack::Requeue).await {
-                    Ok(()) => {
-                        stats.nacked.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        tracing::warn!(id = delivery.id(), error = %e, "nack failed; the broker will redeliver")
-                    }
+                    tracing::warn!(id = delivery.id(), error = %e, "nack failed; the broker will redeliver")
                 }
             }
         }
     }
 }
 
-type Runner<B> =
-    Box<dyn FnOnce(Arc<B>, CancellationToken) -> BoxFuture<'static, Result<ConsumerReport>> + Send>;
+type Starter<B> = Box<
+    dyn FnOnce(Arc<B>, CancellationToken) -> BoxFuture<'static, Result<RunningConsumer>> + Send,
+>;
 
 /// Several consumers in one application under one shutdown.
 ///
@@ -405,7 +493,7 @@ type Runner<B> =
 /// ```
 pub struct App<B: ?Sized> {
     broker: Arc<B>,
-    runners: Vec<Runner<B>>,
+    starters: Vec<Starter<B>>,
 }
 
 impl<B: Subscriber + ?Sized + 'static> App<B> {
@@ -413,7 +501,7 @@ impl<B: Subscriber + ?Sized + 'static> App<B> {
     pub fn new(broker: Arc<B>) -> Self {
         Self {
             broker,
-            runners: Vec::new(),
+            starters: Vec::new(),
         }
     }
 
@@ -423,8 +511,8 @@ impl<B: Subscriber + ?Sized + 'static> App<B> {
         S: Service<Delivery, Response = (), Error = HandlerError> + Clone + Send + 'static,
         S::Future: Send + 'static,
     {
-        self.runners.push(Box::new(move |broker, token| {
-            Box::pin(consumer.run(broker, token))
+        self.starters.push(Box::new(move |broker, token| {
+            Box::pin(consumer.start(broker, token))
         }));
         self
     }
@@ -432,27 +520,64 @@ impl<B: Subscriber + ?Sized + 'static> App<B> {
     /// Runs every consumer until `shutdown` is cancelled (or one fails, which stops the
     /// rest), and returns their reports in the order they were added.
     pub async fn run(self, shutdown: CancellationToken) -> Result<Vec<ConsumerReport>> {
+        self.start(shutdown).await?.join().await
+    }
+
+    /// Subscribes every consumer (in the order added), then returns while they run.
+    /// If one cannot subscribe, the ones already started are stopped and the error returned.
+    pub async fn start(self, shutdown: CancellationToken) -> Result<RunningApp> {
         let token = shutdown.child_token();
-        let tasks: Vec<_> = self
-            .runners
-            .into_iter()
-            .map(|run| tokio::spawn(run(self.broker.clone(), token.clone())))
-            .collect();
-        let mut reports = Vec::with_capacity(tasks.len());
-        let mut first_error = None;
-        for task in tasks {
-            match task.await {
-                Ok(Ok(report)) => reports.push(report),
-                Ok(Err(e)) => {
+        let mut running = Vec::with_capacity(self.starters.len());
+        for start in self.starters {
+            match start(self.broker.clone(), token.clone()).await {
+                Ok(r) => running.push(r),
+                Err(e) => {
                     token.cancel();
-                    first_error.get_or_insert(e);
+                    for r in running {
+                        let _ = r.join().await;
+                    }
+                    return Err(e);
                 }
-                Err(join) => {
+            }
+        }
+        Ok(RunningApp { running, token })
+    }
+}
+
+/// A started [`App`].
+pub struct RunningApp {
+    running: Vec<RunningConsumer>,
+    token: CancellationToken,
+}
+
+impl RunningApp {
+    /// Stops every consumer now (the same as cancelling the app's shutdown token).
+    pub fn shutdown(&self) {
+        self.token.cancel();
+    }
+
+    /// Waits for every consumer to stop; returns their reports in the order added, or
+    /// the first error (after the others stopped).
+    pub async fn join(self) -> Result<Vec<ConsumerReport>> {
+        let mut reports = Vec::with_capacity(self.running.len());
+        let mut first_error = None;
+        let token = self.token;
+        // Join concurrently: one consumer's failure cancels the token for all.
+        let joins = self.running.into_iter().map(|r| {
+            let token = token.clone();
+            async move {
+                let r = r.join().await;
+                if r.is_err() {
                     token.cancel();
-                    first_error.get_or_insert(Error::permanent(
-                        "runtime",
-                        format!("consumer task failed: {join}"),
-                    ));
+                }
+                r
+            }
+        });
+        for result in futures::future::join_all(joins).await {
+            match result {
+                Ok(report) => reports.push(report),
+                Err(e) => {
+                    first_error.get_or_insert(e);
                 }
             }
         }

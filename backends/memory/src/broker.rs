@@ -1,6 +1,7 @@
 //! The broker: topics, publishing, subscriptions and ack handles.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
@@ -119,6 +120,42 @@ struct Topic {
     changed: Notify,
     /// Wakes publishers waiting for room.
     room: Notify,
+    /// Subscribers about to wait on `changed`; notifying nobody is skipped, which keeps
+    /// the ack path cheap. A waiter counts itself before it looks at the state, so a
+    /// change made after that look always sees it.
+    consumers_waiting: AtomicUsize,
+    /// Publishers about to wait on `room`.
+    publishers_waiting: AtomicUsize,
+}
+
+impl Topic {
+    fn wake_consumers(&self) {
+        if self.consumers_waiting.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_waiters();
+        }
+    }
+
+    fn wake_publishers(&self) {
+        if self.publishers_waiting.load(Ordering::SeqCst) > 0 {
+            self.room.notify_waiters();
+        }
+    }
+}
+
+/// Counts a waiter for as long as it lives (also when its future is dropped mid-wait).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(counter)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 struct TopicState {
@@ -232,6 +269,8 @@ impl MemoryBroker {
             }),
             changed: Notify::new(),
             room: Notify::new(),
+            consumers_waiting: AtomicUsize::new(0),
+            publishers_waiting: AtomicUsize::new(0),
         });
         topics.insert(name.to_string(), topic.clone());
         Ok(topic)
@@ -276,6 +315,7 @@ impl MemoryBroker {
             let room = topic.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
+            let _waiting = Waiting::new(&topic.publishers_waiting);
             {
                 let mut state = lock(&topic.state);
                 if state.closed {
@@ -291,7 +331,7 @@ impl MemoryBroker {
                         state.log.push_back(Arc::new(m));
                     }
                     drop(state);
-                    topic.changed.notify_waiters();
+                    topic.wake_consumers();
                     continue;
                 }
             }
@@ -433,6 +473,7 @@ impl Subscription for MemorySubscription {
             let changed = self.topic.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            let _waiting = Waiting::new(&self.topic.consumers_waiting);
             {
                 let mut state = lock(&self.topic.state);
                 if state.closed {
@@ -451,7 +492,7 @@ impl Subscription for MemorySubscription {
                 );
                 if group.next != before {
                     // Reading moved this group on, which may let publishers evict.
-                    self.topic.room.notify_waiters();
+                    self.topic.wake_publishers();
                 }
             }
             if !self.scratch.is_empty() {
@@ -473,7 +514,7 @@ impl Subscription for MemorySubscription {
             n > 0 || group.has_ready()
         };
         if returned {
-            self.topic.changed.notify_waiters();
+            self.topic.wake_consumers();
         }
         Ok(())
     }
@@ -487,7 +528,7 @@ impl Drop for MemorySubscription {
             let mut state = lock(&self.topic.state);
             state.groups[self.group].1.leave(self.member);
             drop(state);
-            self.topic.changed.notify_waiters();
+            self.topic.wake_consumers();
         }
     }
 }
@@ -509,7 +550,7 @@ impl MemoryAcker {
         };
         match outcome {
             Settled::Done => {
-                self.topic.changed.notify_waiters();
+                self.topic.wake_consumers();
                 Ok(())
             }
             Settled::MemberGone => Err(Error::SubscriptionClosed {
@@ -532,5 +573,9 @@ impl Acker for MemoryAcker {
 
     fn dropped_unsettled(&self) {
         let _ = self.settle(Some(Nack::Requeue));
+    }
+
+    fn try_ack_now(&self) -> Option<Result<()>> {
+        Some(self.settle(None))
     }
 }

@@ -4,7 +4,7 @@
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
 
 use switchyard_core::{Message, Nack};
@@ -47,9 +47,32 @@ impl PartialEq for KeyOf {
 
 impl Eq for KeyOf {}
 
+/// Offsets are unique small integers: a multiply spreads them well, and is far cheaper
+/// than SipHash on the ack path.
+#[derive(Default)]
+struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type OffsetMap<V> = HashMap<u64, V, BuildHasherDefault<OffsetHasher>>;
+
 #[derive(Default)]
 struct Member {
-    unsettled: HashMap<u64, Entry>,
+    unsettled: OffsetMap<Entry>,
 }
 
 /// What happened when a delivery was settled.
