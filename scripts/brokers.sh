@@ -10,6 +10,7 @@ SCRATCH="$SWITCHYARD_ROOT/.scratch"
 TANSU_VERSION=0.6.0
 STARTED_PIDS=()
 STARTED_RABBITMQ=0
+STARTED_POSTGRES=0
 
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
@@ -72,6 +73,22 @@ start_rabbitmq() {
   rabbitmqctl await_startup >/dev/null 2>&1 || true
 }
 
+start_postgres() {
+  if port_open 127.0.0.1 5432; then
+    return 0
+  fi
+  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+    echo "brokers: installing postgresql from Debian's packages" >&2
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2 || return 1
+  fi
+  echo "brokers: starting PostgreSQL" >&2
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start >&2 || return 1
+  STARTED_POSTGRES=1
+  wait_port 127.0.0.1 5432 60 PostgreSQL || return 1
+  # The tests use trust auth and the database "test", as this kind of machine is set up.
+  su postgres -c "psql -tc \"SELECT 1 FROM pg_database WHERE datname='test'\" | grep -q 1 || createdb test" >&2 || true
+}
+
 stop_started() {
   local pid
   for pid in "${STARTED_PIDS[@]}"; do
@@ -81,5 +98,9 @@ stop_started() {
   if [ "$STARTED_RABBITMQ" = 1 ]; then
     rabbitmqctl stop >/dev/null 2>&1 || true
     STARTED_RABBITMQ=0
+  fi
+  if [ "$STARTED_POSTGRES" = 1 ]; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main stop >/dev/null 2>&1 || true
+    STARTED_POSTGRES=0
   fi
 }

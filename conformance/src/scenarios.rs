@@ -9,10 +9,14 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use switchyard_core::{
-    Consumer, ConsumerReport, Delivery, Error, HandlerError, Message, Nack, StartFrom,
+    Consumer, ConsumerReport, Delivery, Error, HandlerError, Json, Message, Nack, StartFrom,
     SubscribeOptions, Subscription,
 };
-use switchyard_middleware::InspectLayer;
+use switchyard_middleware::dead_letter;
+use switchyard_middleware::{
+    DeadLetterLayer, DeadLetterRecord, DeadLetters, IdempotencyLayer, InspectLayer, MemoryStore,
+    RetryPolicy, Selection,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
@@ -54,6 +58,22 @@ pub(crate) const SCENARIOS: &[(&str, ScenarioFn)] = &[
     ("double_ack_is_typed_error", |c| Box::pin(double_ack(c))),
     ("tower_layers_wrap_handlers", |c| Box::pin(tower_layers(c))),
     ("bad_input_typed_errors", |c| Box::pin(bad_input(c))),
+    ("undecodable_payload_dead_lettered_with_reason", |c| {
+        Box::pin(undecodable_to_dlq(c))
+    }),
+    ("poison_dead_lettered_after_retries_then_replayed", |c| {
+        Box::pin(poison_and_replay(c))
+    }),
+    ("duplicates_run_the_handler_once", |c| {
+        Box::pin(duplicates_once(c))
+    }),
+    ("transient_failures_20_percent_exactly_once", |c| {
+        Box::pin(transient_20_percent(c))
+    }),
+    (
+        "permanent_failures_1_percent_exactly_those_dead_lettered",
+        |c| Box::pin(permanent_1_percent(c)),
+    ),
 ];
 
 const LONG: Duration = Duration::from_secs(90);
@@ -872,4 +892,412 @@ async fn bad_input(ctx: Arc<Ctx>) -> Check {
         Err(e) => Err(Outcome::Failed(format!("prefetch 0 gave {e}"))),
         Ok(_) => Err(Outcome::Failed("prefetch 0 was accepted".into())),
     }
+}
+
+// ---- middleware: retry, dead-letter queue, idempotency ----
+
+fn dead_letters(ctx: &Ctx) -> DeadLetters {
+    // Brokers that need a moment to hand out what they hold get more idle time.
+    let idle = if ctx.broker.backend() == "memory" {
+        300
+    } else {
+        3000
+    };
+    DeadLetters::new(ctx.broker.clone()).idle(Duration::from_millis(idle))
+}
+
+fn quick_retry(attempts: u32) -> RetryPolicy {
+    RetryPolicy::new(attempts)
+        .and_then(|p| p.backoff(Duration::from_millis(1), Duration::from_millis(10)))
+        .expect("valid retry policy")
+}
+
+async fn undecodable_to_dlq(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("decode");
+    let dlq = format!("{topic}.dlq");
+    let letters = dead_letters(&ctx);
+    letters.prepare(&dlq).await.or_fail("prepare dlq")?;
+    let handled = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let handled = handled.clone();
+        move |Json(n): Json<u64>| {
+            let handled = handled.clone();
+            async move {
+                let _ = n;
+                handled.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, HandlerError>(())
+            }
+        }
+    };
+    let service = ServiceBuilder::new()
+        .layer(DeadLetterLayer::new(ctx.broker.clone()))
+        .service(switchyard_core::handler_fn(handler));
+    let running = spawn(
+        &ctx,
+        Consumer::new(SubscribeOptions::new(&topic, ctx.name("g")), service),
+    )
+    .await?;
+    let mut msgs: Vec<Message> = (0..5u64).map(|i| Message::json(&i).unwrap()).collect();
+    let bad = Message::new(&b"{\"not\": \"a number\"\xff"[..]);
+    let bad_id = bad.id.clone();
+    msgs.insert(2, bad);
+    publish_all(&ctx, &topic, msgs).await?;
+    ctx.wait_for(LONG, "5 valid messages handled", || {
+        handled.load(Ordering::SeqCst) >= 5
+    })
+    .await?;
+    let mut records = Vec::new();
+    for _ in 0..20 {
+        records = letters.list(&dlq).await.or_fail("list dlq")?;
+        if !records.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let report = stop(running).await?;
+    ensure!(
+        records.len() == 1,
+        "expected 1 dead letter, found {}",
+        records.len()
+    );
+    let r = &records[0];
+    ensure!(
+        r.message.id == bad_id,
+        "dead letter is {} not {bad_id}",
+        r.message.id
+    );
+    ensure!(r.kind == "decode", "kind {:?}", r.kind);
+    ensure!(
+        r.error.contains("u64"),
+        "the reason should name the target type: {:?}",
+        r.error
+    );
+    ensure!(
+        r.original_topic.as_deref() == Some(topic.as_str()),
+        "original topic {:?}",
+        r.original_topic
+    );
+    ensure!(
+        report.acked == 6 && report.nacked == 0,
+        "the bad message is acked once dead-lettered: {report:?}"
+    );
+    Ok(())
+}
+
+async fn poison_and_replay(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("poison");
+    let dlq = format!("{topic}.dlq");
+    let letters = dead_letters(&ctx);
+    letters.prepare(&dlq).await.or_fail("prepare dlq")?;
+    let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poison_runs = Arc::new(AtomicUsize::new(0));
+    let tally = Tally::default();
+    let handler = {
+        let (fixed, poison_runs, tally) = (fixed.clone(), poison_runs.clone(), tally.clone());
+        move |d: Delivery| {
+            let (fixed, poison_runs, tally) = (fixed.clone(), poison_runs.clone(), tally.clone());
+            async move {
+                if d.payload() == b"poison" {
+                    poison_runs.fetch_add(1, Ordering::SeqCst);
+                    if !fixed.load(Ordering::SeqCst) {
+                        return Err(HandlerError::transient(std::io::Error::other(
+                            "payment gateway says no",
+                        )));
+                    }
+                }
+                tally.add(d.id());
+                Ok(())
+            }
+        }
+    };
+    let service = ServiceBuilder::new()
+        .layer(DeadLetterLayer::new(ctx.broker.clone()))
+        .layer(quick_retry(3).layer())
+        .service(switchyard_core::handler_fn(handler));
+    let running = spawn(
+        &ctx,
+        Consumer::new(SubscribeOptions::new(&topic, ctx.name("g")), service).concurrency(8),
+    )
+    .await?;
+    let mut msgs: Vec<Message> = (0..200)
+        .map(|i| Message::new(format!("ok-{i}")).with_key(format!("k{}", i % 8)))
+        .collect();
+    let poison = Message::new("poison").with_key("k3");
+    let poison_id = poison.id.clone();
+    msgs.insert(50, poison);
+    let good: HashSet<String> = msgs
+        .iter()
+        .filter(|m| m.id != poison_id)
+        .map(|m| m.id.clone())
+        .collect();
+    publish_all(&ctx, &topic, msgs).await?;
+    ctx.wait_for(LONG, "the 200 good messages handled", || {
+        tally.distinct() >= 200
+    })
+    .await?;
+    ctx.wait_for(LONG, "3 runs of the poison message", || {
+        poison_runs.load(Ordering::SeqCst) >= 3
+    })
+    .await?;
+    let mut records = Vec::new();
+    for _ in 0..20 {
+        records = letters.list(&dlq).await.or_fail("list dlq")?;
+        if !records.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        records.len() == 1 && records[0].message.id == poison_id,
+        "dead letters: {:?}",
+        records.iter().map(|r| &r.message.id).collect::<Vec<_>>()
+    );
+    let h = &records[0].message.headers;
+    ensure!(
+        h.get(dead_letter::headers::RETRIES).map(String::as_str) == Some("2"),
+        "retries header {:?}",
+        h.get(dead_letter::headers::RETRIES)
+    );
+    ensure!(records[0].kind == "transient", "kind {:?}", records[0].kind);
+    ensure!(
+        records[0].original_key.as_deref() == Some("k3"),
+        "original key {:?}",
+        records[0].original_key
+    );
+    ensure!(
+        records[0].original().key.as_deref() == Some("k3"),
+        "replay restores the key"
+    );
+    ensure!(
+        poison_runs.load(Ordering::SeqCst) == 3,
+        "poison ran {} times, expected 3",
+        poison_runs.load(Ordering::SeqCst)
+    );
+    tally.check_exactly_once(&good, "good messages")?;
+
+    // The handler is fixed; replaying the poison message runs it once more, successfully.
+    fixed.store(true, Ordering::SeqCst);
+    let ids: HashSet<String> = [poison_id.clone()].into();
+    let replayed = letters
+        .replay(&dlq, &Selection::Ids(ids))
+        .await
+        .or_fail("replay")?;
+    ensure!(
+        replayed.replayed == vec![poison_id.clone()],
+        "replayed {replayed:?}"
+    );
+    ctx.wait_for(LONG, "the replayed message handled", || {
+        tally.0.lock().unwrap().contains_key(&poison_id)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop(running).await?;
+    ensure!(
+        tally.0.lock().unwrap()[&poison_id] == 1,
+        "replayed message handled more than once"
+    );
+    ensure!(
+        poison_runs.load(Ordering::SeqCst) == 4,
+        "poison ran {} times in all, expected 4",
+        poison_runs.load(Ordering::SeqCst)
+    );
+    let left = letters.list(&dlq).await.or_fail("list dlq")?;
+    ensure!(
+        left.is_empty(),
+        "{} dead letters left after replay",
+        left.len()
+    );
+    Ok(())
+}
+
+async fn duplicates_once(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("dups");
+    let store = Arc::new(MemoryStore::default());
+    let idem = IdempotencyLayer::new(store);
+    let runs = Tally::default();
+    let running_now: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let overlaps = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let (runs, running_now, overlaps) = (runs.clone(), running_now.clone(), overlaps.clone());
+        move |d: Delivery| {
+            let (runs, running_now, overlaps) =
+                (runs.clone(), running_now.clone(), overlaps.clone());
+            async move {
+                if !running_now.lock().unwrap().insert(d.id().to_string()) {
+                    overlaps.fetch_add(1, Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                runs.add(d.id());
+                running_now.lock().unwrap().remove(d.id());
+                Ok::<_, HandlerError>(())
+            }
+        }
+    };
+    let service = ServiceBuilder::new()
+        .layer(idem.clone())
+        .service(switchyard_core::handler_fn(handler));
+    let opts = SubscribeOptions::new(&topic, ctx.name("g"));
+    let running = spawn(
+        &ctx,
+        Consumer::new(opts, service).concurrency(16).members(2),
+    )
+    .await?;
+    let twice = Message::new("pay order 42");
+    let mut msgs = plain(50, "single");
+    // The same message (same id) three times, adjacent so copies are in flight together.
+    msgs.insert(10, twice.clone());
+    msgs.insert(11, twice.clone());
+    msgs.insert(30, twice.clone());
+    let want = ids(&msgs);
+    publish_all(&ctx, &topic, msgs).await?;
+    ctx.wait_for(LONG, "all 51 ids handled and 2 duplicates skipped", || {
+        runs.distinct() >= want.len() && idem.skipped() >= 2
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let report = stop(running).await?;
+    runs.check_exactly_once(&want, "with idempotency")?;
+    ensure!(
+        overlaps.load(Ordering::SeqCst) == 0,
+        "a duplicate ran while its original was running"
+    );
+    ensure!(
+        idem.skipped() == 2,
+        "skipped {} duplicates, expected 2",
+        idem.skipped()
+    );
+    ensure!(report.acked == 53, "all 53 deliveries acked: {report:?}");
+    Ok(())
+}
+
+/// A stable pseudo-random draw in [0, 1) for (message, run), so runs are reproducible.
+fn draw(id: &str, run: usize) -> f64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (id, run).hash(&mut h);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+async fn failure_mix(
+    ctx: &Ctx,
+    label: &str,
+    n: usize,
+    permanent_every: usize,
+) -> Result<
+    (
+        Tally,
+        HashSet<String>,
+        HashSet<String>,
+        Vec<DeadLetterRecord>,
+    ),
+    Outcome,
+> {
+    let topic = ctx.name(label);
+    let dlq = format!("{topic}.dlq");
+    let letters = dead_letters(ctx);
+    letters.prepare(&dlq).await.or_fail("prepare dlq")?;
+    let successes = Tally::default();
+    let runs = Tally::default();
+    let handler = {
+        let (successes, runs) = (successes.clone(), runs.clone());
+        move |d: Delivery| {
+            let (successes, runs) = (successes.clone(), runs.clone());
+            async move {
+                let run = {
+                    let mut map = runs.0.lock().unwrap();
+                    let r = map.entry(d.id().to_string()).or_default();
+                    *r += 1;
+                    *r
+                };
+                let n: usize = std::str::from_utf8(d.payload())
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(1);
+                if permanent_every > 0 && n % permanent_every == 0 {
+                    return Err(HandlerError::permanent(std::io::Error::other(
+                        "card declined",
+                    )));
+                }
+                if permanent_every == 0 && draw(d.id(), run) < 0.2 {
+                    return Err(HandlerError::transient(std::io::Error::other(
+                        "timeout talking to the bank",
+                    )));
+                }
+                successes.add(d.id());
+                Ok(())
+            }
+        }
+    };
+    let service = ServiceBuilder::new()
+        .layer(DeadLetterLayer::new(ctx.broker.clone()))
+        .layer(IdempotencyLayer::new(Arc::new(MemoryStore::default())))
+        .layer(quick_retry(10).layer())
+        .service(switchyard_core::handler_fn(handler));
+    let opts = SubscribeOptions::new(&topic, ctx.name("g")).prefetch(64);
+    let running = spawn(ctx, Consumer::new(opts, service).concurrency(32).members(4)).await?;
+    let msgs: Vec<Message> = (1..=n)
+        .map(|i| Message::new(i.to_string()).with_key(format!("c{}", i % 97)))
+        .collect();
+    let all = ids(&msgs);
+    let permanent: HashSet<String> = msgs
+        .iter()
+        .filter(|m| {
+            permanent_every > 0
+                && std::str::from_utf8(&m.payload)
+                    .unwrap()
+                    .parse::<usize>()
+                    .unwrap()
+                    % permanent_every
+                    == 0
+        })
+        .map(|m| m.id.clone())
+        .collect();
+    publish_all(ctx, &topic, msgs).await?;
+    let expect = n - permanent.len();
+    ctx.wait_for(LONG, "every handleable message handled", || {
+        successes.distinct() >= expect
+    })
+    .await?;
+    let mut records = Vec::new();
+    for _ in 0..30 {
+        records = letters.list(&dlq).await.or_fail("list dlq")?;
+        if records.len() >= permanent.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop(running).await?;
+    Ok((successes, all, permanent, records))
+}
+
+async fn transient_20_percent(ctx: Arc<Ctx>) -> Check {
+    let (successes, all, _, records) = failure_mix(&ctx, "flaky", 10_000, 0).await?;
+    successes.check_exactly_once(&all, "20% transient failures")?;
+    ensure!(
+        records.is_empty(),
+        "{} messages were dead-lettered; expected none",
+        records.len()
+    );
+    Ok(())
+}
+
+async fn permanent_1_percent(ctx: Arc<Ctx>) -> Check {
+    let (successes, all, permanent, records) = failure_mix(&ctx, "declined", 10_000, 100).await?;
+    let handled: HashSet<String> = all.difference(&permanent).cloned().collect();
+    successes.check_exactly_once(&handled, "the 99% that succeed")?;
+    let dead: HashSet<String> = records.iter().map(|r| r.message.id.clone()).collect();
+    ensure!(
+        dead == permanent,
+        "dead letters differ from the permanent failures: {} vs {}",
+        dead.len(),
+        permanent.len()
+    );
+    ensure!(
+        records
+            .iter()
+            .all(|r| r.kind == "permanent" && r.attempts == 1),
+        "permanent failures go straight to the DLQ"
+    );
+    Ok(())
 }

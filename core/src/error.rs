@@ -219,6 +219,8 @@ impl fmt::Display for FailureKind {
 pub struct HandlerError {
     kind: FailureKind,
     source: BoxError,
+    retries: u32,
+    first_failure: std::time::SystemTime,
 }
 
 impl HandlerError {
@@ -237,7 +239,26 @@ impl HandlerError {
         Self {
             kind,
             source: source.into(),
+            retries: 0,
+            first_failure: std::time::SystemTime::now(),
         }
+    }
+
+    /// How many in-process retries ran before this final failure (set by the retry layer).
+    pub fn retries(&self) -> u32 {
+        self.retries
+    }
+
+    /// When the first of those attempts failed (this error's creation if none).
+    pub fn first_failure(&self) -> std::time::SystemTime {
+        self.first_failure
+    }
+
+    /// Records the retries that came before this failure; used by retry middleware.
+    pub fn with_retries(mut self, retries: u32, first_failure: std::time::SystemTime) -> Self {
+        self.retries = retries;
+        self.first_failure = first_failure.min(self.first_failure);
+        self
     }
 
     /// What kind of failure this is.
@@ -302,7 +323,7 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
             Some(e) if !e.is_transient() => FailureKind::Permanent,
             _ => FailureKind::Transient,
         };
-        Self { kind, source }
+        Self::new(kind, source)
     }
 }
 
@@ -311,6 +332,7 @@ impl fmt::Debug for HandlerError {
         f.debug_struct("HandlerError")
             .field("kind", &self.kind)
             .field("source", &self.source)
+            .field("retries", &self.retries)
             .finish()
     }
 }

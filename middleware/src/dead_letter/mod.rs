@@ -1,0 +1,76 @@
+//! The dead-letter queue: where a message goes after its last failure, with why, and an
+//! API to read dead letters and send chosen ones back to their original topic.
+//!
+//! [`DeadLetterLayer`] publishes a failed message to `<topic>.dlq` (configurable) with
+//! the failure in headers, and only then lets the original be acked; if that publish
+//! fails, the original is nacked, so nothing is lost. [`DeadLetters`] lists and replays.
+//!
+//! Headers added to a dead letter (all strings; times are RFC 3339 UTC):
+//!
+//! | header | value |
+//! |---|---|
+//! | `x-dlq-error` | the error's text |
+//! | `x-dlq-error-kind` | `transient`, `permanent`, `decode` or `panic` |
+//! | `x-dlq-attempts` | deliveries by the broker (the delivery's attempt count) |
+//! | `x-dlq-retries` | in-process retries of the last delivery |
+//! | `x-dlq-original-topic`, `x-dlq-original-group` | where it was consumed |
+//! | `x-dlq-original-partition`, `x-dlq-original-offset` | where the backend has them |
+//! | `x-dlq-first-failure`, `x-dlq-last-failure` | first failure of the last delivery's attempts, and the last |
+//! | `x-dlq-original-key` | the message key (the dead letter itself has none) |
+//!
+//! The message keeps its id, payload and headers, so a replayed message is the same
+//! message to the idempotency layer. Its key moves to a header: dead letters have nothing
+//! to keep in order, and a keyless dead letter is never held back behind another one with
+//! the same key while a reader lists without acking. Replay puts the key back.
+
+mod layer;
+mod replay;
+
+pub use layer::{DeadLetter, DeadLetterLayer};
+pub use replay::{DeadLetterRecord, DeadLetters, Replayed, Selection};
+
+/// Header names written to dead letters.
+pub mod headers {
+    /// The error's text.
+    pub const ERROR: &str = "x-dlq-error";
+    /// The failure kind.
+    pub const ERROR_KIND: &str = "x-dlq-error-kind";
+    /// Broker deliveries.
+    pub const ATTEMPTS: &str = "x-dlq-attempts";
+    /// In-process retries of the last delivery.
+    pub const RETRIES: &str = "x-dlq-retries";
+    /// The original topic.
+    pub const ORIGINAL_TOPIC: &str = "x-dlq-original-topic";
+    /// The group that failed to handle it.
+    pub const ORIGINAL_GROUP: &str = "x-dlq-original-group";
+    /// The original partition.
+    pub const ORIGINAL_PARTITION: &str = "x-dlq-original-partition";
+    /// The original offset.
+    pub const ORIGINAL_OFFSET: &str = "x-dlq-original-offset";
+    /// First failure time.
+    pub const FIRST_FAILURE: &str = "x-dlq-first-failure";
+    /// Last failure time.
+    pub const LAST_FAILURE: &str = "x-dlq-last-failure";
+    /// The original message key.
+    pub const ORIGINAL_KEY: &str = "x-dlq-original-key";
+
+    /// Every dead-letter header, removed again on replay.
+    pub const ALL: &[&str] = &[
+        ERROR,
+        ERROR_KIND,
+        ATTEMPTS,
+        RETRIES,
+        ORIGINAL_TOPIC,
+        ORIGINAL_GROUP,
+        ORIGINAL_PARTITION,
+        ORIGINAL_OFFSET,
+        FIRST_FAILURE,
+        LAST_FAILURE,
+        ORIGINAL_KEY,
+    ];
+}
+
+/// The default dead-letter topic of a topic: `<topic>.dlq`.
+pub fn default_dlq_topic(topic: &str) -> String {
+    format!("{topic}.dlq")
+}

@@ -1,0 +1,145 @@
+//! The layer that skips already-handled messages.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use switchyard_core::{Delivery, HandlerError};
+use tower::{Layer, Service};
+
+use super::{Begin, IdempotencyStore};
+
+/// Runs each message id at most once per group (see the [module docs](super)).
+#[derive(Clone)]
+pub struct IdempotencyLayer {
+    store: Arc<dyn IdempotencyStore>,
+    lease: Duration,
+    retention: Duration,
+    poll: Duration,
+    skipped: Arc<AtomicU64>,
+}
+
+impl IdempotencyLayer {
+    /// Idempotency through `store`, with a 5-minute in-flight lease and 7 days' memory
+    /// of completed ids.
+    pub fn new(store: Arc<dyn IdempotencyStore>) -> Self {
+        Self {
+            store,
+            lease: Duration::from_secs(300),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            poll: Duration::from_millis(20),
+            skipped: Arc::default(),
+        }
+    }
+
+    /// How long an in-flight mark holds if its consumer never finishes (crash). Longer
+    /// than your slowest handler.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// How long a completed id is remembered.
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Duplicates skipped so far by services from this layer.
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = Idempotency<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency {
+            inner,
+            config: self.clone(),
+        }
+    }
+}
+
+/// The service [`IdempotencyLayer`] produces.
+#[derive(Clone)]
+pub struct Idempotency<S> {
+    inner: S,
+    config: IdempotencyLayer,
+}
+
+fn store_error(e: switchyard_core::Error) -> HandlerError {
+    HandlerError::transient(format!("idempotency store: {e}"))
+}
+
+impl<S> Service<Delivery> for Idempotency<S>
+where
+    S: Service<Delivery, Response = (), Error = HandlerError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = ();
+    type Error = HandlerError;
+    type Future = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, delivery: Delivery) -> Self::Future {
+        // The inner service is ready now; take it and leave a fresh clone (tower's
+        // pattern for calling a service later, inside a future).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let config = self.config.clone();
+        Box::pin(async move {
+            let key = format!("{}/{}", delivery.group(), delivery.id());
+            let waited_since = Instant::now();
+            loop {
+                match config
+                    .store
+                    .begin(&key, config.lease)
+                    .await
+                    .map_err(store_error)?
+                {
+                    Begin::Completed => {
+                        config.skipped.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(id = delivery.id(), "duplicate skipped");
+                        return Ok(());
+                    }
+                    Begin::Started => break,
+                    // Another consumer runs it now: wait for its outcome rather than run
+                    // the same message twice at once.
+                    Begin::InFlight if waited_since.elapsed() < config.lease => {
+                        tokio::time::sleep(config.poll).await;
+                    }
+                    Begin::InFlight => {
+                        return Err(HandlerError::transient(format!(
+                            "message {} is still marked in flight after the {:?} lease",
+                            delivery.id(),
+                            config.lease
+                        )))
+                    }
+                }
+            }
+            let result = inner.call(delivery.clone()).await;
+            match &result {
+                Ok(()) => config
+                    .store
+                    .complete(&key, config.retention)
+                    .await
+                    .map_err(store_error)?,
+                Err(_) => {
+                    if let Err(e) = config.store.abandon(&key).await {
+                        // The lease expires anyway; the redelivery then runs.
+                        tracing::warn!(id = delivery.id(), error = %e, "could not release idempotency mark");
+                    }
+                }
+            }
+            result
+        })
+    }
+}

@@ -1,0 +1,154 @@
+//! An in-process idempotency store: bounded, with expiry.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use switchyard_core::Result;
+
+use super::{Begin, IdempotencyStore};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    InFlight,
+    Completed,
+}
+
+struct Inner {
+    marks: HashMap<String, (State, Instant)>,
+    /// Insertion order, for evicting the oldest marks when full.
+    order: VecDeque<String>,
+}
+
+/// Idempotency marks in this process's memory: fast, lost on restart, shared only by
+/// consumers in the same process. At most `capacity` marks (default 1,000,000); when
+/// full, the oldest marks go first.
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+    capacity: usize,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new(1_000_000)
+    }
+}
+
+impl MemoryStore {
+    /// A store holding at most `capacity` marks.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                marks: HashMap::new(),
+                order: VecDeque::new(),
+            }),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// How many marks it holds (expired ones included until they are evicted).
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .marks
+            .len()
+    }
+
+    /// Whether it holds no marks.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn set(inner: &mut Inner, capacity: usize, key: &str, state: State, until: Instant) {
+        if inner
+            .marks
+            .insert(key.to_string(), (state, until))
+            .is_none()
+        {
+            inner.order.push_back(key.to_string());
+        }
+        while inner.marks.len() > capacity {
+            match inner.order.pop_front() {
+                Some(old) => {
+                    inner.marks.remove(&old);
+                }
+                None => break,
+            }
+        }
+        // Keys removed by abandon leave stale entries in `order`; drop them now and then.
+        if inner.order.len() > 2 * capacity.max(inner.marks.len()) {
+            let marks = &inner.marks;
+            inner.order.retain(|k| marks.contains_key(k));
+        }
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for MemoryStore {
+    async fn begin(&self, key: &str, lease: Duration) -> Result<Begin> {
+        let now = Instant::now();
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match inner.marks.get(key) {
+            Some((State::Completed, until)) if *until > now => return Ok(Begin::Completed),
+            Some((State::InFlight, until)) if *until > now => return Ok(Begin::InFlight),
+            _ => {}
+        }
+        Self::set(&mut inner, self.capacity, key, State::InFlight, now + lease);
+        Ok(Begin::Started)
+    }
+
+    async fn complete(&self, key: &str, retention: Duration) -> Result<()> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        Self::set(
+            &mut inner,
+            self.capacity,
+            key,
+            State::Completed,
+            Instant::now() + retention,
+        );
+        Ok(())
+    }
+
+    async fn abandon(&self, key: &str) -> Result<()> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(inner.marks.get(key), Some((State::InFlight, _))) {
+            inner.marks.remove(key);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn marks_expire_and_evict() {
+        let store = MemoryStore::new(2);
+        let lease = Duration::from_secs(60);
+        assert_eq!(store.begin("a", lease).await.unwrap(), Begin::Started);
+        assert_eq!(store.begin("a", lease).await.unwrap(), Begin::InFlight);
+        store.abandon("a").await.unwrap();
+        assert_eq!(store.begin("a", lease).await.unwrap(), Begin::Started);
+        store.complete("a", lease).await.unwrap();
+        assert_eq!(store.begin("a", lease).await.unwrap(), Begin::Completed);
+        assert_eq!(
+            store.begin("b", Duration::ZERO).await.unwrap(),
+            Begin::Started
+        );
+        assert_eq!(
+            store.begin("b", lease).await.unwrap(),
+            Begin::Started,
+            "an expired lease is free"
+        );
+        assert_eq!(store.begin("c", lease).await.unwrap(), Begin::Started);
+        assert_eq!(store.len(), 2, "capacity bounds the store");
+        assert_eq!(
+            store.begin("a", lease).await.unwrap(),
+            Begin::Started,
+            "oldest mark evicted"
+        );
+    }
+}
