@@ -16,16 +16,9 @@ use switchyard::{
     SubscribeOptions,
 };
 
-const PAYLOAD: usize = 256;
+mod common;
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use common::PAYLOAD;
 
 async fn raw(n: u64, payload: Bytes) -> f64 {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
@@ -51,50 +44,8 @@ async fn raw(n: u64, payload: Bytes) -> f64 {
 }
 
 async fn switchyard_e2e(n: u64, payload: Bytes) -> f64 {
-    let broker = Arc::new(MemoryBroker::with_config(
-        MemoryConfig::default().capacity(1 << 16),
-    ));
-    let handled = Arc::new(AtomicU64::new(0));
-    let seen = handled.clone();
-    let handler = move |d: Delivery| {
-        let seen = seen.clone();
-        async move {
-            if d.payload().len() != PAYLOAD {
-                return Err(HandlerError::permanent("wrong payload size"));
-            }
-            seen.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        }
-    };
-    let shutdown = CancellationToken::new();
-    let options = SubscribeOptions::new("bench", "bench").prefetch(2048);
-    let running = Consumer::handler(options, handler)
-        .concurrency(1024)
-        .start(broker.clone(), shutdown.clone())
-        .await
-        .unwrap();
-    let start = Instant::now();
-    let publisher = {
-        let broker = broker.clone();
-        tokio::spawn(async move {
-            let mut sent = 0;
-            while sent < n {
-                let k = (n - sent).min(1024);
-                let batch = (0..k).map(|_| Message::new(payload.clone())).collect();
-                broker.publish_batch("bench", batch).await.unwrap();
-                sent += k;
-            }
-        })
-    };
-    publisher.await.unwrap();
-    while handled.load(Ordering::Relaxed) < n {
-        tokio::task::yield_now().await;
-    }
-    let rate = n as f64 / start.elapsed().as_secs_f64();
-    shutdown.cancel();
-    let report = running.join().await.unwrap();
-    assert_eq!(report.acked, n);
-    rate
+    let (service, handled) = common::bare_handler();
+    common::run_e2e(n, payload, service, handled).await
 }
 
 fn rss_kib() -> u64 {
@@ -174,7 +125,7 @@ async fn bounded(backlog: u64, payload: Bytes) {
 }
 
 fn main() {
-    let n = arg("--messages", 1_000_000);
+    let n = common::arg("--messages", 1_000_000);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -192,7 +143,7 @@ fn main() {
             sy_rate / raw_rate
         );
         if std::env::args().all(|a| a != "--no-backlog") {
-            bounded(arg("--backlog", 1_000_000), payload).await;
+            bounded(common::arg("--backlog", 1_000_000), payload).await;
         }
     });
 }

@@ -1,0 +1,88 @@
+//! Shared by the benchmarks: argument parsing and the end-to-end run on the memory backend.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use switchyard::memory::{MemoryBroker, MemoryConfig};
+use switchyard::{
+    handler_fn, Bytes, CancellationToken, Consumer, Delivery, HandlerError, Message, Publisher,
+    SubscribeOptions,
+};
+
+/// Payload size of every benchmark message.
+pub(crate) const PAYLOAD: usize = 256;
+
+/// `--name value` from the command line, or the default.
+pub(crate) fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The bare handler: checks the payload and counts.
+pub(crate) fn bare_handler() -> (
+    impl tower::Service<Delivery, Response = (), Error = HandlerError, Future: Send + 'static>
+        + Clone
+        + Send
+        + 'static,
+    Arc<AtomicU64>,
+) {
+    let handled = Arc::new(AtomicU64::new(0));
+    let seen = handled.clone();
+    let handler = move |d: Delivery| {
+        let seen = seen.clone();
+        async move {
+            if d.payload().len() != PAYLOAD {
+                return Err(HandlerError::permanent("wrong payload size"));
+            }
+            seen.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+    };
+    (handler_fn(handler), handled)
+}
+
+/// Publishes `n` messages in batches and consumes them with `service` (concurrency 1024);
+/// returns messages per second from the first publish to the last handled message.
+pub(crate) async fn run_e2e<S>(n: u64, payload: Bytes, service: S, handled: Arc<AtomicU64>) -> f64
+where
+    S: tower::Service<Delivery, Response = (), Error = HandlerError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let broker = Arc::new(MemoryBroker::with_config(
+        MemoryConfig::default().capacity(1 << 16),
+    ));
+    let shutdown = CancellationToken::new();
+    let options = SubscribeOptions::new("bench", "bench").prefetch(2048);
+    let running = Consumer::new(options, service)
+        .concurrency(1024)
+        .start(broker.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let publisher = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < n {
+                let k = (n - sent).min(1024);
+                let batch = (0..k).map(|_| Message::new(payload.clone())).collect();
+                broker.publish_batch("bench", batch).await.unwrap();
+                sent += k;
+            }
+        })
+    };
+    publisher.await.unwrap();
+    while handled.load(Ordering::Relaxed) < n {
+        tokio::task::yield_now().await;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    shutdown.cancel();
+    let report = running.join().await.unwrap();
+    assert_eq!(report.acked, n);
+    rate
+}
