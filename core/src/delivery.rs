@@ -73,12 +73,16 @@ const SETTLING: u8 = 1;
 const ACKED: u8 = 2;
 const NACKED: u8 = 3;
 
-struct AckCell<A: ?Sized + Acker> {
+/// Everything a delivery holds, behind one `Arc`, so a clone is one atomic increment.
+struct Inner<A: ?Sized + Acker> {
+    message: Arc<Message>,
+    attempt: u32,
+    origin: Origin,
     state: AtomicU8,
     acker: A,
 }
 
-impl<A: ?Sized + Acker> Drop for AckCell<A> {
+impl<A: ?Sized + Acker> Drop for Inner<A> {
     fn drop(&mut self) {
         if *self.state.get_mut() == UNSETTLED {
             self.acker.dropped_unsettled();
@@ -94,75 +98,70 @@ impl<A: ?Sized + Acker> Drop for AckCell<A> {
 /// after the handler succeeds and nacks when it fails, unless the handler settled it.
 #[derive(Clone)]
 pub struct Delivery {
-    message: Arc<Message>,
-    attempt: u32,
-    origin: Origin,
-    cell: Arc<AckCell<dyn Acker>>,
+    inner: Arc<Inner<dyn Acker>>,
 }
 
 impl Delivery {
     /// Builds a delivery; called by backends.
     pub fn new(message: Arc<Message>, attempt: u32, origin: Origin, acker: impl Acker) -> Self {
-        let cell: Arc<AckCell<dyn Acker>> = Arc::new(AckCell {
-            state: AtomicU8::new(UNSETTLED),
-            acker,
-        });
-        Self {
+        let inner: Arc<Inner<dyn Acker>> = Arc::new(Inner {
             message,
             attempt: attempt.max(1),
             origin,
-            cell,
-        }
+            state: AtomicU8::new(UNSETTLED),
+            acker,
+        });
+        Self { inner }
     }
 
     /// The message.
     pub fn message(&self) -> &Message {
-        &self.message
+        &self.inner.message
     }
 
     /// The message, shared.
     pub fn message_arc(&self) -> &Arc<Message> {
-        &self.message
+        &self.inner.message
     }
 
     /// The message id.
     pub fn id(&self) -> &str {
-        &self.message.id
+        &self.inner.message.id
     }
 
     /// The ordering key.
     pub fn key(&self) -> Option<&str> {
-        self.message.key.as_deref()
+        self.inner.message.key.as_deref()
     }
 
     /// The payload.
     pub fn payload(&self) -> &[u8] {
-        &self.message.payload
+        &self.inner.message.payload
     }
 
     /// 1 on the first delivery, then one more on each redelivery.
     pub fn attempt(&self) -> u32 {
-        self.attempt
+        self.inner.attempt
     }
 
     /// Where the message came from.
     pub fn origin(&self) -> &Origin {
-        &self.origin
+        &self.inner.origin
     }
 
     /// The topic it came from.
     pub fn topic(&self) -> &str {
-        &self.origin.topic
+        &self.inner.origin.topic
     }
 
     /// The group that received it.
     pub fn group(&self) -> &str {
-        &self.origin.group
+        &self.inner.origin.group
     }
 
     /// Whether it was acked or nacked already.
     pub fn is_settled(&self) -> bool {
-        self.cell.state.load(Ordering::Acquire) != UNSETTLED
+        self.inner.state.load(Ordering::Acquire) != UNSETTLED
     }
 
     /// Acknowledges the message: it was handled. Errors if already settled.
@@ -180,26 +179,26 @@ impl Delivery {
         if let Err(state) = self.begin_settle() {
             return Some(Err(state));
         }
-        match self.cell.acker.try_ack_now() {
+        match self.inner.acker.try_ack_now() {
             Some(result) => {
                 let next = if result.is_ok() { ACKED } else { UNSETTLED };
-                self.cell.state.store(next, Ordering::Release);
+                self.inner.state.store(next, Ordering::Release);
                 Some(result)
             }
             None => {
-                self.cell.state.store(UNSETTLED, Ordering::Release);
+                self.inner.state.store(UNSETTLED, Ordering::Release);
                 None
             }
         }
     }
 
     fn begin_settle(&self) -> Result<()> {
-        self.cell
+        self.inner
             .state
             .compare_exchange(UNSETTLED, SETTLING, Ordering::AcqRel, Ordering::Acquire)
             .map(|_| ())
             .map_err(|state| Error::AlreadySettled {
-                id: self.message.id.clone(),
+                id: self.inner.message.id.clone(),
                 state: match state {
                     NACKED => "nacked",
                     SETTLING => "being settled",
@@ -218,7 +217,7 @@ impl Delivery {
         target: u8,
         op: impl FnOnce(&'a dyn Acker) -> BoxFuture<'a, Result<()>>,
     ) -> Result<()> {
-        if let Err(state) = self.cell.state.compare_exchange(
+        if let Err(state) = self.inner.state.compare_exchange(
             UNSETTLED,
             SETTLING,
             Ordering::AcqRel,
@@ -226,7 +225,7 @@ impl Delivery {
         ) {
             drop(op);
             return Err(Error::AlreadySettled {
-                id: self.message.id.clone(),
+                id: self.inner.message.id.clone(),
                 state: match state {
                     NACKED => "nacked",
                     SETTLING => "being settled",
@@ -235,10 +234,10 @@ impl Delivery {
             });
         }
         // Only the caller that won the state change reaches the backend.
-        let result = op(&self.cell.acker).await;
+        let result = op(&self.inner.acker).await;
         // A failed settle leaves the delivery open, so the caller may try again or nack.
         let next = if result.is_ok() { target } else { UNSETTLED };
-        self.cell.state.store(next, Ordering::Release);
+        self.inner.state.store(next, Ordering::Release);
         result
     }
 }
@@ -246,11 +245,11 @@ impl Delivery {
 impl fmt::Debug for Delivery {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Delivery")
-            .field("id", &self.message.id)
-            .field("key", &self.message.key)
-            .field("attempt", &self.attempt)
-            .field("origin", &self.origin)
-            .field("payload_len", &self.message.payload.len())
+            .field("id", &self.inner.message.id)
+            .field("key", &self.inner.message.key)
+            .field("attempt", &self.inner.attempt)
+            .field("origin", &self.inner.origin)
+            .field("payload_len", &self.inner.message.payload.len())
             .finish()
     }
 }
