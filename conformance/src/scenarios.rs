@@ -5,17 +5,17 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use switchyard_core::{
-    Consumer, ConsumerReport, Delivery, Error, HandlerError, Json, Message, Nack, StartFrom,
+    App, Consumer, ConsumerReport, Delivery, Error, HandlerError, Json, Message, Nack, StartFrom,
     SubscribeOptions, Subscription,
 };
 use switchyard_middleware::dead_letter;
 use switchyard_middleware::{
     DeadLetterLayer, DeadLetterRecord, DeadLetters, IdempotencyLayer, InspectLayer, MemoryStore,
-    RetryPolicy, Selection,
+    RetryPolicy, RetryTiers, Selection,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -74,6 +74,9 @@ pub(crate) const SCENARIOS: &[(&str, ScenarioFn)] = &[
         "permanent_failures_1_percent_exactly_those_dead_lettered",
         |c| Box::pin(permanent_1_percent(c)),
     ),
+    ("retry_tier_delay_honoured_and_non_blocking", |c| {
+        Box::pin(retry_tiers(c))
+    }),
 ];
 
 const LONG: Duration = Duration::from_secs(90);
@@ -1298,6 +1301,74 @@ async fn permanent_1_percent(ctx: Arc<Ctx>) -> Check {
             .iter()
             .all(|r| r.kind == "permanent" && r.attempts == 1),
         "permanent failures go straight to the DLQ"
+    );
+    Ok(())
+}
+
+async fn retry_tiers(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("tiers");
+    let tiers = RetryTiers::new([Duration::from_millis(400), Duration::from_millis(800)])
+        .or_fail("tiers")?;
+    let runs: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let followers_done: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let handler = {
+        let (runs, followers_done) = (runs.clone(), followers_done.clone());
+        move |d: Delivery| {
+            let (runs, followers_done) = (runs.clone(), followers_done.clone());
+            async move {
+                if d.payload() == b"flaky" {
+                    let mut runs = runs.lock().unwrap();
+                    runs.push(Instant::now());
+                    if runs.len() < 3 {
+                        return Err(HandlerError::transient(std::io::Error::other("try later")));
+                    }
+                } else {
+                    followers_done.lock().unwrap().push(Instant::now());
+                }
+                Ok::<_, HandlerError>(())
+            }
+        }
+    };
+    let service = ServiceBuilder::new()
+        .layer(tiers.layer(ctx.broker.clone()))
+        .service(switchyard_core::handler_fn(handler));
+    let token = CancellationToken::new();
+    let app = App::new(ctx.broker.clone()).consumer(Consumer::new(
+        SubscribeOptions::new(&topic, ctx.name("g")),
+        service,
+    ));
+    let app = tiers.add_forwarders(app, &topic, ctx.broker.clone());
+    let running = app.start(token.clone()).await.or_fail("start app")?;
+    let mut msgs = vec![Message::new("flaky").with_key("customer-1")];
+    msgs.extend((0..5).map(|i| Message::new(format!("next-{i}")).with_key("customer-1")));
+    publish_all(&ctx, &topic, msgs).await?;
+    let outcome = ctx
+        .wait_for(LONG, "the flaky message's third run", || {
+            runs.lock().unwrap().len() >= 3
+        })
+        .await;
+    token.cancel();
+    running.join().await.or_fail("app")?;
+    outcome?;
+    let runs = runs.lock().unwrap();
+    let (first_retry, second_retry) = (runs[1] - runs[0], runs[2] - runs[1]);
+    ensure!(
+        first_retry >= Duration::from_millis(400),
+        "tier 0 redelivered after {first_retry:?}, before its 400 ms"
+    );
+    ensure!(
+        second_retry >= Duration::from_millis(800),
+        "tier 1 redelivered after {second_retry:?}, before its 800 ms"
+    );
+    let followers = followers_done.lock().unwrap();
+    ensure!(
+        followers.len() == 5,
+        "{} of 5 same-key followers handled",
+        followers.len()
+    );
+    ensure!(
+        followers.iter().all(|t| *t < runs[1]),
+        "a retrying message must not hold up the messages behind it"
     );
     Ok(())
 }

@@ -6,6 +6,8 @@
 //!
 //! - [`RetryPolicy`] / [`RetryLayer`]: in-process retry, exponential backoff with jitter
 //!   and a cap, only for retryable failures (tower's retry and backoff underneath);
+//! - [`RetryTiers`] / [`RetryTopicLayer`]: non-blocking retry through delay tiers
+//!   (`<topic>.retry.<n>` topics and forwarders), so a failing key does not hold up others;
 //! - [`DeadLetterLayer`]: after the last failure, publish to `<topic>.dlq` with the
 //!   failure in headers, ack only once that publish is confirmed; [`DeadLetters`] lists
 //!   and replays them;
@@ -62,4 +64,4 @@ pub use dead_letter::{DeadLetterLayer, DeadLetterRecord, DeadLetters, Replayed, 
 pub use idempotency::PostgresStore;
 pub use idempotency::{Begin, IdempotencyLayer, IdempotencyStore, MemoryStore};
 pub use inspect::{Inspect, InspectLayer};
-pub use retry::{RetryLayer, RetryPolicy};
+pub use retry::{RetryLayer, RetryPolicy, RetryTiers, RetryTopicLayer};

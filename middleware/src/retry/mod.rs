@@ -5,6 +5,12 @@
 //! delivery keeps its place: it holds one concurrency slot and its key (later same-key
 //! messages wait, other keys flow on), and it is never nacked between attempts.
 
+mod tiers;
+
+pub use tiers::{
+    RetryTiers, RetryTopic, RetryTopicLayer, DUE_HEADER, ERROR_HEADER, ORIGIN_HEADER, TIER_HEADER,
+};
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
