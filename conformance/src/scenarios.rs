@@ -77,6 +77,16 @@ pub(crate) const SCENARIOS: &[(&str, ScenarioFn)] = &[
     ("retry_tier_delay_honoured_and_non_blocking", |c| {
         Box::pin(retry_tiers(c))
     }),
+    ("subscribe_close_cycles_lose_nothing", |c| {
+        Box::pin(subscribe_close_cycles(c))
+    }),
+    ("publishers_racing_member_churn_lose_nothing", |c| {
+        Box::pin(publishers_and_churn(c))
+    }),
+    ("large_message_1_mib", |c| Box::pin(large_message(c))),
+    ("load_100k_4_members_20_percent_nacks", |c| {
+        Box::pin(load_100k(c))
+    }),
 ];
 
 const LONG: Duration = Duration::from_secs(90);
@@ -1370,5 +1380,204 @@ async fn retry_tiers(ctx: Arc<Ctx>) -> Check {
         followers.iter().all(|t| *t < runs[1]),
         "a retrying message must not hold up the messages behind it"
     );
+    Ok(())
+}
+
+async fn subscribe_close_cycles(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("cycles");
+    let group = ctx.name("g");
+    let mut first = subscribe(&ctx, SubscribeOptions::new(&topic, &group).prefetch(250)).await?;
+    let sent = plain(5000, "cycle");
+    publish_all(&ctx, &topic, sent.clone()).await?;
+    let acked = Tally::default();
+    let mut cycles = 0;
+    let mut sub = Some(first_take(&mut first, &acked).await?);
+    first.close().await.or_fail("close")?;
+    while acked.distinct() < sent.len() {
+        cycles += 1;
+        ensure!(
+            cycles < 400,
+            "no progress after {cycles} subscribe/close cycles ({} acked)",
+            acked.distinct()
+        );
+        let mut s = subscribe(&ctx, SubscribeOptions::new(&topic, &group).prefetch(250)).await?;
+        sub = Some(first_take(&mut s, &acked).await?);
+        // Close with half of what it took unacked: those must come back.
+        s.close().await.or_fail("close")?;
+    }
+    drop(sub);
+    acked.check_exactly_once(&ids(&sent), "acked over subscribe/close cycles")
+}
+
+/// Takes one batch (waiting up to 5 s), acks the first half, returns the rest unacked.
+async fn first_take(
+    sub: &mut Box<dyn Subscription>,
+    acked: &Tally,
+) -> Result<Vec<Delivery>, Outcome> {
+    let mut buf = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(5), sub.recv_many(&mut buf, 250)).await {
+        Err(_) => return Ok(Vec::new()),
+        Ok(r) => {
+            r.or_fail("receive")?;
+        }
+    }
+    let half = buf.len().div_ceil(2);
+    let rest = buf.split_off(half);
+    for d in buf {
+        d.ack().await.or_fail("ack")?;
+        acked.add(d.id());
+    }
+    Ok(rest)
+}
+
+async fn publishers_and_churn(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("churn");
+    let group = ctx.name("g");
+    let tally = Tally::default();
+    let steady = spawn(
+        &ctx,
+        Consumer::handler(
+            SubscribeOptions::new(&topic, &group),
+            counting_handler(tally.clone()),
+        )
+        .concurrency(16),
+    )
+    .await?;
+    let mut all = HashSet::new();
+    let mut publishers = Vec::new();
+    for t in 0..10 {
+        let msgs: Vec<Message> = (0..1000)
+            .map(|i| Message::new(format!("c{t}-{i}")).with_key(format!("k{}", i % 13)))
+            .collect();
+        all.extend(ids(&msgs));
+        let (broker, topic) = (ctx.broker.clone(), topic.clone());
+        publishers.push(tokio::spawn(async move {
+            for chunk in msgs.chunks(50) {
+                broker.publish_batch(&topic, chunk.to_vec()).await?;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    // Meanwhile, members join and leave the group, some with work in hand.
+    for _ in 0..5 {
+        let extra = spawn(
+            &ctx,
+            Consumer::handler(
+                SubscribeOptions::new(&topic, &group),
+                counting_handler(tally.clone()),
+            )
+            .concurrency(4),
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop(extra).await?;
+    }
+    for p in publishers {
+        p.await.or_fail("publisher task")?.or_fail("publish")?;
+    }
+    ctx.wait_for(LONG, "all 10,000 messages handled", || {
+        tally.distinct() >= all.len()
+    })
+    .await?;
+    stop(steady).await?;
+    let map = tally.0.lock().unwrap();
+    let missing = all.iter().filter(|id| !map.contains_key(*id)).count();
+    ensure!(missing == 0, "{missing} messages lost");
+    Ok(())
+}
+
+async fn large_message(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("large");
+    let mut sub = subscribe(&ctx, SubscribeOptions::new(&topic, ctx.name("g"))).await?;
+    let payload: Vec<u8> = (0..(1 << 20))
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let big = Message::new(payload.clone()).with_key("big");
+    let small = Message::new("after the big one");
+    match ctx.caps.max_message_size {
+        Some(limit) if limit < payload.len() => {
+            match ctx.broker.publish(&topic, big).await {
+                Err(Error::MessageTooLarge { size, limit: l, .. }) => {
+                    ensure!(
+                        size == payload.len() && l == limit,
+                        "size error reports {size} > {l}"
+                    );
+                }
+                other => {
+                    return Err(Outcome::Failed(format!(
+                        "a message over the {limit}-byte limit gave {other:?}"
+                    )))
+                }
+            }
+            // The refusal poisons nothing: the next message goes through.
+            publish_all(&ctx, &topic, vec![small.clone()]).await?;
+            let got = recv_n(&mut sub, 1, true).await?;
+            ensure!(
+                got[0].id() == small.id,
+                "the message after the refused one did not arrive"
+            );
+        }
+        _ => {
+            publish_all(&ctx, &topic, vec![big.clone(), small.clone()]).await?;
+            let got = recv_n(&mut sub, 2, true).await?;
+            let back = got
+                .iter()
+                .find(|d| d.id() == big.id)
+                .ok_or_else(|| Outcome::Failed("1 MiB message lost".into()))?;
+            ensure!(
+                back.payload() == payload.as_slice(),
+                "1 MiB payload differs after the round trip"
+            );
+        }
+    }
+    sub.close().await.or_fail("close")
+}
+
+async fn load_100k(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("load");
+    let n = 100_000;
+    let successes = Tally::default();
+    let failures = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let (successes, failures) = (successes.clone(), failures.clone());
+        move |d: Delivery| {
+            let (successes, failures) = (successes.clone(), failures.clone());
+            async move {
+                // 20% of runs fail; the redelivery (attempt + 1) draws again.
+                if draw(d.id(), d.attempt() as usize) < 0.2 {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(HandlerError::transient(std::io::Error::other(
+                        "flaky downstream",
+                    )));
+                }
+                successes.add(d.id());
+                Ok(())
+            }
+        }
+    };
+    let opts = SubscribeOptions::new(&topic, ctx.name("g")).prefetch(512);
+    let consumer = Consumer::handler(opts, handler)
+        .concurrency(64)
+        .members(4)
+        .redelivery_backoff(Duration::from_micros(100), Duration::from_millis(5));
+    let running = spawn(&ctx, consumer).await?;
+    let sent: Vec<Message> = (0..n)
+        .map(|i| Message::new(format!("load-{i}")).with_key(format!("k{}", i % 256)))
+        .collect();
+    let want = ids(&sent);
+    publish_all(&ctx, &topic, sent).await?;
+    ctx.wait_for(Duration::from_secs(150), "100,000 messages handled", || {
+        successes.distinct() >= n
+    })
+    .await?;
+    let report = stop(running).await?;
+    successes.check_exactly_once(&want, "100k with 20% failures")?;
+    let failed = failures.load(Ordering::Relaxed) as f64
+        / (n as f64 + failures.load(Ordering::Relaxed) as f64);
+    ensure!(
+        (0.15..0.25).contains(&failed),
+        "failure share {failed:.3} is not near 20%: the scenario did not exercise redelivery"
+    );
+    ensure!(report.acked as usize == n, "acked {} of {n}", report.acked);
     Ok(())
 }
