@@ -1,7 +1,7 @@
 //! The broker: topics, publishing, subscriptions and ack handles.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
@@ -111,6 +111,67 @@ pub struct MemoryBroker {
 struct Inner {
     config: MemoryConfig,
     topics: Mutex<HashMap<String, Arc<Topic>>>,
+    faults: Arc<FaultState>,
+}
+
+#[derive(Default)]
+struct FaultState {
+    failing_publishes: AtomicU64,
+    ack_delay_us: AtomicU64,
+}
+
+/// Faults to inject into a [`MemoryBroker`], so applications can test how they behave
+/// when the broker misbehaves: failing publishes, slow acks, consumers that die.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use switchyard_core::{Message, Publisher};
+/// let broker = switchyard_memory::MemoryBroker::new();
+/// broker.faults().fail_next_publishes(1);
+/// assert!(broker.publish("t", Message::new("x")).await.unwrap_err().is_transient());
+/// assert!(broker.publish("t", Message::new("x")).await.is_ok());
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct Faults {
+    broker: MemoryBroker,
+}
+
+impl Faults {
+    /// The next `n` publish calls fail with a transient error, publishing nothing.
+    pub fn fail_next_publishes(&self, n: u64) {
+        self.broker
+            .inner
+            .faults
+            .failing_publishes
+            .store(n, Ordering::SeqCst);
+    }
+
+    /// Every ack and nack waits `delay` before it takes effect (zero turns it off).
+    pub fn delay_acks(&self, delay: Duration) {
+        let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.broker
+            .inner
+            .faults
+            .ack_delay_us
+            .store(us, Ordering::SeqCst);
+    }
+
+    /// Every current subscription to `topic` dies as if its process crashed: its
+    /// unsettled deliveries go to the rest of its group, later settles of them fail with
+    /// [`Error::SubscriptionClosed`], and its `recv` returns `None`. Returns how many
+    /// subscriptions were dropped.
+    pub fn drop_consumers(&self, topic: &str) -> usize {
+        let Some(t) = lock(&self.broker.inner.topics).get(topic).cloned() else {
+            return 0;
+        };
+        let dropped = {
+            let mut state = lock(&t.state);
+            state.groups.iter_mut().map(|(_, g)| g.leave_all()).sum()
+        };
+        t.changed.notify_waiters();
+        dropped
+    }
 }
 
 struct Topic {
@@ -215,6 +276,7 @@ impl MemoryBroker {
             inner: Arc::new(Inner {
                 config,
                 topics: Mutex::new(HashMap::new()),
+                faults: Arc::default(),
             }),
         }
     }
@@ -251,6 +313,13 @@ impl MemoryBroker {
     /// The settings in force.
     pub fn config(&self) -> &MemoryConfig {
         &self.inner.config
+    }
+
+    /// Fault injection for tests (see [`Faults`]).
+    pub fn faults(&self) -> Faults {
+        Faults {
+            broker: self.clone(),
+        }
     }
 
     fn topic(&self, name: &str) -> Result<Arc<Topic>> {
@@ -304,6 +373,13 @@ impl MemoryBroker {
     async fn append(&self, topic: &str, messages: Vec<Message>) -> Result<Vec<Receipt>> {
         for m in &messages {
             self.check_size(m)?;
+        }
+        let failing = &self.inner.faults.failing_publishes;
+        if failing
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(Error::transient(BACKEND, "publish failed (injected fault)"));
         }
         let topic = self.topic(topic)?;
         let capacity = self.inner.config.capacity;
@@ -386,6 +462,7 @@ impl Subscriber for MemoryBroker {
         };
         let group_name = lock(&topic.state).groups[group].0.clone();
         Ok(Box::new(MemorySubscription {
+            faults: self.inner.faults.clone(),
             topic,
             group,
             group_name,
@@ -427,6 +504,7 @@ impl Broker for MemoryBroker {
 }
 
 struct MemorySubscription {
+    faults: Arc<FaultState>,
     topic: Arc<Topic>,
     group: usize,
     group_name: Arc<str>,
@@ -449,6 +527,7 @@ impl MemorySubscription {
             group: self.group,
             member: self.member,
             offset: entry.offset,
+            faults: self.faults.clone(),
         };
         Delivery::new(entry.message, entry.attempt, origin, acker)
     }
@@ -481,6 +560,11 @@ impl Subscription for MemorySubscription {
                 }
                 let state = &mut *state;
                 let group = &mut state.groups[self.group].1;
+                if !group.is_member(self.member) {
+                    // Dropped by fault injection: behave like a dead consumer's stream.
+                    self.closed = true;
+                    return Ok(0);
+                }
                 let credit = self.prefetch.saturating_sub(group.unsettled(self.member));
                 let before = group.next;
                 group.take(
@@ -538,6 +622,7 @@ struct MemoryAcker {
     group: usize,
     member: u64,
     offset: u64,
+    faults: Arc<FaultState>,
 }
 
 impl MemoryAcker {
@@ -560,15 +645,32 @@ impl MemoryAcker {
     }
 }
 
+impl MemoryAcker {
+    fn ack_delay(&self) -> Option<Duration> {
+        match self.faults.ack_delay_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    fn settle_later(&self, nack: Option<Nack>) -> BoxFuture<'_, Result<()>> {
+        match self.ack_delay() {
+            None => Box::pin(futures::future::ready(self.settle(nack))),
+            Some(delay) => Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                self.settle(nack)
+            }),
+        }
+    }
+}
+
 impl Acker for MemoryAcker {
     fn ack(&self) -> BoxFuture<'_, Result<()>> {
-        let r = self.settle(None);
-        Box::pin(futures::future::ready(r))
+        self.settle_later(None)
     }
 
     fn nack(&self, action: Nack) -> BoxFuture<'_, Result<()>> {
-        let r = self.settle(Some(action));
-        Box::pin(futures::future::ready(r))
+        self.settle_later(Some(action))
     }
 
     fn dropped_unsettled(&self) {
@@ -576,6 +678,9 @@ impl Acker for MemoryAcker {
     }
 
     fn try_ack_now(&self) -> Option<Result<()>> {
-        Some(self.settle(None))
+        match self.ack_delay() {
+            None => Some(self.settle(None)),
+            Some(_) => None,
+        }
     }
 }

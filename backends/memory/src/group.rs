@@ -137,6 +137,19 @@ impl Group {
         n
     }
 
+    /// Removes every member (fault injection); returns how many there were.
+    pub(crate) fn leave_all(&mut self) -> usize {
+        let members: Vec<u64> = self.members.keys().copied().collect();
+        for m in &members {
+            self.leave(*m);
+        }
+        members.len()
+    }
+
+    pub(crate) fn is_member(&self, member: u64) -> bool {
+        self.members.contains_key(&member)
+    }
+
     pub(crate) fn unsettled(&self, member: u64) -> usize {
         self.members.get(&member).map_or(0, |m| m.unsettled.len())
     }

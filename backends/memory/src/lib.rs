@@ -35,4 +35,4 @@
 mod broker;
 mod group;
 
-pub use broker::{MemoryBroker, MemoryConfig};
+pub use broker::{Faults, MemoryBroker, MemoryConfig};
