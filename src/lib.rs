@@ -63,14 +63,17 @@ pub use switchyard_rabbitmq as rabbitmq;
 /// - `amqp://user:pass@host:port/vhost`, `amqps://…` (feature `rabbitmq`)
 ///
 /// A scheme whose backend is not compiled in is [`Error::BackendNotCompiled`], naming
-/// the feature to enable; an unknown scheme is [`Error::UnknownScheme`].
+/// the feature to enable; an unknown scheme is [`Error::UnknownScheme`]. The broker is
+/// wrapped in [`Instrumented`] (trace context, spans, counters: see [`observe`]).
 pub async fn connect(url: &str) -> Result<AnyBroker> {
     let parsed = BrokerUrl::parse(url)?;
     match parsed.scheme.as_str() {
         "memory" => {
             #[cfg(feature = "memory")]
             {
-                Ok(std::sync::Arc::new(memory::MemoryBroker::connect(url)?))
+                Ok(instrument(std::sync::Arc::new(
+                    memory::MemoryBroker::connect(url)?,
+                )))
             }
             #[cfg(not(feature = "memory"))]
             {
@@ -80,7 +83,7 @@ pub async fn connect(url: &str) -> Result<AnyBroker> {
         "kafka" => {
             #[cfg(feature = "kafka")]
             {
-                kafka::connect(url).await
+                kafka::connect(url).await.map(instrument)
             }
             #[cfg(not(feature = "kafka"))]
             {
@@ -90,7 +93,7 @@ pub async fn connect(url: &str) -> Result<AnyBroker> {
         "amqp" | "amqps" => {
             #[cfg(feature = "rabbitmq")]
             {
-                rabbitmq::connect(url).await
+                rabbitmq::connect(url).await.map(instrument)
             }
             #[cfg(not(feature = "rabbitmq"))]
             {
@@ -102,6 +105,13 @@ pub async fn connect(url: &str) -> Result<AnyBroker> {
             url: redact(url),
         }),
     }
+}
+
+/// Every broker from [`connect`] publishes through [`Instrumented`]: `traceparent`
+/// stamping, `publish` spans and counters, the same for every backend.
+#[allow(dead_code)]
+fn instrument(broker: AnyBroker) -> AnyBroker {
+    std::sync::Arc::new(Instrumented::new(broker))
 }
 
 #[allow(dead_code)]

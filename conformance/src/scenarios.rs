@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
+use switchyard_core::observe::{self, TraceContext, TRACEPARENT};
 use switchyard_core::{
     App, Consumer, ConsumerReport, Delivery, Error, HandlerError, Json, Message, Nack, StartFrom,
     SubscribeOptions, Subscription,
@@ -86,6 +87,9 @@ pub(crate) const SCENARIOS: &[(&str, ScenarioFn)] = &[
     ("large_message_1_mib", |c| Box::pin(large_message(c))),
     ("load_100k_4_members_20_percent_nacks", |c| {
         Box::pin(load_100k(c))
+    }),
+    ("trace_context_travels_with_messages", |c| {
+        Box::pin(trace_context(c))
     }),
 ];
 
@@ -248,6 +252,9 @@ async fn roundtrip_bytes_exact(ctx: Arc<Ctx>) -> Check {
             if i % 3 != 0 {
                 m = m.with_key(format!("kéy/{}", i % 7));
             }
+            // Brokers from `switchyard::connect` add a traceparent; add it here so the
+            // comparison below is byte for byte over every header.
+            observe::stamp(&mut m);
             m
         })
         .collect();
@@ -1579,5 +1586,69 @@ async fn load_100k(ctx: Arc<Ctx>) -> Check {
         "failure share {failed:.3} is not near 20%: the scenario did not exercise redelivery"
     );
     ensure!(report.acked as usize == n, "acked {} of {n}", report.acked);
+    Ok(())
+}
+
+/// What the handler saw: the current trace context and the delivery's traceparent.
+type TraceSeen = Arc<Mutex<Vec<(Option<TraceContext>, Option<String>)>>>;
+
+async fn trace_context(ctx: Arc<Ctx>) -> Check {
+    let topic = ctx.name("trace");
+    let onward = ctx.name("trace-onward");
+    let seen: TraceSeen = Arc::default();
+    let handler = {
+        let (seen, broker, onward) = (seen.clone(), ctx.broker.clone(), onward.clone());
+        move |d: Delivery| {
+            let (seen, broker, onward) = (seen.clone(), broker.clone(), onward.clone());
+            async move {
+                let current = TraceContext::current();
+                // A message published while handling continues the same trace.
+                broker.publish(&onward, Message::new("onward")).await?;
+                seen.lock()
+                    .unwrap()
+                    .push((current, d.message().headers.get(TRACEPARENT).cloned()));
+                Ok::<_, HandlerError>(())
+            }
+        }
+    };
+    let mut onward_sub = subscribe(&ctx, SubscribeOptions::new(&onward, ctx.name("g"))).await?;
+    let running = spawn(
+        &ctx,
+        Consumer::handler(SubscribeOptions::new(&topic, ctx.name("g")), handler),
+    )
+    .await?;
+    publish_all(&ctx, &topic, vec![Message::new("traced")]).await?;
+    let onward_msg = recv_n(&mut onward_sub, 1, true).await?.remove(0);
+    stop(running).await?;
+    onward_sub.close().await.or_fail("close")?;
+    let seen = seen.lock().unwrap();
+    let (current, header) = seen
+        .first()
+        .cloned()
+        .ok_or_else(|| Outcome::Failed("handler never ran".into()))?;
+    let sent = header
+        .as_deref()
+        .and_then(TraceContext::parse)
+        .ok_or_else(|| Outcome::Failed(format!("no valid traceparent arrived: {header:?}")))?;
+    let current =
+        current.ok_or_else(|| Outcome::Failed("no trace context while the handler ran".into()))?;
+    ensure!(
+        current.trace_id == sent.trace_id,
+        "the handler's trace {current:?} is not the producer's {sent:?}"
+    );
+    ensure!(
+        current.span_id != sent.span_id,
+        "the handler runs in its own span"
+    );
+    let next = onward_msg
+        .message()
+        .headers
+        .get(TRACEPARENT)
+        .and_then(|v| TraceContext::parse(v))
+        .ok_or_else(|| Outcome::Failed("the onward message has no traceparent".into()))?;
+    ensure!(
+        next.trace_id == sent.trace_id,
+        "a message published by the handler starts a new trace"
+    );
     Ok(())
 }

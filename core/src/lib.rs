@@ -56,6 +56,7 @@ mod error;
 mod handler;
 mod message;
 mod names;
+pub mod observe;
 mod runtime;
 mod url;
 
@@ -69,6 +70,7 @@ pub use error::{BoxError, Error, FailureKind, HandlerError, Result};
 pub use handler::{handler_fn, FromDelivery, Handler, HandlerFuture, HandlerService, Json};
 pub use message::{new_id, Headers, Message, Receipt};
 pub use names::{validate_name, MAX_NAME_LEN};
+pub use observe::{Instrumented, TraceContext, TRACEPARENT};
 pub use runtime::{shutdown_on_signal, App, Consumer, ConsumerReport, RunningApp, RunningConsumer};
 pub use url::{redact, BrokerUrl};
 

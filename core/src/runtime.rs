@@ -23,6 +23,9 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::observe::{TraceContext, TRACEPARENT};
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
@@ -49,12 +52,32 @@ pub struct ConsumerReport {
     pub abandoned: u64,
 }
 
-#[derive(Default)]
 struct Stats {
     acked: AtomicU64,
     nacked: AtomicU64,
     panics: AtomicU64,
     abandoned: AtomicU64,
+    // The same events for the application's metrics recorder (see `observe`).
+    handled: metrics::Counter,
+    failed: metrics::Counter,
+    panic_counter: metrics::Counter,
+    in_flight: metrics::Gauge,
+}
+
+impl Stats {
+    fn new(topic: &str, group: &str) -> Self {
+        let labels = [("topic", topic.to_string()), ("group", group.to_string())];
+        Self {
+            acked: AtomicU64::new(0),
+            nacked: AtomicU64::new(0),
+            panics: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
+            handled: metrics::counter!("switchyard_handled_total", &labels),
+            failed: metrics::counter!("switchyard_failed_total", &labels),
+            panic_counter: metrics::counter!("switchyard_panics_total", &labels),
+            in_flight: metrics::gauge!("switchyard_in_flight", &labels),
+        }
+    }
 }
 
 /// One topic + group with its handler.
@@ -191,7 +214,7 @@ where
                 }
             }
         }
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(Stats::new(&self.options.topic, &self.options.group));
         let settings = Arc::new(MemberSettings {
             concurrency: self.concurrency,
             shutdown_timeout: self.shutdown_timeout,
@@ -301,24 +324,8 @@ where
                     Ok(_) => {
                         recv_errors = 0;
                         for delivery in buf.drain(..) {
-                            let mut fut = call_service(&mut service, delivery.clone()).await;
-                            // Many handlers finish without waiting: ack those right here and
-                            // skip the in-flight bookkeeping (a large share of the per-message cost).
-                            match poll_once(&mut fut).await {
-                                Some(Ok(())) if !delivery.is_settled() => ack(&delivery, &stats).await,
-                                Some(Ok(())) => {}
-                                Some(Err(e)) => in_flight.push(settle(
-                                    Handling::Finished(Err(e)),
-                                    delivery,
-                                    settings.clone(),
-                                    stats.clone(),
-                                )),
-                                None => in_flight.push(settle(
-                                    Handling::Running(fut),
-                                    delivery,
-                                    settings.clone(),
-                                    stats.clone(),
-                                )),
+                            if let Some(settle) = start(&mut service, delivery, &settings, &stats).await {
+                                in_flight.push(settle);
                             }
                         }
                     }
@@ -368,17 +375,121 @@ where
 
 type HandlerOutcome = BoxFuture<'static, Result<(), HandlerError>>;
 
-async fn call_service<S>(service: &mut S, delivery: Delivery) -> HandlerOutcome
+/// What the runtime observes about one delivery: its span, trace context and start time.
+struct Observed {
+    span: tracing::Span,
+    trace: Option<TraceContext>,
+    /// Only read when a subscriber records the span: a clock read per message is not free.
+    started: Option<Instant>,
+}
+
+impl Observed {
+    fn new(delivery: &Delivery) -> Self {
+        // Continue the producer's trace: this handling is a child span of the sender's.
+        let parent = delivery
+            .message()
+            .headers
+            .get(TRACEPARENT)
+            .and_then(|v| TraceContext::parse(v));
+        let trace = parent.map(|p| p.child());
+        let span = tracing::info_span!(
+            "handle",
+            topic = delivery.topic(),
+            group = delivery.group(),
+            key = delivery.key(),
+            id = delivery.id(),
+            attempt = delivery.attempt(),
+            trace_id = trace.map(|t| t.trace_hex()),
+            span_id = trace.map(|t| t.span_hex()),
+            parent_span_id = parent.map(|p| p.span_hex()),
+            outcome = tracing::field::Empty,
+            duration_us = tracing::field::Empty,
+        );
+        let started = (!span.is_disabled()).then(Instant::now);
+        Self {
+            span,
+            trace,
+            started,
+        }
+    }
+
+    /// Runs `f` inside the span and with the trace context current.
+    fn within<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _entered = self.span.enter();
+        match self.trace {
+            Some(ctx) => ctx.sync_scope(f),
+            None => f(),
+        }
+    }
+
+    fn finish(&self, outcome: &'static str) {
+        if let Some(started) = self.started {
+            self.span.record("outcome", outcome);
+            self.span
+                .record("duration_us", started.elapsed().as_micros() as u64);
+        }
+    }
+}
+
+/// Calls the handler for one delivery. Handlers that finish without waiting are settled
+/// right here, skipping the in-flight set (a large share of the per-message cost);
+/// otherwise returns the future that finishes and settles it.
+async fn start<S>(
+    service: &mut S,
+    delivery: Delivery,
+    settings: &Arc<MemberSettings>,
+    stats: &Arc<Stats>,
+) -> Option<impl std::future::Future<Output = ()> + Send + 'static>
 where
     S: Service<Delivery, Response = (), Error = HandlerError>,
     S::Future: Send + 'static,
 {
-    if let Err(e) = futures::future::poll_fn(|cx| service.poll_ready(cx)).await {
-        return Box::pin(futures::future::ready(Err(e)));
-    }
-    match std::panic::catch_unwind(AssertUnwindSafe(|| service.call(delivery))) {
-        Ok(fut) => Box::pin(fut),
-        Err(panic) => Box::pin(futures::future::ready(Err(panic_error(panic)))),
+    let observed = Observed::new(&delivery);
+    stats.in_flight.increment(1.0);
+    let mut fut: HandlerOutcome = match futures::future::poll_fn(|cx| service.poll_ready(cx)).await
+    {
+        Err(e) => Box::pin(futures::future::ready(Err(e))),
+        Ok(()) => observed.within(|| {
+            match std::panic::catch_unwind(AssertUnwindSafe(|| service.call(delivery.clone()))) {
+                Ok(fut) => Box::pin(fut) as HandlerOutcome,
+                Err(panic) => Box::pin(futures::future::ready(Err(panic_error(panic)))),
+            }
+        }),
+    };
+    let first = futures::future::poll_fn(|cx| {
+        std::task::Poll::Ready(observed.within(|| {
+            match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll_unpin(cx))) {
+                Ok(std::task::Poll::Ready(r)) => Some(r),
+                Ok(std::task::Poll::Pending) => None,
+                Err(panic) => Some(Err(panic_error(panic))),
+            }
+        }))
+    })
+    .await;
+    match first {
+        Some(Ok(())) => {
+            if !delivery.is_settled() {
+                ack(&delivery, stats, &observed).await;
+            } else {
+                observed.finish("settled-by-handler");
+            }
+            stats.in_flight.decrement(1.0);
+            None
+        }
+        Some(Err(e)) => Some(settle(
+            Handling::Finished(Err(e)),
+            delivery,
+            settings.clone(),
+            stats.clone(),
+            observed,
+        )),
+        None => Some(settle(
+            Handling::Running(fut),
+            delivery,
+            settings.clone(),
+            stats.clone(),
+            observed,
+        )),
     }
 }
 
@@ -391,26 +502,13 @@ fn panic_error(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
     HandlerError::new(FailureKind::Panic, format!("handler panicked: {text}"))
 }
 
-/// Polls a handler future once, catching a panic; `None` if it has to wait.
-async fn poll_once(fut: &mut HandlerOutcome) -> Option<Result<(), HandlerError>> {
-    futures::future::poll_fn(|cx| {
-        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll_unpin(cx)));
-        std::task::Poll::Ready(match polled {
-            Ok(std::task::Poll::Ready(r)) => Some(r),
-            Ok(std::task::Poll::Pending) => None,
-            Err(panic) => Some(Err(panic_error(panic))),
-        })
-    })
-    .await
-}
-
 /// A handler still running, or its outcome.
 enum Handling {
     Running(HandlerOutcome),
     Finished(Result<(), HandlerError>),
 }
 
-async fn ack(delivery: &Delivery, stats: &Stats) {
+async fn ack(delivery: &Delivery, stats: &Stats, observed: &Observed) {
     let result = match delivery.try_ack_now() {
         Some(done) => done,
         None => delivery.ack().await,
@@ -418,8 +516,11 @@ async fn ack(delivery: &Delivery, stats: &Stats) {
     match result {
         Ok(()) => {
             stats.acked.fetch_add(1, Ordering::Relaxed);
+            stats.handled.increment(1);
+            observed.finish("acked");
         }
         Err(e) => {
+            observed.finish("ack-failed");
             tracing::warn!(id = delivery.id(), error = %e, "ack failed; the broker will redeliver")
         }
     }
@@ -430,46 +531,72 @@ async fn settle(
     delivery: Delivery,
     settings: Arc<MemberSettings>,
     stats: Arc<Stats>,
+    observed: Observed,
 ) {
     let outcome = match handling {
         Handling::Finished(r) => r,
-        Handling::Running(fut) => match AssertUnwindSafe(fut).catch_unwind().await {
-            Ok(r) => r,
-            Err(panic) => Err(panic_error(panic)),
-        },
+        Handling::Running(fut) => {
+            let caught = AssertUnwindSafe(fut.instrument(observed.span.clone())).catch_unwind();
+            let polled = match observed.trace {
+                Some(ctx) => ctx.scope(caught).await,
+                None => caught.await,
+            };
+            polled.unwrap_or_else(|panic| Err(panic_error(panic)))
+        }
     };
+    finish(outcome, &delivery, &settings, &stats, &observed).await;
+    stats.in_flight.decrement(1.0);
+}
+
+async fn finish(
+    outcome: Result<(), HandlerError>,
+    delivery: &Delivery,
+    settings: &MemberSettings,
+    stats: &Stats,
+    observed: &Observed,
+) {
     if delivery.is_settled() {
-        return; // the handler acked or nacked it itself
+        observed.finish("settled-by-handler");
+        return;
     }
-    match outcome {
-        Ok(()) => ack(&delivery, &stats).await,
-        Err(e) => {
-            if e.kind() == FailureKind::Panic {
-                stats.panics.fetch_add(1, Ordering::Relaxed);
-            }
-            tracing::warn!(
-                id = delivery.id(),
-                topic = delivery.topic(),
-                group = delivery.group(),
-                attempt = delivery.attempt(),
-                kind = %e.kind(),
-                error = %e,
-                "handler failed; nacking for redelivery"
-            );
-            let (base, max) = settings.backoff;
-            let exp = delivery.attempt().saturating_sub(1).min(20);
-            let pause = base.saturating_mul(1 << exp).min(max);
-            if !pause.is_zero() {
-                tokio::time::sleep(pause).await;
-            }
-            match delivery.nack(Nack::Requeue).await {
-                Ok(()) => {
-                    stats.nacked.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    tracing::warn!(id = delivery.id(), error = %e, "nack failed; the broker will redeliver")
-                }
-            }
+    let e = match outcome {
+        Ok(()) => return ack(delivery, stats, observed).await,
+        Err(e) => e,
+    };
+    if e.kind() == FailureKind::Panic {
+        stats.panics.fetch_add(1, Ordering::Relaxed);
+        stats.panic_counter.increment(1);
+    }
+    observed.within(|| {
+        tracing::warn!(
+            id = delivery.id(),
+            topic = delivery.topic(),
+            group = delivery.group(),
+            attempt = delivery.attempt(),
+            kind = %e.kind(),
+            error = %e,
+            "handler failed; nacking for redelivery"
+        )
+    });
+    let (base, max) = settings.backoff;
+    let exp = delivery.attempt().saturating_sub(1).min(20);
+    let pause = base.saturating_mul(1 << exp).min(max);
+    if !pause.is_zero() {
+        tokio::time::sleep(pause).await;
+    }
+    match delivery.nack(Nack::Requeue).await {
+        Ok(()) => {
+            stats.nacked.fetch_add(1, Ordering::Relaxed);
+            stats.failed.increment(1);
+            observed.finish(if e.kind() == FailureKind::Panic {
+                "panicked"
+            } else {
+                "failed"
+            });
+        }
+        Err(err) => {
+            observed.finish("nack-failed");
+            tracing::warn!(id = delivery.id(), error = %err, "nack failed; the broker will redeliver")
         }
     }
 }

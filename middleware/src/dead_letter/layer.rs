@@ -96,6 +96,8 @@ where
             let letter = dead_letter(&delivery, &error);
             match config.publisher.publish(&topic, letter).await {
                 Ok(_) => {
+                    metrics::counter!("switchyard_dead_lettered_total", "topic" => delivery.topic().to_string())
+                        .increment(1);
                     tracing::warn!(
                         id = delivery.id(),
                         topic = delivery.topic(),

@@ -107,6 +107,8 @@ where
                 {
                     Begin::Completed => {
                         config.skipped.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("switchyard_duplicates_skipped_total", "group" => delivery.group().to_string())
+                            .increment(1);
                         tracing::debug!(id = delivery.id(), "duplicate skipped");
                         return Ok(());
                     }

@@ -129,7 +129,7 @@ impl Policy<Delivery, (), HandlerError> for RetryPolicy {
 
     fn retry(
         &mut self,
-        _req: &mut Delivery,
+        req: &mut Delivery,
         result: &mut Result<(), HandlerError>,
     ) -> Option<Self::Future> {
         let Err(error) = result else {
@@ -139,6 +139,8 @@ impl Policy<Delivery, (), HandlerError> for RetryPolicy {
         let first = *self.first_failure.get_or_insert(error.first_failure());
         if self.attempts < self.max_attempts && (self.retry_if)(error) {
             tracing::debug!(attempt = self.attempts, error = %error, "retrying in process");
+            metrics::counter!("switchyard_retried_total", "topic" => req.topic().to_string())
+                .increment(1);
             let maker = &mut self.maker;
             return Some(
                 self.backoff
