@@ -11,9 +11,12 @@ use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::Layer;
 
+/// Span id → (span name, fields).
+type Spans = HashMap<u64, (String, HashMap<String, String>)>;
+
 #[derive(Clone, Default)]
 struct Recorder {
-    spans: Arc<Mutex<HashMap<u64, (String, HashMap<String, String>)>>>,
+    spans: Arc<Mutex<Spans>>,
 }
 
 struct Fields<'a>(&'a mut HashMap<String, String>);
