@@ -197,6 +197,50 @@ pub struct Capabilities {
     pub max_message_size: Option<usize>,
 }
 
+/// A topic (or queue) as the broker reports it, for tooling.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TopicInfo {
+    /// The topic's name.
+    pub name: String,
+    /// Messages it holds, or its end offset (summed over partitions), where known.
+    pub messages: Option<u64>,
+    /// Its groups and how far behind each is, where known.
+    pub groups: Vec<GroupInfo>,
+}
+
+/// A group of a topic, for tooling.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupInfo {
+    /// The group's name.
+    pub name: String,
+    /// Messages published but not yet read or acked by the group, where known
+    /// (Kafka: end offsets minus committed; RabbitMQ: queue depth).
+    pub lag: Option<u64>,
+}
+
+impl TopicInfo {
+    /// A topic's description; backends build these.
+    pub fn new(name: impl Into<String>, messages: Option<u64>, groups: Vec<GroupInfo>) -> Self {
+        Self {
+            name: name.into(),
+            messages,
+            groups,
+        }
+    }
+}
+
+impl GroupInfo {
+    /// A group's description; backends build these.
+    pub fn new(name: impl Into<String>, lag: Option<u64>) -> Self {
+        Self {
+            name: name.into(),
+            lag,
+        }
+    }
+}
+
 /// A client that publishes and subscribes. `Arc<dyn Broker>` is [`AnyBroker`].
 #[async_trait]
 pub trait Broker: Publisher + Subscriber {
@@ -207,6 +251,14 @@ pub trait Broker: Publisher + Subscriber {
     /// Flushes and closes the client. Default: nothing to do.
     async fn close(&self) -> Result<()> {
         Ok(())
+    }
+    /// The topics it holds with sizes and group lag, where the backend can tell.
+    /// Default: [`Error::Unsupported`](crate::Error::Unsupported).
+    async fn topics(&self) -> Result<Vec<TopicInfo>> {
+        Err(crate::Error::Unsupported {
+            backend: self.backend(),
+            what: "listing topics".into(),
+        })
     }
 }
 

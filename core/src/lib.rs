@@ -61,8 +61,8 @@ mod runtime;
 mod url;
 
 pub use broker::{
-    AnyBroker, Broker, Capabilities, Publisher, PublisherExt, StartFrom, SubscribeOptions,
-    Subscriber, Subscription,
+    AnyBroker, Broker, Capabilities, GroupInfo, Publisher, PublisherExt, StartFrom,
+    SubscribeOptions, Subscriber, Subscription, TopicInfo,
 };
 pub use codec::{Codec, JsonCodec, CONTENT_TYPE_HEADER};
 pub use delivery::{Acker, Delivery, Nack, Origin};

@@ -268,6 +268,10 @@ impl<B: Broker + ?Sized> Broker for Instrumented<B> {
     async fn close(&self) -> Result<()> {
         self.inner.close().await
     }
+
+    async fn topics(&self) -> Result<Vec<crate::TopicInfo>> {
+        self.inner.topics().await
+    }
 }
 
 #[cfg(test)]

@@ -10,8 +10,9 @@ use futures::future::BoxFuture;
 use tokio::sync::Notify;
 
 use switchyard_core::{
-    validate_name, Acker, Broker, BrokerUrl, Capabilities, Delivery, Error, Message, Nack, Origin,
-    Publisher, Receipt, Result, StartFrom, SubscribeOptions, Subscriber, Subscription,
+    validate_name, Acker, Broker, BrokerUrl, Capabilities, Delivery, Error, GroupInfo, Message,
+    Nack, Origin, Publisher, Receipt, Result, StartFrom, SubscribeOptions, Subscriber,
+    Subscription, TopicInfo,
 };
 
 use crate::group::{Entry, Group, Settled};
@@ -315,6 +316,17 @@ impl MemoryBroker {
         &self.inner.config
     }
 
+    /// Ends every subscription of every topic (their `recv` returns `None`) and refuses
+    /// further publishes, for every handle of this broker.
+    pub fn shutdown(&self) {
+        let topics: Vec<_> = lock(&self.inner.topics).values().cloned().collect();
+        for t in topics {
+            lock(&t.state).closed = true;
+            t.changed.notify_waiters();
+            t.room.notify_waiters();
+        }
+    }
+
     /// Fault injection for tests (see [`Faults`]).
     pub fn faults(&self) -> Faults {
         Faults {
@@ -492,13 +504,29 @@ impl Broker for MemoryBroker {
         }
     }
 
-    async fn close(&self) -> Result<()> {
+    async fn topics(&self) -> Result<Vec<TopicInfo>> {
         let topics: Vec<_> = lock(&self.inner.topics).values().cloned().collect();
-        for t in topics {
-            lock(&t.state).closed = true;
-            t.changed.notify_waiters();
-            t.room.notify_waiters();
-        }
+        let mut out: Vec<TopicInfo> = topics
+            .iter()
+            .map(|t| {
+                let state = lock(&t.state);
+                let end = state.end();
+                let groups = state
+                    .groups
+                    .iter()
+                    .map(|(name, g)| GroupInfo::new(name.to_string(), Some(end - g.acked_below())))
+                    .collect();
+                TopicInfo::new(t.name.to_string(), Some(state.log.len() as u64), groups)
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Releases this handle only: a memory broker's topics are shared by every handle
+    /// (and every `memory://name` connection), and live while one does. Use
+    /// [`MemoryBroker::shutdown`] to end every subscription.
+    async fn close(&self) -> Result<()> {
         Ok(())
     }
 }

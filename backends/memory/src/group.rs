@@ -241,6 +241,21 @@ impl Group {
         self.busy.remove(key);
     }
 
+    /// The lowest offset not yet acked: everything below it is done for this group.
+    pub(crate) fn acked_below(&self) -> u64 {
+        let pending = self
+            .ready
+            .iter()
+            .map(|e| e.offset)
+            .chain(self.blocked.values().flatten().map(|e| e.offset))
+            .chain(
+                self.members
+                    .values()
+                    .flat_map(|m| m.unsettled.keys().copied()),
+            );
+        pending.min().unwrap_or(self.next).min(self.next)
+    }
+
     /// Whether something is deliverable without reading further in the log.
     pub(crate) fn has_ready(&self) -> bool {
         !self.ready.is_empty()

@@ -1,0 +1,397 @@
+//! # switchyard-cli
+//!
+//! The `switchyard` command: publish, consume, list and replay dead letters, and list
+//! topics, against any broker URL (`memory://`, `kafka://…`, `amqp://…`).
+//!
+//! A separate crate (like `sqlx-cli`) so the library facade never pulls in `clap`; the
+//! commands live in this library so tests can run them in-process, which is the only way
+//! to exercise them on the in-process `memory://` backend.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use clap::Parser;
+//! let mut out = Vec::new();
+//! let cli = switchyard_cli::Cli::parse_from(["switchyard", "publish", "--url", "memory://doc", "--topic", "t", "--key", "k"]);
+//! switchyard_cli::run(cli, &b"hello\nworld\n"[..], &mut out).await.unwrap();
+//! assert_eq!(String::from_utf8(out).unwrap().lines().count(), 2);
+//! # });
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
+use std::collections::HashSet;
+use std::io::{BufRead, Write};
+use std::time::Duration;
+
+use base64::Engine;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use switchyard::middleware::{DeadLetters, Selection};
+use switchyard::{AnyBroker, Delivery, Error, Message, Result, StartFrom, SubscribeOptions};
+
+/// Talk to message brokers through switchyard.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The broker to use.
+#[derive(Debug, Args)]
+pub struct Broker {
+    /// Broker URL: memory://, kafka://host:9092, amqp://user:pass@host:5672/%2f
+    #[arg(long, env = "SWITCHYARD_URL")]
+    pub url: String,
+}
+
+/// Output format of messages.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    /// One JSON object per line: id, key, headers, payload (or payload_base64), origin.
+    Json,
+    /// The payload only, one per line.
+    Raw,
+}
+
+/// Where a new group starts.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum From {
+    /// The oldest retained message.
+    Earliest,
+    /// Only messages published from now on.
+    Latest,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Publish one message per line of stdin (or of --file); print each id and where it landed.
+    Publish {
+        /// The broker to talk to.
+        #[command(flatten)]
+        broker: Broker,
+        /// Topic to publish to.
+        #[arg(long)]
+        topic: String,
+        /// Ordering key for every message.
+        #[arg(long)]
+        key: Option<String>,
+        /// A header, as name=value; repeat for more.
+        #[arg(long = "header", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+        /// Message id (only with a single message).
+        #[arg(long)]
+        id: Option<String>,
+        /// Read payloads from this file instead of stdin.
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+    },
+    /// Print messages of a topic as one group, acking them unless --no-ack.
+    Consume {
+        /// The broker to talk to.
+        #[command(flatten)]
+        broker: Broker,
+        /// Topic to read.
+        #[arg(long)]
+        topic: String,
+        /// Group to read as.
+        #[arg(long)]
+        group: String,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop when no message arrives for this many seconds.
+        #[arg(long, default_value_t = 10.0)]
+        idle_secs: f64,
+        /// Where a new group starts.
+        #[arg(long, value_enum, default_value_t = From::Earliest)]
+        from: From,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Json)]
+        format: Format,
+        /// Leave the messages unacked (they are redelivered to the group).
+        #[arg(long)]
+        no_ack: bool,
+    },
+    /// Dead letters of a topic (`<topic>.dlq`).
+    Dlq {
+        /// list or replay.
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// List topics with their size and each group's lag, where the backend can tell.
+    Topics {
+        /// The broker to talk to.
+        #[command(flatten)]
+        broker: Broker,
+    },
+}
+
+/// Dead-letter actions.
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// Show dead letters with their failure headers (nothing is removed).
+    List {
+        /// The broker to talk to.
+        #[command(flatten)]
+        broker: Broker,
+        /// The original topic (its dead letters are in `<topic>.dlq`).
+        #[arg(long)]
+        topic: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Json)]
+        format: Format,
+        /// How long to wait for one more dead letter, in seconds.
+        #[arg(long, default_value_t = 3.0)]
+        idle_secs: f64,
+    },
+    /// Republish dead letters to their original topic (same id and key), then remove them.
+    Replay {
+        /// The broker to talk to.
+        #[command(flatten)]
+        broker: Broker,
+        /// The original topic (its dead letters are in `<topic>.dlq`).
+        #[arg(long)]
+        topic: String,
+        /// Replay the dead letter with this message id; repeat for more.
+        #[arg(long = "id", required_unless_present = "all")]
+        ids: Vec<String>,
+        /// Replay every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// How long to wait for one more dead letter, in seconds.
+        #[arg(long, default_value_t = 3.0)]
+        idle_secs: f64,
+    },
+}
+
+fn parse_header(s: &str) -> std::result::Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{s:?} is not name=value"))
+}
+
+fn io(e: std::io::Error) -> Error {
+    Error::permanent("cli", e)
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+/// Runs a command, reading payloads from `input` and writing results to `out`.
+pub async fn run(cli: Cli, input: impl BufRead, out: &mut impl Write) -> Result<()> {
+    match cli.command {
+        Command::Publish {
+            broker,
+            topic,
+            key,
+            headers,
+            id,
+            file,
+        } => {
+            let broker = connect(&broker).await?;
+            let lines: Vec<String> = match file {
+                Some(path) => std::fs::read_to_string(&path)
+                    .map_err(|e| {
+                        Error::config("file", format!("cannot read {}: {e}", path.display()))
+                    })?
+                    .lines()
+                    .map(str::to_string)
+                    .collect(),
+                None => input.lines().collect::<std::io::Result<_>>().map_err(io)?,
+            };
+            if id.is_some() && lines.len() != 1 {
+                return Err(Error::config(
+                    "id",
+                    format!(
+                        "--id names one message, but {} lines were given",
+                        lines.len()
+                    ),
+                ));
+            }
+            for line in lines {
+                let mut m = Message::new(line.into_bytes());
+                m.key.clone_from(&key);
+                for (k, v) in &headers {
+                    m = m.with_header(k, v);
+                }
+                if let Some(id) = &id {
+                    m = m.with_id(id);
+                }
+                let r = broker.publish(&topic, m).await?;
+                let at = match (r.partition, r.offset) {
+                    (Some(p), Some(o)) => format!(" partition={p} offset={o}"),
+                    (None, Some(o)) => format!(" offset={o}"),
+                    _ => String::new(),
+                };
+                writeln!(out, "{}{at}", r.id).map_err(io)?;
+            }
+            broker.close().await
+        }
+        Command::Consume {
+            broker,
+            topic,
+            group,
+            count,
+            idle_secs,
+            from,
+            format,
+            no_ack,
+        } => {
+            let broker = connect(&broker).await?;
+            let start = if from == From::Latest {
+                StartFrom::Latest
+            } else {
+                StartFrom::Earliest
+            };
+            let options = SubscribeOptions::new(&topic, &group)
+                .start(start)
+                .prefetch(count.unwrap_or(256).clamp(1, 1024));
+            let mut sub = broker.subscribe(options).await?;
+            let mut printed = 0;
+            let mut held = Vec::new();
+            while count.is_none_or(|c| printed < c) {
+                let d = match tokio::time::timeout(secs(idle_secs), sub.recv()).await {
+                    Err(_) | Ok(None) => break,
+                    Ok(Some(d)) => d?,
+                };
+                print_delivery(out, &d, format)?;
+                if no_ack {
+                    held.push(d);
+                } else {
+                    d.ack().await?;
+                }
+                printed += 1;
+            }
+            sub.close().await?;
+            drop(held);
+            broker.close().await
+        }
+        Command::Dlq {
+            action:
+                DlqAction::List {
+                    broker,
+                    topic,
+                    format,
+                    idle_secs,
+                },
+        } => {
+            let broker = connect(&broker).await?;
+            let letters = DeadLetters::new(broker.clone()).idle(secs(idle_secs));
+            for r in letters.list(&format!("{topic}.dlq")).await? {
+                match format {
+                    Format::Raw => writeln!(
+                        out,
+                        "{} kind={} attempts={} failed_at={} error={}",
+                        r.message.id,
+                        r.kind,
+                        r.attempts,
+                        r.message
+                            .headers
+                            .get(switchyard::middleware::dead_letter::headers::LAST_FAILURE)
+                            .map_or("?", String::as_str),
+                        r.error
+                    )
+                    .map_err(io)?,
+                    Format::Json => {
+                        let mut v = message_json(&r.message);
+                        v["error"] = r.error.clone().into();
+                        v["kind"] = r.kind.clone().into();
+                        v["attempts"] = r.attempts.into();
+                        v["original_topic"] = r.original_topic.clone().into();
+                        v["original_group"] = r.original_group.clone().into();
+                        writeln!(out, "{v}").map_err(io)?;
+                    }
+                }
+            }
+            broker.close().await
+        }
+        Command::Dlq {
+            action:
+                DlqAction::Replay {
+                    broker,
+                    topic,
+                    ids,
+                    all,
+                    idle_secs,
+                },
+        } => {
+            let broker = connect(&broker).await?;
+            let letters = DeadLetters::new(broker.clone()).idle(secs(idle_secs));
+            let selection = if all {
+                Selection::All
+            } else {
+                Selection::Ids(ids.iter().cloned().collect::<HashSet<_>>())
+            };
+            let done = letters.replay(&format!("{topic}.dlq"), &selection).await?;
+            for id in &done.replayed {
+                writeln!(out, "replayed {id}").map_err(io)?;
+            }
+            let missing: Vec<&String> = ids
+                .iter()
+                .filter(|id| !done.replayed.contains(id))
+                .collect();
+            broker.close().await?;
+            if !missing.is_empty() {
+                return Err(Error::config(
+                    "id",
+                    format!("no dead letter with id {missing:?} in {topic}.dlq"),
+                ));
+            }
+            Ok(())
+        }
+        Command::Topics { broker } => {
+            let broker = connect(&broker).await?;
+            for t in broker.topics().await? {
+                let size = t.messages.map_or("?".into(), |n| n.to_string());
+                writeln!(out, "{} messages={size}", t.name).map_err(io)?;
+                for g in t.groups {
+                    let lag = g.lag.map_or("?".into(), |n| n.to_string());
+                    writeln!(out, "  group={} lag={lag}", g.name).map_err(io)?;
+                }
+            }
+            broker.close().await
+        }
+    }
+}
+
+async fn connect(broker: &Broker) -> Result<AnyBroker> {
+    switchyard::connect(&broker.url).await
+}
+
+fn message_json(m: &Message) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "id": m.id,
+        "key": m.key,
+        "headers": m.headers,
+    });
+    match std::str::from_utf8(&m.payload) {
+        Ok(text) => v["payload"] = text.into(),
+        Err(_) => {
+            v["payload_base64"] = base64::engine::general_purpose::STANDARD
+                .encode(&m.payload)
+                .into()
+        }
+    }
+    v
+}
+
+fn print_delivery(out: &mut impl Write, d: &Delivery, format: Format) -> Result<()> {
+    match format {
+        Format::Raw => {
+            out.write_all(d.payload()).map_err(io)?;
+            writeln!(out).map_err(io)
+        }
+        Format::Json => {
+            let mut v = message_json(d.message());
+            v["topic"] = d.topic().into();
+            v["partition"] = d.origin().partition.into();
+            v["offset"] = d.origin().offset.into();
+            v["attempt"] = d.attempt().into();
+            writeln!(out, "{v}").map_err(io)
+        }
+    }
+}
