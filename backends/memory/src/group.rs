@@ -94,7 +94,7 @@ pub(crate) struct Group {
     /// Messages whose key is busy, in publish order per key.
     blocked: HashMap<KeyOf, VecDeque<Entry>>,
     blocked_len: usize,
-    members: HashMap<u64, Member>,
+    members: OffsetMap<Member>,
     next_member: u64,
 }
 
@@ -110,7 +110,7 @@ impl Group {
             busy: HashSet::new(),
             blocked: HashMap::new(),
             blocked_len: 0,
-            members: HashMap::new(),
+            members: OffsetMap::default(),
             next_member: 0,
         }
     }
