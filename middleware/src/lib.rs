@@ -57,6 +57,7 @@
 pub mod dead_letter;
 pub mod idempotency;
 mod inspect;
+mod recover;
 pub mod retry;
 
 pub use dead_letter::{DeadLetterLayer, DeadLetterRecord, DeadLetters, Replayed, Selection};
@@ -64,4 +65,5 @@ pub use dead_letter::{DeadLetterLayer, DeadLetterRecord, DeadLetters, Replayed, 
 pub use idempotency::PostgresStore;
 pub use idempotency::{Begin, IdempotencyLayer, IdempotencyStore, MemoryStore};
 pub use inspect::{Inspect, InspectLayer};
+pub use recover::{OnFailure, Recover};
 pub use retry::{RetryLayer, RetryPolicy, RetryTiers, RetryTopicLayer};

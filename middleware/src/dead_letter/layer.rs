@@ -1,13 +1,13 @@
 //! The layer that dead-letters a message after its last failure.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::SystemTime;
 
+use futures::future::BoxFuture;
 use switchyard_core::{Delivery, HandlerError, Message, Publisher};
-use tower::{Layer, Service};
+use tower::Layer;
+
+use crate::recover::{OnFailure, Recover};
 
 use super::{default_dlq_topic, headers};
 
@@ -54,41 +54,21 @@ impl<S> Layer<S> for DeadLetterLayer {
     type Service = DeadLetter<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        DeadLetter {
-            inner,
-            config: self.clone(),
-        }
+        Recover::new(inner, self.clone())
     }
 }
 
 /// The service [`DeadLetterLayer`] produces.
-#[derive(Clone)]
-pub struct DeadLetter<S> {
-    inner: S,
-    config: DeadLetterLayer,
-}
+pub type DeadLetter<S> = Recover<S, DeadLetterLayer>;
 
-impl<S> Service<Delivery> for DeadLetter<S>
-where
-    S: Service<Delivery, Response = (), Error = HandlerError>,
-    S::Future: Send + 'static,
-{
-    type Response = ();
-    type Error = HandlerError;
-    type Future = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, delivery: Delivery) -> Self::Future {
-        let fut = self.inner.call(delivery.clone());
-        let config = self.config.clone();
+impl OnFailure for DeadLetterLayer {
+    fn on_failure(
+        &self,
+        delivery: Delivery,
+        error: HandlerError,
+    ) -> BoxFuture<'static, Result<(), HandlerError>> {
+        let config = self.clone();
         Box::pin(async move {
-            let error = match fut.await {
-                Ok(()) => return Ok(()),
-                Err(e) => e,
-            };
             if error.is_retryable() && delivery.attempt() < config.max_deliveries {
                 return Err(error);
             }

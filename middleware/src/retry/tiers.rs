@@ -16,16 +16,17 @@
 //! block others — but a later message with the same key is handled *before* the retried
 //! one. Use in-process retry where per-key order matters more than throughput.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
 
 use switchyard_core::{
     App, Consumer, Delivery, Error, HandlerError, Publisher, Result, SubscribeOptions, Subscriber,
 };
-use tower::{Layer, Service};
+use tower::Layer;
+
+use crate::recover::{OnFailure, Recover};
 
 /// Header: how many tiers the message has been through.
 pub const TIER_HEADER: &str = "x-retry-tier";
@@ -153,42 +154,24 @@ impl<S> Layer<S> for RetryTopicLayer {
     type Service = RetryTopic<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RetryTopic {
-            inner,
-            layer: self.clone(),
-        }
+        Recover::new(inner, self.clone())
     }
 }
 
 /// The service [`RetryTopicLayer`] produces.
-#[derive(Clone)]
-pub struct RetryTopic<S> {
-    inner: S,
-    layer: RetryTopicLayer,
-}
+pub type RetryTopic<S> = Recover<S, RetryTopicLayer>;
 
-impl<S> Service<Delivery> for RetryTopic<S>
-where
-    S: Service<Delivery, Response = (), Error = HandlerError>,
-    S::Future: Send + 'static,
-{
-    type Response = ();
-    type Error = HandlerError;
-    type Future = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, delivery: Delivery) -> Self::Future {
-        let fut = self.inner.call(delivery.clone());
-        let layer = self.layer.clone();
+impl OnFailure for RetryTopicLayer {
+    fn on_failure(
+        &self,
+        delivery: Delivery,
+        error: HandlerError,
+    ) -> BoxFuture<'static, Result<(), HandlerError>> {
+        let layer = self.clone();
         Box::pin(async move {
-            let error = match fut.await {
-                Ok(()) => return Ok(()),
-                Err(e) if !e.is_retryable() => return Err(e),
-                Err(e) => e,
-            };
+            if !error.is_retryable() {
+                return Err(error);
+            }
             let m = delivery.message();
             let tier: usize = m
                 .headers
