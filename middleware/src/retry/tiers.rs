@@ -187,10 +187,12 @@ impl OnFailure for RetryTopicLayer {
                 .cloned()
                 .unwrap_or_else(|| delivery.topic().to_string());
             let due = SystemTime::now() + *delay;
+            // Rounded up: a retry may come a millisecond late, never early.
             let due_ms = due
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
-                .as_millis();
+                .as_nanos()
+                .div_ceil(1_000_000);
             let mut next = m.clone();
             next.headers
                 .insert(TIER_HEADER.into(), (tier + 1).to_string());
