@@ -4,8 +4,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::panic::AssertUnwindSafe;
+
 use futures::future::BoxFuture;
-use switchyard_core::{Delivery, HandlerError};
+use futures::FutureExt;
+use switchyard_core::{Delivery, FailureKind, HandlerError};
 use tower::Service;
 
 /// What a layer does with a failed delivery: recover (`Ok`, the runtime acks) or pass
@@ -52,10 +55,32 @@ where
         let fut = self.inner.call(delivery.clone());
         let hook = self.hook.clone();
         Box::pin(async move {
-            match fut.await {
+            match caught(fut).await {
                 Ok(()) => Ok(()),
                 Err(error) => hook.on_failure(delivery, error).await,
             }
         })
+    }
+}
+
+/// Awaits a handler future, turning a panic into a [`FailureKind::Panic`] failure, so
+/// layers that must clean up or record a failure see panics too.
+pub(crate) async fn caught<F>(fut: F) -> Result<(), HandlerError>
+where
+    F: Future<Output = Result<(), HandlerError>>,
+{
+    match AssertUnwindSafe(fut).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "handler panicked".into());
+            Err(HandlerError::new(
+                FailureKind::Panic,
+                format!("handler panicked: {text}"),
+            ))
+        }
     }
 }

@@ -127,7 +127,8 @@ where
                     }
                 }
             }
-            let result = inner.call(delivery.clone()).await;
+            // A panic must release the mark too, or the redelivery waits out the lease.
+            let result = crate::recover::caught(inner.call(delivery.clone())).await;
             match &result {
                 Ok(()) => config
                     .store
