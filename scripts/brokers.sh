@@ -89,6 +89,15 @@ start_postgres() {
   su postgres -c "psql -tc \"SELECT 1 FROM pg_database WHERE datname='test'\" | grep -q 1 || createdb test" >&2 || true
 }
 
+# Foreign clients for the interoperability tests (confluent-kafka, pika), from PyPI.
+ensure_python_clients() {
+  if python3 -c "import confluent_kafka, pika" 2>/dev/null; then
+    return 0
+  fi
+  echo "brokers: installing confluent-kafka and pika from PyPI" >&2
+  python3 -m pip install -q confluent-kafka pika >&2 || return 1
+}
+
 stop_started() {
   local pid
   for pid in "${STARTED_PIDS[@]}"; do
