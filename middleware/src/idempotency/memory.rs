@@ -1,6 +1,8 @@
 //! An in-process idempotency store: bounded, with expiry.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -15,22 +17,32 @@ enum State {
     Completed,
 }
 
-/// A key's 128-bit fingerprint: two independent SipHash runs. Storing it instead of the
-/// key string saves two allocations per message; a collision among a million marks has
-/// odds around 10^-26.
+/// A key's 128-bit fingerprint: two SipHash runs with this store's random keys. Storing
+/// it instead of the key string saves two allocations per message; a collision among a
+/// million marks has odds around 10^-26.
 type Fingerprint = u128;
 
-fn fingerprint(key: &str) -> Fingerprint {
-    use std::hash::{Hash, Hasher};
-    let mut a = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut a);
-    let mut b = std::collections::hash_map::DefaultHasher::new();
-    (0x5eed_u16, key).hash(&mut b);
-    (u128::from(a.finish()) << 64) | u128::from(b.finish())
+/// The map is keyed by fingerprints, which are uniformly random already: hash them by
+/// taking their low bits instead of running SipHash a third time.
+#[derive(Default)]
+struct TakeLow(u64);
+
+impl Hasher for TakeLow {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.0 = n as u64;
+    }
 }
 
 struct Inner {
-    marks: HashMap<Fingerprint, (State, Instant)>,
+    marks: HashMap<Fingerprint, (State, Instant), BuildHasherDefault<TakeLow>>,
     /// Insertion order, for evicting the oldest marks when full.
     order: VecDeque<Fingerprint>,
 }
@@ -41,6 +53,7 @@ struct Inner {
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     capacity: usize,
+    keys: (RandomState, RandomState),
 }
 
 impl Default for MemoryStore {
@@ -54,11 +67,18 @@ impl MemoryStore {
     pub fn new(capacity: usize) -> Self {
         Self {
             inner: Mutex::new(Inner {
-                marks: HashMap::new(),
+                marks: HashMap::default(),
                 order: VecDeque::new(),
             }),
             capacity: capacity.max(1),
+            keys: (RandomState::new(), RandomState::new()),
         }
+    }
+
+    fn fingerprint(&self, key: &str) -> Fingerprint {
+        let a = self.keys.0.hash_one(key);
+        let b = self.keys.1.hash_one(key);
+        (u128::from(a) << 64) | u128::from(b)
     }
 
     /// How many marks it holds (expired ones included until they are evicted).
@@ -99,7 +119,7 @@ impl MemoryStore {
 impl IdempotencyStore for MemoryStore {
     async fn begin(&self, key: &str, lease: Duration) -> Result<Begin> {
         let now = Instant::now();
-        let key = fingerprint(key);
+        let key = self.fingerprint(key);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         match inner.marks.get(&key) {
             Some((State::Completed, until)) if *until > now => return Ok(Begin::Completed),
@@ -111,7 +131,7 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn complete(&self, key: &str, retention: Duration) -> Result<()> {
-        let key = fingerprint(key);
+        let key = self.fingerprint(key);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         Self::set(
             &mut inner,
@@ -124,7 +144,7 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn abandon(&self, key: &str) -> Result<()> {
-        let key = fingerprint(key);
+        let key = self.fingerprint(key);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if matches!(inner.marks.get(&key), Some((State::InFlight, _))) {
             inner.marks.remove(&key);
