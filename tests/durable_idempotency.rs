@@ -73,11 +73,10 @@ async fn duplicates_run_once(url: &str) {
     token.cancel();
     running.join().await.unwrap();
     broker.close().await.unwrap();
-    let runs = runs.lock().unwrap();
+    let twice_runs = runs.lock().unwrap()[&twice.id];
     assert_eq!(
-        runs[&twice.id], 1,
-        "{url}: the triplicated message ran {} times",
-        runs[&twice.id]
+        twice_runs, 1,
+        "{url}: the triplicated message ran {twice_runs} times"
     );
     assert_eq!(layer.skipped(), 2, "{url}");
     let (client, conn) = tokio_postgres_connect().await;
