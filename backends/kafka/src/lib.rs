@@ -1,22 +1,81 @@
 //! # switchyard-kafka
 //!
-//! The Apache Kafka backend (rdkafka). Not implemented in this release: connecting
-//! returns a typed error that says so.
+//! The Apache Kafka backend of switchyard, on [rdkafka](https://docs.rs/rdkafka)
+//! (librdkafka, bundled). Connect with a URL:
 //!
+//! ```no_run
+//! # async fn demo() -> switchyard_core::Result<()> {
+//! let broker = switchyard_kafka::connect("kafka://127.0.0.1:9092?partitions=8&security.protocol=PLAINTEXT").await?;
+//! # let _ = broker; Ok(()) }
 //! ```
-//! let err = futures::executor::block_on(switchyard_kafka::connect("kafka://127.0.0.1:9092")).err().unwrap();
-//! assert!(err.to_string().contains("not implemented"));
-//! ```
+//!
+//! Settings are listed on [`KafkaConfig`]; names with a dot go to librdkafka as they are.
+//!
+//! ## Producer
+//! - The message key is the record key: the same key always lands on the same partition
+//!   (librdkafka's `murmur2_random` partitioner, the Java client's), in publish order
+//!   (idempotent producer). Messages without a key are spread across partitions.
+//! - The message id travels in the record header [`ID_HEADER`] (`switchyard-id`); every
+//!   application header (the `content-type` one included) is a record header of the same
+//!   name. A record written by another client, without `switchyard-id`, is consumed with
+//!   the id `kafka:<topic>:<partition>:<offset>`.
+//! - `acks=all` and the idempotent producer by default; `delivery=at-most-once` gives
+//!   `acks=0`. `publish` resolves with the partition and offset once acknowledged;
+//!   `publish_batch` hands every record to librdkafka, then awaits all acknowledgements.
+//! - Missing topics are created with `partitions` (8) and `replication` (1); with
+//!   `create_topics=false` a missing topic is an [`Error::Config`](switchyard_core::Error::Config).
+//!
+//! ## Consumer
+//! Each `subscribe` is one member of the consumer group `group.id = group`, with its own
+//! librdkafka consumer polled by a dedicated thread. `subscribe` returns once the member
+//! has its first assignment (possibly empty), so a `StartFrom::Latest` member sees every
+//! message published after `subscribe` returns.
+//!
+//! - **Ordering.** A record with a key is not handed out while an earlier record with
+//!   the same key is unsettled in this member; since a key lives on one partition, and a
+//!   partition on one member, same-key messages run one at a time in offset order even
+//!   when the runtime handles a subscription's deliveries concurrently. Different keys
+//!   and unkeyed records run in parallel, up to `prefetch` unsettled at once.
+//! - **Commits after processing.** A partition's commit position is its lowest offset
+//!   not yet done, so handlers finishing out of order never commit past an unfinished
+//!   message. `commit=periodic` (default) commits it every `commit_interval_ms`;
+//!   `commit=sync` commits before each ack returns; `commit=auto` is librdkafka's
+//!   auto-commit of what was *received* — at-most-once, a crash loses in-flight messages.
+//! - **Nack.** Kafka has no per-message nack. `Nack::Requeue` redelivers the record in
+//!   process with `attempt + 1`; its key stays blocked, so later same-key records still
+//!   wait behind it, and its offset stays uncommitted until it is acked. The trade-off:
+//!   attempts are counted in memory only (`durable_attempts: false`) — after a crash or
+//!   a rebalance the message comes back with attempt 1 — and a message nacked forever
+//!   holds its partition's commit position back (records after it are still handled,
+//!   but would be redelivered after a restart); bound retries with the retry/dead-letter
+//!   middleware. `Nack::Reject` counts as done: the commit moves past it (logged).
+//! - **Rebalance.** On revocation the member stops handing out the revoked partitions'
+//!   records, waits up to `revoke_timeout_ms` for their in-flight messages, commits
+//!   what finished and lets the partitions go; settling one of their deliveries later
+//!   returns `Error::SubscriptionClosed` and commits nothing (the next owner redelivers).
+//! - **Close** commits what finished and leaves the group, so the partitions move at
+//!   once; unsettled deliveries are redelivered by the next owner. A member dropped
+//!   without `close` does the same in the background; one whose process dies is evicted
+//!   after `session.timeout.ms` (6 s by default here), and its uncommitted messages go
+//!   to the others: nothing is lost, duplicates stay within the uncommitted window.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
-use switchyard_core::{AnyBroker, Error, Result};
+mod broker;
+mod config;
+mod consumer;
+mod record;
 
-/// Connects to Kafka from a `kafka://host:port[,host:port][?setting=value]` URL.
+use std::sync::Arc;
+
+use switchyard_core::{AnyBroker, Result};
+
+pub use broker::KafkaBroker;
+pub use config::{CommitStrategy, DeliveryGuarantee, KafkaConfig};
+pub use record::ID_HEADER;
+
+/// Connects to Kafka from a `kafka://host:port[,host:port][?setting=value]` URL
+/// (settings on [`KafkaConfig`]).
 pub async fn connect(url: &str) -> Result<AnyBroker> {
-    let _ = url;
-    Err(Error::Unsupported {
-        backend: "kafka",
-        what: "connecting yet: the Kafka backend is not implemented in this release".into(),
-    })
+    Ok(Arc::new(KafkaBroker::connect(url)?))
 }

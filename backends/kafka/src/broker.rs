@@ -1,0 +1,385 @@
+//! The broker handle: the producer, topic creation, and subscriptions.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::try_join_all;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use switchyard_core::{
+    validate_name, Broker, Capabilities, Error, Message, Publisher, Receipt, Result,
+    SubscribeOptions, Subscriber, Subscription,
+};
+
+use crate::config::{DeliveryGuarantee, KafkaConfig};
+use crate::consumer::KafkaSubscription;
+use crate::record;
+
+pub(crate) const BACKEND: &str = "kafka";
+
+/// A Kafka client: one idempotent producer shared by every publish, an admin client
+/// for topic creation, and one librdkafka consumer per subscription. Clones share them.
+#[derive(Clone)]
+pub struct KafkaBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: KafkaConfig,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    /// Topics known to exist, so creation costs one round trip per topic.
+    topics: Mutex<HashSet<String>>,
+    closed: AtomicBool,
+}
+
+/// A Kafka error with what we were doing and where, so the message names the broker.
+#[derive(Debug)]
+struct Context {
+    what: String,
+    source: KafkaError,
+}
+
+impl std::fmt::Display for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.what, self.source)
+    }
+}
+
+impl std::error::Error for Context {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// Maps a librdkafka error onto switchyard's, keeping whether a retry may help.
+pub(crate) fn kafka_error(what: impl Into<String>, source: KafkaError) -> Error {
+    let transient = match source.rdkafka_error_code() {
+        Some(code) => !matches!(
+            code,
+            RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::GroupAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::InvalidConfig
+                | RDKafkaErrorCode::InvalidArgument
+                | RDKafkaErrorCode::InvalidTopic
+                | RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::UnsupportedVersion
+        ),
+        None => !matches!(source, KafkaError::ClientConfig(..)),
+    };
+    let err = Context {
+        what: what.into(),
+        source,
+    };
+    if transient {
+        Error::transient(BACKEND, err)
+    } else {
+        Error::permanent(BACKEND, err)
+    }
+}
+
+impl KafkaBroker {
+    /// Connects with these settings. Clients connect lazily: an unreachable broker shows
+    /// up as a publish or subscribe that times out, naming the address.
+    pub fn new(config: KafkaConfig) -> Result<Self> {
+        config.validate()?;
+        let producer: FutureProducer = config
+            .producer()
+            .create()
+            .map_err(|e| config_error("producer", e))?;
+        let mut admin_config = config.base();
+        config.apply_client(&mut admin_config);
+        let admin: AdminClient<DefaultClientContext> = admin_config
+            .create()
+            .map_err(|e| config_error("admin client", e))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                producer,
+                admin,
+                topics: Mutex::new(HashSet::new()),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Connects from a `kafka://host:port[,host:port][?settings]` URL.
+    pub fn connect(url: &str) -> Result<Self> {
+        Self::new(KafkaConfig::from_url(url)?)
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.inner.config
+    }
+
+    /// The underlying rdkafka producer, for what switchyard does not wrap.
+    pub fn producer(&self) -> &FutureProducer {
+        &self.inner.producer
+    }
+
+    fn servers(&self) -> &str {
+        &self.inner.config.bootstrap_servers
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed { backend: BACKEND });
+        }
+        Ok(())
+    }
+
+    /// Makes sure `topic` exists: creates it (partitions and replication from the
+    /// config) unless creation is off, in which case a missing topic is an error.
+    pub async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        validate_name("topic", topic)?;
+        if lock(&self.inner.topics).contains(topic) {
+            return Ok(());
+        }
+        let timeout = self.inner.config.publish_timeout;
+        if self.inner.config.create_topics {
+            let new = NewTopic::new(
+                topic,
+                self.inner.config.partitions,
+                TopicReplication::Fixed(self.inner.config.replication),
+            );
+            let opts = AdminOptions::new()
+                .request_timeout(Some(timeout))
+                .operation_timeout(Some(timeout));
+            let results =
+                tokio::time::timeout(timeout, self.inner.admin.create_topics([&new], &opts))
+                    .await
+                    .map_err(|_| {
+                        self.unreachable(timeout, format!("topic {topic:?} to be created"))
+                    })?
+                    .map_err(|e| {
+                        kafka_error(format!("creating topic {topic:?} on {}", self.servers()), e)
+                    })?;
+            for r in results {
+                match r {
+                    Ok(_) => tracing::info!(
+                        topic,
+                        partitions = self.inner.config.partitions,
+                        "created Kafka topic"
+                    ),
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((_, code)) => {
+                        return Err(kafka_error(
+                            format!("creating topic {topic:?} on {}", self.servers()),
+                            KafkaError::AdminOp(code),
+                        ))
+                    }
+                }
+            }
+        } else {
+            let producer = self.inner.producer.clone();
+            let name = topic.to_string();
+            // fetch_metadata blocks on a network round trip.
+            let metadata = tokio::task::spawn_blocking(move || {
+                producer.client().fetch_metadata(None, timeout)
+            })
+            .await
+            .map_err(|e| Error::permanent(BACKEND, e.to_string()))?
+            .map_err(|e| kafka_error(format!("reading topics from {}", self.servers()), e))?;
+            let exists = metadata
+                .topics()
+                .iter()
+                .any(|t| t.name() == name && !t.partitions().is_empty());
+            if !exists {
+                return Err(Error::Config {
+                    setting: "create_topics".into(),
+                    message: format!(
+                        "topic {topic:?} does not exist on {} and create_topics=false; create it, or allow creation",
+                        self.servers()
+                    ),
+                });
+            }
+        }
+        lock(&self.inner.topics).insert(topic.to_string());
+        Ok(())
+    }
+
+    fn unreachable(&self, after: Duration, what: String) -> Error {
+        Error::Timeout {
+            after,
+            what: format!(
+                "{what} by the Kafka broker(s) at {} (is it reachable?)",
+                self.servers()
+            ),
+        }
+    }
+
+    fn check_size(&self, message: &Message) -> Result<()> {
+        let limit = self.inner.config.max_message_size;
+        // The record also carries the key and headers; count them so the broker's
+        // limit and ours agree closely.
+        let size = message.payload.len()
+            + message.key.as_ref().map_or(0, String::len)
+            + message.id.len()
+            + message
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        if size > limit {
+            return Err(Error::MessageTooLarge {
+                id: message.id.clone(),
+                size,
+                limit,
+                backend: BACKEND,
+            });
+        }
+        Ok(())
+    }
+
+    /// Hands one record to librdkafka, waiting while its queue is full.
+    async fn enqueue(&self, topic: &str, message: &Message) -> Result<DeliveryFuture> {
+        let headers = record::headers(message);
+        let mut rec: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)
+            .payload(&message.payload[..])
+            .headers(headers)
+            .timestamp(record::millis(message.timestamp));
+        if let Some(key) = &message.key {
+            rec = rec.key(key.as_str());
+        }
+        loop {
+            match self.inner.producer.send_result(rec) {
+                Ok(f) => return Ok(f),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // librdkafka's queue drains as the broker acknowledges; wait briefly.
+                    rec = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((e, _)) => return Err(self.produce_error(message, e)),
+            }
+        }
+    }
+
+    fn produce_error(&self, message: &Message, e: KafkaError) -> Error {
+        match e.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::MessageSizeTooLarge) => Error::MessageTooLarge {
+                id: message.id.clone(),
+                size: message.payload.len(),
+                limit: self.inner.config.max_message_size,
+                backend: BACKEND,
+            },
+            Some(RDKafkaErrorCode::MessageTimedOut) => self.unreachable(
+                self.inner.config.publish_timeout,
+                format!("message {} to be acknowledged", message.id),
+            ),
+            _ => kafka_error(
+                format!("publishing message {} to {}", message.id, self.servers()),
+                e,
+            ),
+        }
+    }
+
+    async fn settle(&self, message: &Message, future: DeliveryFuture) -> Result<Receipt> {
+        match future.await {
+            Err(_) => Err(Error::Closed { backend: BACKEND }),
+            Ok(Err((e, _))) => Err(self.produce_error(message, e)),
+            Ok(Ok(d)) => {
+                // With acks=0 the broker never answers, so there is no offset to report.
+                let offset = match self.inner.config.delivery {
+                    DeliveryGuarantee::AtMostOnce => None,
+                    DeliveryGuarantee::AtLeastOnce => Some(d.offset).filter(|o| *o >= 0),
+                };
+                Ok(Receipt::new(message.id.clone(), Some(d.partition), offset))
+            }
+        }
+    }
+
+    async fn publish_inner(&self, topic: &str, messages: &[Message]) -> Result<Vec<Receipt>> {
+        self.check_open()?;
+        validate_name("topic", topic)?;
+        for m in messages {
+            self.check_size(m)?;
+        }
+        self.ensure_topic(topic).await?;
+        // Enqueue everything first, then await the acknowledgements: librdkafka batches
+        // the records into few produce requests, and the idempotent producer keeps them
+        // in order per partition.
+        let mut futures = Vec::with_capacity(messages.len());
+        for m in messages {
+            futures.push(self.enqueue(topic, m).await?);
+        }
+        try_join_all(messages.iter().zip(futures).map(|(m, f)| self.settle(m, f))).await
+    }
+}
+
+fn config_error(what: &str, e: KafkaError) -> Error {
+    Error::config(
+        "url",
+        format!("librdkafka rejected the {what} settings: {e}"),
+    )
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // State behind these locks stays consistent between statements; keep going after a panic.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[async_trait]
+impl Publisher for KafkaBroker {
+    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt> {
+        let mut r = self
+            .publish_inner(topic, std::slice::from_ref(&message))
+            .await?;
+        Ok(r.pop().expect("one receipt per message"))
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<Vec<Receipt>> {
+        self.publish_inner(topic, &messages).await
+    }
+}
+
+#[async_trait]
+impl Subscriber for KafkaBroker {
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+        self.check_open()?;
+        options.validate()?;
+        // Subscribing to a missing topic would join with no partitions and miss the
+        // first messages; make it exist first.
+        self.ensure_topic(&options.topic).await?;
+        let sub = KafkaSubscription::start(&self.inner.config, options).await?;
+        Ok(Box::new(sub))
+    }
+}
+
+#[async_trait]
+impl Broker for KafkaBroker {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            replay: true,
+            persistent: true,
+            per_key_order: true,
+            durable_attempts: false,
+            native_dead_letter: false,
+            delayed_delivery: false,
+            max_message_size: Some(self.inner.config.max_message_size),
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.closed.store(true, Ordering::Release);
+        let producer = self.inner.producer.clone();
+        let timeout = self.inner.config.publish_timeout;
+        // flush blocks until every queued record is acknowledged (or the timeout).
+        tokio::task::spawn_blocking(move || producer.flush(timeout))
+            .await
+            .map_err(|e| Error::permanent(BACKEND, e.to_string()))?
+            .map_err(|e| kafka_error("flushing the producer", e))
+    }
+}

@@ -1,0 +1,335 @@
+//! Settings of the Kafka backend, from a `kafka://` URL or built in code.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use switchyard_core::{BrokerUrl, Error, Result};
+
+/// When the consumer commits the offsets of processed messages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CommitStrategy {
+    /// Every `commit_interval`, commit each partition's watermark: the lowest offset
+    /// not yet processed (everything below it is done). The default: at-least-once
+    /// with few commit round trips; a crash redelivers at most one interval of work.
+    #[default]
+    Periodic,
+    /// Commit the watermark synchronously after every ack, before the ack returns.
+    /// At-least-once with the smallest redelivery window after a crash; slow.
+    Sync,
+    /// librdkafka's auto-commit of whatever was *received*, processed or not.
+    /// **At-most-once: a crash loses the messages that were received but not yet
+    /// handled.** Only for data you can afford to lose.
+    Auto,
+}
+
+/// The producer's durability.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeliveryGuarantee {
+    /// `acks=all` with the idempotent producer: `publish` resolves once every in-sync
+    /// replica has the record, and retries never duplicate or reorder it. The default.
+    #[default]
+    AtLeastOnce,
+    /// `acks=0`: fire and forget. `publish` resolves once the record was sent; the
+    /// broker never confirms it and the receipt has no offset.
+    AtMostOnce,
+}
+
+/// Settings of a [`KafkaBroker`](crate::KafkaBroker).
+///
+/// From a URL, `kafka://host:port[,host:port][?setting=value&...]`:
+///
+/// | setting | default | meaning |
+/// |---|---|---|
+/// | `partitions` | 8 | partitions of topics switchyard creates |
+/// | `replication` | 1 | replication factor of topics switchyard creates |
+/// | `create_topics` | true | create missing topics; `false` makes a missing topic an error |
+/// | `commit` | `periodic` | `periodic`, `sync` or `auto` (see [`CommitStrategy`]) |
+/// | `commit_interval_ms` | 1000 | period of `commit=periodic` |
+/// | `delivery` | `at-least-once` | or `at-most-once` (see [`DeliveryGuarantee`]) |
+/// | `publish_timeout_ms` | 30000 | how long a publish may take, retries included (librdkafka `message.timeout.ms`) |
+/// | `max_message_size` | 1000000 | largest record; larger ones fail with `Error::MessageTooLarge` (librdkafka `message.max.bytes`) |
+/// | `join_timeout_ms` | 60000 | how long `subscribe` waits for the group to assign partitions |
+/// | `revoke_timeout_ms` | 10000 | on a rebalance, how long in-flight messages of revoked partitions may take before their partitions are released anyway |
+/// | `assign_delay_ms` | 1000 | before reading a partition this member did not own just before, wait this long so its previous owner can finish and commit (see below) |
+///
+/// Any other setting whose name contains a dot is handed to librdkafka unchanged
+/// (`security.protocol`, `sasl.mechanism`, `sasl.username`, `ssl.ca.location`,
+/// `session.timeout.ms`, `linger.ms`, ...), so TLS and SASL need no code. Any other
+/// name is an [`Error::Config`] naming it.
+///
+/// `assign_delay_ms` exists for brokers whose group coordinator hands a partition to its
+/// new owner before the old owner has revoked it (tansu 0.6 does: it completes a
+/// rebalance without waiting for every member to rejoin). Without the delay both
+/// members would handle the partition's uncommitted messages; with it, the old owner
+/// notices the rebalance (within a heartbeat), commits, and lets go first. Apache Kafka
+/// keeps that order itself, so `assign_delay_ms=0` is safe there.
+///
+/// Defaults switchyard sets for librdkafka (override them by URL): `session.timeout.ms=6000`
+/// and `heartbeat.interval.ms=1000` (a dead member's partitions move on after 6 s rather
+/// than 45 s, and members notice rebalances quickly),
+/// `linger.ms=5`, and `partitioner=murmur2_random` (the Java client's partitioner, so a
+/// key lands on the same partition whichever client published it).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct KafkaConfig {
+    /// `host:port` list, comma separated (librdkafka `bootstrap.servers`).
+    pub bootstrap_servers: String,
+    /// Partitions of topics switchyard creates.
+    pub partitions: i32,
+    /// Replication factor of topics switchyard creates.
+    pub replication: i32,
+    /// Whether missing topics are created.
+    pub create_topics: bool,
+    /// When offsets are committed.
+    pub commit: CommitStrategy,
+    /// Period of [`CommitStrategy::Periodic`].
+    pub commit_interval: Duration,
+    /// Producer durability.
+    pub delivery: DeliveryGuarantee,
+    /// How long a publish may take before it fails.
+    pub publish_timeout: Duration,
+    /// Largest record accepted.
+    pub max_message_size: usize,
+    /// How long `subscribe` waits for its first partition assignment.
+    pub join_timeout: Duration,
+    /// Bounded wait for in-flight messages of revoked partitions.
+    pub revoke_timeout: Duration,
+    /// Wait before reading a partition newly assigned to this member.
+    pub assign_delay: Duration,
+    /// librdkafka settings passed through, applied after switchyard's own.
+    pub client: Vec<(String, String)>,
+}
+
+impl KafkaConfig {
+    /// Defaults for these bootstrap servers.
+    pub fn new(bootstrap_servers: impl Into<String>) -> Self {
+        Self {
+            bootstrap_servers: bootstrap_servers.into(),
+            partitions: 8,
+            replication: 1,
+            create_topics: true,
+            commit: CommitStrategy::Periodic,
+            commit_interval: Duration::from_millis(1000),
+            delivery: DeliveryGuarantee::AtLeastOnce,
+            publish_timeout: Duration::from_secs(30),
+            max_message_size: 1_000_000,
+            join_timeout: Duration::from_secs(60),
+            revoke_timeout: Duration::from_secs(10),
+            assign_delay: Duration::from_millis(1000),
+            client: Vec::new(),
+        }
+    }
+
+    /// Parses a `kafka://` URL (see the type's documentation for the settings).
+    pub fn from_url(url: &str) -> Result<Self> {
+        let parsed = BrokerUrl::parse(url)?;
+        if parsed.scheme != "kafka" {
+            return Err(Error::UnknownScheme {
+                scheme: parsed.scheme,
+                url: switchyard_core::redact(url),
+            });
+        }
+        let servers = parsed.authority.trim_end_matches('/').to_string();
+        if servers.is_empty() {
+            return Err(Error::config(
+                "url",
+                "no broker address: write kafka://host:9092 (or kafka://h1:9092,h2:9092)",
+            ));
+        }
+        let mut config = Self::new(servers);
+        for (key, value) in &parsed.params {
+            let bad = |what: &str| Error::config(key.as_str(), format!("{value:?} is not {what}"));
+            match key.as_str() {
+                "partitions" => {
+                    config.partitions = value.parse().map_err(|_| bad("a partition count"))?
+                }
+                "replication" => {
+                    config.replication = value.parse().map_err(|_| bad("a replication factor"))?
+                }
+                "create_topics" => {
+                    config.create_topics = value.parse().map_err(|_| bad("true or false"))?
+                }
+                "commit" => {
+                    config.commit = match value.as_str() {
+                        "periodic" => CommitStrategy::Periodic,
+                        "sync" => CommitStrategy::Sync,
+                        "auto" => CommitStrategy::Auto,
+                        _ => return Err(bad("one of periodic, sync, auto")),
+                    }
+                }
+                "commit_interval_ms" => {
+                    config.commit_interval = millis(value).ok_or_else(|| bad("milliseconds"))?
+                }
+                "delivery" => {
+                    config.delivery = match value.as_str() {
+                        "at-least-once" => DeliveryGuarantee::AtLeastOnce,
+                        "at-most-once" => DeliveryGuarantee::AtMostOnce,
+                        _ => return Err(bad("at-least-once or at-most-once")),
+                    }
+                }
+                "publish_timeout_ms" => {
+                    config.publish_timeout = millis(value).ok_or_else(|| bad("milliseconds"))?
+                }
+                "max_message_size" => {
+                    config.max_message_size = value.parse().map_err(|_| bad("a byte count"))?
+                }
+                "join_timeout_ms" => {
+                    config.join_timeout = millis(value).ok_or_else(|| bad("milliseconds"))?
+                }
+                "revoke_timeout_ms" => {
+                    config.revoke_timeout = millis(value).ok_or_else(|| bad("milliseconds"))?
+                }
+                "assign_delay_ms" => {
+                    config.assign_delay = millis(value).ok_or_else(|| bad("milliseconds"))?
+                }
+                other if other.contains('.') => {
+                    config.client.push((other.to_string(), value.clone()))
+                }
+                other => {
+                    return Err(Error::config(
+                        other,
+                        "unknown kafka:// setting; switchyard's are partitions, replication, \
+                         create_topics, commit, commit_interval_ms, delivery, publish_timeout_ms, \
+                         max_message_size, join_timeout_ms, revoke_timeout_ms, assign_delay_ms; librdkafka settings \
+                         (names with a dot, such as security.protocol) are passed through",
+                    ))
+                }
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks numbers that cannot work.
+    pub fn validate(&self) -> Result<()> {
+        if self.partitions < 1 {
+            return Err(Error::config("partitions", "must be at least 1"));
+        }
+        if self.replication < 1 {
+            return Err(Error::config("replication", "must be at least 1"));
+        }
+        if self.max_message_size < 1000 {
+            return Err(Error::config(
+                "max_message_size",
+                "must be at least 1000 bytes (librdkafka's lower bound)",
+            ));
+        }
+        if self.commit_interval.is_zero() {
+            return Err(Error::config(
+                "commit_interval_ms",
+                "must be at least 1; use commit=sync to commit after every message",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Settings shared by the producer, the consumers and the admin client.
+    pub(crate) fn base(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap_servers);
+        c.set("message.max.bytes", self.max_message_size.to_string());
+        c
+    }
+
+    /// Applies the pass-through settings last, so they win over switchyard's defaults.
+    pub(crate) fn apply_client(&self, c: &mut ClientConfig) {
+        for (k, v) in &self.client {
+            c.set(k, v);
+        }
+    }
+
+    /// The producer's librdkafka settings.
+    pub(crate) fn producer(&self) -> ClientConfig {
+        let mut c = self.base();
+        c.set("linger.ms", "5");
+        c.set("partitioner", "murmur2_random");
+        c.set(
+            "message.timeout.ms",
+            self.publish_timeout.as_millis().to_string(),
+        );
+        match self.delivery {
+            DeliveryGuarantee::AtLeastOnce => {
+                c.set("acks", "all");
+                c.set("enable.idempotence", "true");
+            }
+            DeliveryGuarantee::AtMostOnce => {
+                c.set("acks", "0");
+                c.set("enable.idempotence", "false");
+            }
+        }
+        self.apply_client(&mut c);
+        c
+    }
+
+    /// The consumer's librdkafka settings for one group member.
+    pub(crate) fn consumer(&self, group: &str, earliest: bool) -> ClientConfig {
+        let mut c = self.base();
+        c.set("group.id", group);
+        c.set("session.timeout.ms", "6000");
+        c.set("heartbeat.interval.ms", "1000");
+        c.set(
+            "auto.offset.reset",
+            if earliest { "earliest" } else { "latest" },
+        );
+        c.set("enable.partition.eof", "false");
+        match self.commit {
+            CommitStrategy::Auto => {
+                c.set("enable.auto.commit", "true");
+                c.set("enable.auto.offset.store", "true");
+            }
+            _ => {
+                c.set("enable.auto.commit", "false");
+                c.set("enable.auto.offset.store", "false");
+            }
+        }
+        self.apply_client(&mut c);
+        c
+    }
+}
+
+fn millis(value: &str) -> Option<Duration> {
+    value.parse::<u64>().ok().map(Duration::from_millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_settings_and_passes_librdkafka_ones_through() {
+        let c = KafkaConfig::from_url(
+            "kafka://a:9092,b:9092?partitions=3&commit=sync&security.protocol=SASL_SSL&session.timeout.ms=7000",
+        )
+        .unwrap();
+        assert_eq!(c.bootstrap_servers, "a:9092,b:9092");
+        assert_eq!(c.partitions, 3);
+        assert_eq!(c.commit, CommitStrategy::Sync);
+        assert_eq!(
+            c.consumer("g", true).get("session.timeout.ms"),
+            Some("7000")
+        );
+        assert_eq!(c.producer().get("security.protocol"), Some("SASL_SSL"));
+    }
+
+    #[test]
+    fn unknown_and_bad_settings_name_themselves() {
+        let err = KafkaConfig::from_url("kafka://h:9092?partitons=3").unwrap_err();
+        assert!(
+            matches!(&err, Error::Config { setting, .. } if setting == "partitons"),
+            "{err}"
+        );
+        let err = KafkaConfig::from_url("kafka://h:9092?commit=never").unwrap_err();
+        assert!(
+            matches!(&err, Error::Config { setting, .. } if setting == "commit"),
+            "{err}"
+        );
+        let err = KafkaConfig::from_url("kafka://h:9092?partitions=0").unwrap_err();
+        assert!(
+            matches!(&err, Error::Config { setting, .. } if setting == "partitions"),
+            "{err}"
+        );
+        assert!(KafkaConfig::from_url("kafka://").is_err());
+    }
+}
