@@ -3,14 +3,16 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures::future::try_join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
 use switchyard_core::{
     validate_name, Broker, Capabilities, Error, Message, Publisher, Receipt, Result,
     SubscribeOptions, Subscriber, Subscription,
@@ -21,6 +23,21 @@ use crate::consumer::KafkaSubscription;
 use crate::record;
 
 pub(crate) const BACKEND: &str = "kafka";
+
+/// Where [`KafkaBroker::replay`] moves a group's position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReplayFrom {
+    /// The oldest retained record of every partition.
+    Earliest,
+    /// The same offset in every partition.
+    Offset(i64),
+    /// Explicit `(partition, offset)` pairs; other partitions keep their position.
+    Offsets(Vec<(i32, i64)>),
+    /// The first record stamped at or after this time, in every partition (the end of
+    /// the partition where there is none).
+    Timestamp(SystemTime),
+}
 
 /// A Kafka client: one idempotent producer shared by every publish, an admin client
 /// for topic creation, and one librdkafka consumer per subscription. Clones share them.
@@ -207,6 +224,93 @@ impl KafkaBroker {
         Ok(())
     }
 
+    /// Moves `group`'s committed position on `topic`, so its next members re-read from
+    /// there (replay after a bug fix, or skip ahead). Stop the group's members first: a
+    /// running member would overwrite the position with its next commit (Apache Kafka
+    /// refuses to reset an active group for the same reason).
+    pub async fn replay(&self, topic: &str, group: &str, from: ReplayFrom) -> Result<()> {
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        self.ensure_topic(topic).await?;
+        let consumer: BaseConsumer = self
+            .inner
+            .config
+            .consumer(group, true)
+            .create()
+            .map_err(|e| config_error("consumer", e))?;
+        let timeout = self.inner.config.publish_timeout;
+        let topic = topic.to_string();
+        let servers = self.servers().to_string();
+        // Metadata, offset look-ups and the commit are blocking round trips.
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let wrap = |what: &str, e| kafka_error(format!("{what} for {topic:?} on {servers}"), e);
+            let metadata = consumer
+                .fetch_metadata(Some(&topic), timeout)
+                .map_err(|e| wrap("reading partitions", e))?;
+            let partitions: Vec<i32> = metadata
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic)
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            let mut tpl = TopicPartitionList::new();
+            match from {
+                ReplayFrom::Earliest => {
+                    for p in partitions {
+                        let (low, _) = consumer
+                            .fetch_watermarks(&topic, p, timeout)
+                            .map_err(|e| wrap("reading the oldest offset", e))?;
+                        let _ = tpl.add_partition_offset(&topic, p, Offset::Offset(low));
+                    }
+                }
+                ReplayFrom::Offset(o) => {
+                    for p in partitions {
+                        let _ = tpl.add_partition_offset(&topic, p, Offset::Offset(o));
+                    }
+                }
+                ReplayFrom::Offsets(list) => {
+                    for (p, o) in list {
+                        let _ = tpl.add_partition_offset(&topic, p, Offset::Offset(o));
+                    }
+                }
+                ReplayFrom::Timestamp(t) => {
+                    let mut query = TopicPartitionList::new();
+                    for p in &partitions {
+                        let _ = query.add_partition_offset(
+                            &topic,
+                            *p,
+                            Offset::Offset(crate::record::millis(t)),
+                        );
+                    }
+                    let found = consumer
+                        .offsets_for_times(query, timeout)
+                        .map_err(|e| wrap("looking up offsets by time", e))?;
+                    for e in found.elements() {
+                        let offset = match e.offset() {
+                            Offset::Offset(o) => o,
+                            _ => {
+                                consumer
+                                    .fetch_watermarks(&topic, e.partition(), timeout)
+                                    .map_err(|e| wrap("reading the end offset", e))?
+                                    .1
+                            }
+                        };
+                        let _ =
+                            tpl.add_partition_offset(&topic, e.partition(), Offset::Offset(offset));
+                    }
+                }
+            }
+            if tpl.count() == 0 {
+                return Ok(());
+            }
+            consumer
+                .commit(&tpl, CommitMode::Sync)
+                .map_err(|e| wrap("committing the replay position", e))
+        })
+        .await
+        .map_err(|e| Error::permanent(BACKEND, e.to_string()))?
+    }
+
     fn unreachable(&self, after: Duration, what: String) -> Error {
         Error::Timeout {
             after,
@@ -219,25 +323,21 @@ impl KafkaBroker {
 
     fn check_size(&self, message: &Message) -> Result<()> {
         let limit = self.inner.config.max_message_size;
-        // The record also carries the key and headers; count them so the broker's
-        // limit and ours agree closely.
-        let size = message.payload.len()
-            + message.key.as_ref().map_or(0, String::len)
-            + message.id.len()
-            + message
-                .headers
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>();
-        if size > limit {
-            return Err(Error::MessageTooLarge {
-                id: message.id.clone(),
-                size,
-                limit,
-                backend: BACKEND,
-            });
+        // The payload is what the caller controls; a record whose key and headers push
+        // it over the limit is refused by librdkafka and mapped to the same error.
+        if message.payload.len() > limit {
+            return Err(self.too_large(message));
         }
         Ok(())
+    }
+
+    fn too_large(&self, message: &Message) -> Error {
+        Error::MessageTooLarge {
+            id: message.id.clone(),
+            size: message.payload.len(),
+            limit: self.inner.config.max_message_size,
+            backend: BACKEND,
+        }
     }
 
     /// Hands one record to librdkafka, waiting while its queue is full.
@@ -265,12 +365,7 @@ impl KafkaBroker {
 
     fn produce_error(&self, message: &Message, e: KafkaError) -> Error {
         match e.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::MessageSizeTooLarge) => Error::MessageTooLarge {
-                id: message.id.clone(),
-                size: message.payload.len(),
-                limit: self.inner.config.max_message_size,
-                backend: BACKEND,
-            },
+            Some(RDKafkaErrorCode::MessageSizeTooLarge) => self.too_large(message),
             Some(RDKafkaErrorCode::MessageTimedOut) => self.unreachable(
                 self.inner.config.publish_timeout,
                 format!("message {} to be acknowledged", message.id),
@@ -300,18 +395,32 @@ impl KafkaBroker {
     async fn publish_inner(&self, topic: &str, messages: &[Message]) -> Result<Vec<Receipt>> {
         self.check_open()?;
         validate_name("topic", topic)?;
-        for m in messages {
-            self.check_size(m)?;
-        }
         self.ensure_topic(topic).await?;
         // Enqueue everything first, then await the acknowledgements: librdkafka batches
         // the records into few produce requests, and the idempotent producer keeps them
-        // in order per partition.
-        let mut futures = Vec::with_capacity(messages.len());
+        // in order per partition. An oversize message is refused on its own: the others
+        // are still published (a too-large record must not fail the broker-side batch it
+        // would have travelled in), and the error names it.
+        let mut refused = None;
+        let mut pending = Vec::with_capacity(messages.len());
         for m in messages {
-            futures.push(self.enqueue(topic, m).await?);
+            let queued = match self.check_size(m) {
+                Ok(()) => self.enqueue(topic, m).await,
+                Err(e) => Err(e),
+            };
+            match queued {
+                Ok(f) => pending.push((m, f)),
+                Err(e @ Error::MessageTooLarge { .. }) => {
+                    refused.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        try_join_all(messages.iter().zip(futures).map(|(m, f)| self.settle(m, f))).await
+        let receipts = try_join_all(pending.into_iter().map(|(m, f)| self.settle(m, f))).await?;
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(receipts),
+        }
     }
 }
 

@@ -22,10 +22,16 @@
 //! - `acks=all` and the idempotent producer by default; `delivery=at-most-once` gives
 //!   `acks=0`. `publish` resolves with the partition and offset once acknowledged;
 //!   `publish_batch` hands every record to librdkafka, then awaits all acknowledgements.
+//!   A message over `max_message_size` is refused with `Error::MessageTooLarge` without
+//!   failing the rest of its batch: the other messages are published, then the batch
+//!   returns the error naming the refused one.
 //! - Missing topics are created with `partitions` (8) and `replication` (1); with
 //!   `create_topics=false` a missing topic is an [`Error::Config`](switchyard_core::Error::Config).
 //!
 //! ## Consumer
+//! Start at the earliest or latest offset (`StartFrom`), or move a stopped group to an
+//! offset or a time with [`KafkaBroker::replay`].
+//!
 //! Each `subscribe` is one member of the consumer group `group.id = group`, with its own
 //! librdkafka consumer polled by a dedicated thread. `subscribe` returns once the member
 //! has its first assignment (possibly empty), so a `StartFrom::Latest` member sees every
@@ -70,7 +76,7 @@ use std::sync::Arc;
 
 use switchyard_core::{AnyBroker, Result};
 
-pub use broker::KafkaBroker;
+pub use broker::{KafkaBroker, ReplayFrom};
 pub use config::{CommitStrategy, DeliveryGuarantee, KafkaConfig};
 pub use record::ID_HEADER;
 
