@@ -268,7 +268,9 @@ impl Shared {
                     .iter()
                     .any(|e| !st.owned_before.contains(&e.partition()))
         };
-        if taken_over && !self.assign_delay.is_zero() {
+        let assigned = tpl.elements_for_topic(&self.topic).len();
+        if taken_over && !self.assign_delay.is_zero() && !self.owns_whole_topic(consumer, assigned)
+        {
             // Let a previous owner that has not noticed the rebalance yet commit and
             // let go before we read the committed offsets (see `assign_delay_ms`).
             std::thread::sleep(self.assign_delay);
@@ -294,6 +296,20 @@ impl Shared {
         drop(st);
         tracing::debug!(topic = %self.topic, group = %self.group, partitions = tpl.count(), "partitions assigned");
         self.joined.notify_waiters();
+    }
+
+    /// Whether this member was given every partition of the topic: then the group's
+    /// assignment saw no other member, so no previous owner is still reading (they
+    /// left or were evicted) and the assign delay is pointless.
+    fn owns_whole_topic(&self, consumer: &BaseConsumer<MemberContext>, assigned: usize) -> bool {
+        match consumer.fetch_metadata(Some(&self.topic), META_TIMEOUT) {
+            Ok(m) => m
+                .topics()
+                .iter()
+                .find(|t| t.name() == &*self.topic)
+                .is_some_and(|t| !t.partitions().is_empty() && t.partitions().len() <= assigned),
+            Err(_) => false,
+        }
     }
 
     /// A new group starting at "latest" reads from the end as it is *now*, before
