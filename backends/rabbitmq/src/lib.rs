@@ -1,22 +1,233 @@
 //! # switchyard-rabbitmq
 //!
-//! The RabbitMQ backend (lapin). Not implemented in this release: connecting returns a
-//! typed error that says so.
+//! The RabbitMQ backend, on [lapin](https://docs.rs/lapin) 4. Connect with
+//! `amqp://user:pass@host:5672/vhost` (or `amqps://`); settings go in the query string
+//! (see [`RabbitConfig`]).
 //!
-//! ```
-//! let err = futures::executor::block_on(switchyard_rabbitmq::connect("amqp://guest:guest@127.0.0.1:5672/%2f")).err().unwrap();
-//! assert!(err.to_string().contains("not implemented"));
+//! ## Topology
+//!
+//! | switchyard | RabbitMQ |
+//! |---|---|
+//! | topic `T` | durable **topic exchange** `T` |
+//! | group `G` of `T` | `partitions` durable classic queues `T.G.p0` … `T.G.p{n-1}`, bound to `T` |
+//! | group membership | durable classic queue `T.G.members`; each member consumes it (no messages ever go there); its `x-max-length` records the partition count |
+//! | partition ownership | one **exclusive consumer** per partition queue, on the owning member's connection |
+//! | point-to-point `queue(N)` | topic `N`, group `N`: queues `N.N.p{i}` |
+//!
+//! (`T.G` longer than 220 bytes is cut to 200 bytes plus a hash, as AMQP names hold
+//! 255 bytes.) Everything is declared idempotently at subscribe time, and the exchange
+//! at publish time, on throwaway channels: an object that already exists with other
+//! settings is a permanent [`Error::Backend`] whose source is a [`DeclareConflict`]
+//! naming it.
+//!
+//! ## Per-key order with competing members
+//!
+//! A publisher hashes the key (FNV-1a) to one of 1024 slots and sends the slot's bits
+//! as the routing key (`"0.1.1.0.0.1.0.1.1.0"`); partition `i` of `n` (a power of two)
+//! binds the pattern `#.<low log2(n) bits of i>`. So a key always lands in the same
+//! partition of every group, publishers need not know partition counts, and unkeyed
+//! messages go round-robin over the slots.
+//!
+//! Each partition is consumed by **one member at a time**, through an exclusive
+//! consumer (RabbitMQ refuses a second one, and drops it with its channel or connection,
+//! so a dead member's partitions are free at once). Every `rebalance_ms` a member counts the group's members (the
+//! consumer count of `T.G.members`) and claims free partitions up to its fair share
+//! `ceil(partitions / members)`, or gives up the ones above it: a partition given up
+//! first stops handing out messages, waits for its in-flight ones to be settled, then
+//! closes its channel (its prefetched messages go back to their places at the queue
+//! head, and the exclusive consumer ends, in one step). Inside a member, a key gate holds back a message while an
+//! earlier one with the same key is unsettled, so a subscription's deliveries may run
+//! concurrently while same-key messages run one at a time, in publish order. At most
+//! `partitions` members of a group do work at once.
+//!
+//! ## Publishing
+//!
+//! Publisher confirms are always on: `publish` resolves once the broker confirmed;
+//! `publish_batch` sends the whole batch and then waits for the confirms (up to 4096
+//! outstanding). Messages are persistent and mandatory: a message no group queue takes
+//! comes back as an error whose source is [`Unroutable`] (RabbitMQ keeps messages only
+//! for groups that already exist, so subscribe before publishing). The message id is
+//! the AMQP `message_id`, the key the `x-switchyard-key` header, the headers the
+//! `headers` table (strings), `content-type` also the `content_type` property, and the
+//! timestamp the `timestamp` property (seconds).
+//!
+//! ## Consuming, attempts, dead letters
+//!
+//! Each owned partition has its own channel with `basic_qos(prefetch)`; a subscription
+//! hands out at most `prefetch` unsettled deliveries in all. Ack after processing;
+//! `Nack::Requeue` is `basic.nack(requeue)` — the message goes back to its place at the
+//! queue head and comes straight back, ahead of its key's successors (which the key
+//! gate holds until then); `Nack::Reject` is `basic.reject` (dead-lettered to
+//! `dead_letter_exchange` when set).
+//!
+//! Attempts: classic queues only flag a redelivery, so the member counts the attempts
+//! of the messages it requeued itself (exact: 1, 2, 3...), and a message redelivered
+//! for any other reason (a member closed or died with it unsettled) starts again at 2.
+//! So [`Capabilities::durable_attempts`] is false. Quorum queues would count
+//! (`x-delivery-count`) durably, but do not enforce exclusive consumers and keep file
+//! handles open per queue; the decoder still reads `x-delivery-count` when present.
+//!
+//! ## Long handlers and the consumer ack timeout
+//!
+//! RabbitMQ closes a channel whose delivery stays unacked longer than its
+//! `consumer_timeout` (30 minutes by default; set in `rabbitmq.conf`). When it does, the
+//! partition's messages go back to the queue and are redelivered, the late ack returns
+//! [`Error::SubscriptionClosed`], an error is logged naming the timeout, and the member
+//! claims the partition again. Keep handlers well under the timeout or raise it.
+//!
+//! ## Connection loss
+//!
+//! Each subscription has its own connection (and so its own locks). When it drops, the
+//! member reconnects with backoff (100 ms doubling to 5 s), redeclares, rejoins and
+//! claims partitions again; deliveries from the dead channels cannot be settled
+//! ([`Error::SubscriptionClosed`]) and the broker redelivers them, so handling is
+//! at-least-once across a loss. Publishes in flight fail with a transient error (or
+//! confirm); the next publish reconnects. lapin's own auto-recovery is not used.
+//!
+//! ```no_run
+//! # async fn demo() -> switchyard_core::Result<()> {
+//! use switchyard_core::{Message, SubscribeOptions};
+//! let broker = switchyard_rabbitmq::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+//! let mut sub = broker.subscribe(SubscribeOptions::new("orders", "email")).await?;
+//! broker.publish("orders", Message::new("order 1").with_key("customer-1")).await?;
+//! let delivery = sub.recv().await.unwrap()?;
+//! delivery.ack().await?;
+//! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
-use switchyard_core::{AnyBroker, Error, Result};
+mod codec;
+mod config;
+mod connection;
+mod gate;
+mod publisher;
+mod subscription;
+mod topology;
+
+use std::sync::{Arc, Mutex, Weak};
+
+use async_trait::async_trait;
+use switchyard_core::{
+    AnyBroker, Broker, CancellationToken, Capabilities, Error, Message, Publisher, Receipt, Result,
+    SubscribeOptions, Subscriber, Subscription,
+};
+
+pub use codec::KEY_HEADER;
+pub use config::RabbitConfig;
+pub use publisher::Unroutable;
+pub use topology::DeclareConflict;
+
+pub(crate) const BACKEND: &str = "rabbitmq";
 
 /// Connects to RabbitMQ from an `amqp://` or `amqps://` URL.
 pub async fn connect(url: &str) -> Result<AnyBroker> {
-    let _ = url;
-    Err(Error::Unsupported {
-        backend: "rabbitmq",
-        what: "connecting yet: the RabbitMQ backend is not implemented in this release".into(),
-    })
+    Ok(Arc::new(RabbitBroker::connect(url).await?))
+}
+
+/// A RabbitMQ client: a publishing connection, plus one connection per subscription.
+/// Clones share the publisher.
+#[derive(Clone)]
+pub struct RabbitBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Arc<RabbitConfig>,
+    publisher: publisher::PublisherCore,
+    subscriptions: Mutex<Vec<Weak<subscription::Shared>>>,
+    closed: CancellationToken,
+}
+
+impl RabbitBroker {
+    /// Connects (checking the broker answers) from an `amqp://` URL.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let config = Arc::new(RabbitConfig::from_url(url)?);
+        // Fail now, not at the first publish, when the broker is unreachable.
+        let probe = connection::connect_with_retry(&config, "probe").await?;
+        let _ = probe.close(200, "probe".into()).await;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                publisher: publisher::PublisherCore::new(config.clone()),
+                config,
+                subscriptions: Mutex::new(Vec::new()),
+                closed: CancellationToken::new(),
+            }),
+        })
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &RabbitConfig {
+        &self.inner.config
+    }
+}
+
+#[async_trait]
+impl Publisher for RabbitBroker {
+    async fn publish(&self, topic: &str, message: Message) -> Result<Receipt> {
+        let mut r = self.inner.publisher.publish(topic, vec![message]).await?;
+        Ok(r.pop().expect("one receipt per message"))
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> Result<Vec<Receipt>> {
+        self.inner.publisher.publish(topic, messages).await
+    }
+}
+
+#[async_trait]
+impl Subscriber for RabbitBroker {
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+        if self.inner.closed.is_cancelled() {
+            return Err(Error::Closed { backend: BACKEND });
+        }
+        let (sub, shared) = subscription::subscribe(
+            self.inner.config.clone(),
+            options,
+            self.inner.closed.child_token(),
+        )
+        .await?;
+        let mut subs = self
+            .inner
+            .subscriptions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        subs.retain(|w| w.strong_count() > 0);
+        subs.push(Arc::downgrade(&shared));
+        Ok(sub)
+    }
+}
+
+#[async_trait]
+impl Broker for RabbitBroker {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            replay: false,
+            persistent: true,
+            per_key_order: true,
+            durable_attempts: false,
+            native_dead_letter: self.inner.config.dead_letter_exchange.is_some(),
+            delayed_delivery: false,
+            max_message_size: Some(self.inner.config.max_message_size),
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        let subs: Vec<_> = self
+            .inner
+            .subscriptions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .filter_map(|w| w.upgrade())
+            .collect();
+        for s in subs {
+            subscription::close_shared(&s);
+        }
+        self.inner.closed.cancel();
+        self.inner.publisher.close().await
+    }
 }

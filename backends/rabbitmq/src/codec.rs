@@ -1,0 +1,151 @@
+//! A switchyard [`Message`] in AMQP properties and back.
+//!
+//! - id → `message_id`;
+//! - key → the `x-switchyard-key` header (a reserved header name);
+//! - headers → the `headers` table, one long-string entry each; `content-type` also sets
+//!   the `content_type` property, for other AMQP clients;
+//! - timestamp → `timestamp` (whole seconds, AMQP's resolution);
+//! - always `delivery_mode = 2` (persistent).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::BasicProperties;
+use switchyard_core::{Bytes, Error, Headers, Message, Result, CONTENT_TYPE_HEADER};
+
+/// The header that carries a message's key.
+pub const KEY_HEADER: &str = "x-switchyard-key";
+
+fn short(what: &str, s: &str) -> Result<ShortString> {
+    ShortString::try_new(s).map_err(|_| {
+        Error::config(
+            what,
+            format!(
+                "{s:?} is {} bytes; AMQP short strings hold at most 255",
+                s.len()
+            ),
+        )
+    })
+}
+
+/// The AMQP properties of `message`.
+pub(crate) fn properties(message: &Message) -> Result<BasicProperties> {
+    let mut headers = FieldTable::default();
+    for (name, value) in &message.headers {
+        if name == KEY_HEADER {
+            return Err(Error::config(
+                "headers",
+                format!("the header name {KEY_HEADER:?} is reserved for the message key; use Message::with_key"),
+            ));
+        }
+        headers.insert(
+            short("header name", name)?,
+            AMQPValue::LongString(LongString::from(value.as_bytes())),
+        );
+    }
+    if let Some(key) = &message.key {
+        headers.insert(
+            KEY_HEADER.into(),
+            AMQPValue::LongString(LongString::from(key.as_bytes())),
+        );
+    }
+    let secs = message
+        .timestamp
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut props = BasicProperties::default()
+        .with_message_id(short("message id", &message.id)?)
+        .with_delivery_mode(2)
+        .with_timestamp(secs)
+        .with_headers(headers);
+    if let Some(ct) = message.content_type() {
+        if let Ok(ct) = ShortString::try_new(ct) {
+            props = props.with_content_type(ct);
+        }
+    }
+    Ok(props)
+}
+
+fn as_string(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+fn as_count(v: &AMQPValue) -> Option<u64> {
+    match v {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
+        _ => None,
+    }
+}
+
+/// A received message and its attempt number (1 + `x-delivery-count` where a quorum
+/// queue set it, else 1; the subscription refines it).
+pub(crate) fn decode(props: &BasicProperties, data: Vec<u8>) -> (Arc<Message>, u32) {
+    let mut headers = Headers::new();
+    let mut key = None;
+    let mut attempt = 1u32;
+    if let Some(table) = props.headers() {
+        for (name, value) in table.inner() {
+            match name.as_str() {
+                KEY_HEADER => key = as_string(value),
+                "x-delivery-count" => {
+                    let count = as_count(value).unwrap_or(0);
+                    attempt = u32::try_from(count.saturating_add(1)).unwrap_or(u32::MAX);
+                }
+                other => {
+                    // Non-string entries are the broker's own (x-death tables and the like).
+                    if let Some(v) = as_string(value) {
+                        headers.insert(other.to_string(), v);
+                    }
+                }
+            }
+        }
+    }
+    if !headers.contains_key(CONTENT_TYPE_HEADER) {
+        if let Some(ct) = props.content_type() {
+            headers.insert(CONTENT_TYPE_HEADER.to_string(), ct.as_str().to_string());
+        }
+    }
+    let mut message = Message::new(Bytes::from(data));
+    if let Some(id) = props.message_id() {
+        message.id = id.as_str().to_string();
+    }
+    message.key = key;
+    message.headers = headers;
+    if let Some(ts) = props.timestamp() {
+        message.timestamp = UNIX_EPOCH + Duration::from_secs(*ts);
+    } else {
+        message.timestamp = SystemTime::now();
+    }
+    (Arc::new(message), attempt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_properties() {
+        let m = Message::new("x")
+            .with_key("kéy/1")
+            .with_header("ünï", "välue")
+            .with_header("empty", "")
+            .with_header(CONTENT_TYPE_HEADER, "application/json");
+        let props = properties(&m).unwrap();
+        let (back, attempt) = decode(&props, b"x".to_vec());
+        assert_eq!(attempt, 1);
+        assert_eq!(back.id, m.id);
+        assert_eq!(back.key, m.key);
+        assert_eq!(back.headers, m.headers);
+        let reserved = Message::new("x").with_header(KEY_HEADER, "k");
+        assert!(properties(&reserved).is_err());
+    }
+}

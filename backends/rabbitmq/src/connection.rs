@@ -1,0 +1,48 @@
+//! Opening connections, with bounded retries.
+
+use std::time::Duration;
+
+use lapin::{Connection, ConnectionProperties};
+use switchyard_core::{Error, Result};
+
+use crate::config::RabbitConfig;
+use crate::BACKEND;
+
+/// Opens a connection named `role` (visible in the management UI and `rabbitmqctl
+/// list_connections`). lapin's own auto-recovery stays off: we rebuild topology and
+/// consumers ourselves, so we know which deliveries died with the old channels.
+pub(crate) async fn connect_once(config: &RabbitConfig, role: &str) -> Result<Connection> {
+    let props =
+        ConnectionProperties::default().with_connection_name(format!("switchyard {role}").into());
+    // lapin has no overall handshake timeout; a broker that accepts the socket but
+    // never answers must not hang the caller.
+    let after = Duration::from_secs(10);
+    match tokio::time::timeout(after, Connection::connect(&config.amqp_url, props)).await {
+        Err(_) => Err(Error::Timeout {
+            after,
+            what: format!("the AMQP handshake with {}", config.redacted_url),
+        }),
+        Ok(r) => r.map_err(|e| {
+            Error::transient(
+                BACKEND,
+                format!("connecting to {}: {e}", config.redacted_url),
+            )
+        }),
+    }
+}
+
+/// Connects, retrying a few times with backoff (about 3 s in all) so a broker that is
+/// restarting or a connection that was just closed does not fail the caller at once.
+pub(crate) async fn connect_with_retry(config: &RabbitConfig, role: &str) -> Result<Connection> {
+    let mut pause = Duration::from_millis(50);
+    let mut last = None;
+    for _ in 0..6 {
+        match connect_once(config, role).await {
+            Ok(c) => return Ok(c),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+    Err(last.expect("at least one attempt"))
+}

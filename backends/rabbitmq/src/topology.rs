@@ -1,0 +1,293 @@
+//! Names, routing keys and declarations: how topics and groups map onto exchanges and
+//! queues.
+
+use std::fmt;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Connection, ExchangeKind};
+use switchyard_core::{Error, Result};
+
+use crate::BACKEND;
+
+/// How many bits of a key's hash the publisher puts in the routing key: a group may
+/// have up to `2^SLOT_BITS` partitions.
+pub(crate) const SLOT_BITS: u32 = 10;
+/// Number of routing slots.
+pub(crate) const SLOTS: usize = 1 << SLOT_BITS;
+
+/// A declaration that clashes with what the broker already has (another exchange type,
+/// other queue arguments). Carried as the source of a permanent [`Error::Backend`], so
+/// callers can downcast to it.
+#[derive(Debug)]
+pub struct DeclareConflict {
+    /// "exchange" or "queue".
+    pub kind: &'static str,
+    /// The object's name.
+    pub name: String,
+    /// The broker's explanation.
+    pub detail: String,
+}
+
+impl fmt::Display for DeclareConflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the {} {:?} already exists with settings switchyard cannot use ({}); \
+             delete it or pick another topic/group name",
+            self.kind, self.name, self.detail
+        )
+    }
+}
+
+impl std::error::Error for DeclareConflict {}
+
+/// FNV-1a 64: stable across processes, versions and platforms, unlike `DefaultHasher`,
+/// so every publisher sends a key to the same slot.
+pub(crate) fn key_hash(key: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The routing key of a slot: its bits as dot-separated words, most significant first
+/// ("0.1.1.0.0.1.0.1.1.0"), so a partition binds to the suffix of its own number's bits
+/// with a topic-exchange pattern and publishers never need to know partition counts.
+pub(crate) fn slot_routing_keys() -> Vec<ShortString> {
+    (0..SLOTS)
+        .map(|slot| {
+            let words: Vec<&str> = (0..SLOT_BITS)
+                .rev()
+                .map(|bit| if slot >> bit & 1 == 1 { "1" } else { "0" })
+                .collect();
+            ShortString::from(words.join("."))
+        })
+        .collect()
+}
+
+/// The binding pattern of partition `p` of `partitions` (a power of two).
+pub(crate) fn partition_pattern(p: u32, partitions: u32) -> String {
+    let bits = partitions.trailing_zeros();
+    let mut pattern = String::from("#");
+    for bit in (0..bits).rev() {
+        pattern.push_str(if p >> bit & 1 == 1 { ".1" } else { ".0" });
+    }
+    pattern
+}
+
+/// The broker-side names of one group.
+#[derive(Clone, Debug)]
+pub(crate) struct GroupNames {
+    pub(crate) exchange: String,
+    base: String,
+}
+
+impl GroupNames {
+    pub(crate) fn new(topic: &str, group: &str) -> Self {
+        // AMQP names are at most 255 bytes; topic and group may be 200 each, so long
+        // pairs are shortened with a hash that keeps them distinct.
+        let full = format!("{topic}.{group}");
+        let base = if full.len() <= 220 {
+            full
+        } else {
+            format!("{}~{:016x}", &full[..200], key_hash(&full))
+        };
+        Self {
+            exchange: topic.to_string(),
+            base,
+        }
+    }
+
+    pub(crate) fn partition(&self, p: u32) -> String {
+        format!("{}.p{p}", self.base)
+    }
+
+    pub(crate) fn members(&self) -> String {
+        format!("{}.members", self.base)
+    }
+}
+
+/// Maps a lapin error to switchyard's: connection trouble is transient, broker refusals
+/// (access, precondition) are permanent.
+pub(crate) fn map_err(what: &str, e: lapin::Error) -> Error {
+    let transient = !e.is_amqp_soft_error() || e.is_io_error();
+    let source = format!("{what}: {e}");
+    if transient {
+        Error::transient(BACKEND, source)
+    } else {
+        Error::permanent(BACKEND, source)
+    }
+}
+
+/// The broker's soft error code (404, 403, 405, 406...), if that is what `e` is.
+pub(crate) fn soft_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
+        _ => None,
+    }
+}
+
+fn conflict(kind: &'static str, name: &str, e: lapin::Error) -> Error {
+    match soft_code(&e) {
+        Some(406) | Some(405) => Error::permanent(
+            BACKEND,
+            DeclareConflict {
+                kind,
+                name: name.to_string(),
+                detail: e.to_string(),
+            },
+        ),
+        _ => map_err(&format!("declaring {kind} {name:?}"), e),
+    }
+}
+
+/// Declares the topic's exchange on a throwaway channel: a refused declaration closes
+/// the channel it was made on, and the working channels must survive it.
+pub(crate) async fn declare_exchange(conn: &Connection, exchange: &str) -> Result<()> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| map_err("opening a channel", e))?;
+    let r = ch
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match r {
+        Ok(()) => {
+            let _ = ch.close(200, "declared".into()).await;
+            Ok(())
+        }
+        Err(e) => Err(conflict("exchange", exchange, e)),
+    }
+}
+
+/// The arguments of a partition queue: a durable classic queue. Classic, not quorum:
+/// classic queues enforce exclusive consumers (the partition lock), requeue returned
+/// messages at their original place, and an idle one holds no file handles, where every
+/// quorum queue keeps a few open (a broker with the common 1024-descriptor limit stalls
+/// at about 300 of them).
+fn partition_args(dead_letter: Option<&str>) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
+    if let Some(dlx) = dead_letter {
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(dlx.into()),
+        );
+    }
+    args
+}
+
+/// Declares a group: the exchange, `partitions` classic queues bound by slot-suffix
+/// patterns, and the membership queue whose `x-max-length` records the partition count
+/// (a member configured with another count gets a clear error instead of duplicates).
+pub(crate) async fn declare_group(
+    conn: &Connection,
+    names: &GroupNames,
+    partitions: u32,
+    dead_letter: Option<&str>,
+) -> Result<()> {
+    declare_exchange(conn, &names.exchange).await?;
+    if let Some(dlx) = dead_letter {
+        declare_exchange(conn, dlx).await?;
+    }
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| map_err("opening a channel", e))?;
+    let mut members_args = FieldTable::default();
+    members_args.insert(
+        "x-max-length".into(),
+        AMQPValue::LongLongInt(i64::from(partitions)),
+    );
+    let members = names.members();
+    ch.queue_declare(
+        members.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        members_args,
+    )
+    .await
+    .map_err(|e| match soft_code(&e) {
+        Some(406) => Error::permanent(
+            BACKEND,
+            DeclareConflict {
+                kind: "queue",
+                name: members.clone(),
+                detail: format!(
+                    "the group was created with another partition count (this client uses \
+                     partitions={partitions}; all members of a group must agree): {e}"
+                ),
+            },
+        ),
+        _ => conflict("queue", &members, e),
+    })?;
+    for p in 0..partitions {
+        let queue = names.partition(p);
+        ch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            partition_args(dead_letter),
+        )
+        .await
+        .map_err(|e| conflict("queue", &queue, e))?;
+        ch.queue_bind(
+            queue.as_str().into(),
+            names.exchange.as_str().into(),
+            partition_pattern(p, partitions).into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| map_err(&format!("binding queue {queue:?}"), e))?;
+    }
+    let _ = ch.close(200, "declared".into()).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_slot_suffixes() {
+        let keys = slot_routing_keys();
+        assert_eq!(keys[0].as_str(), "0.0.0.0.0.0.0.0.0.0");
+        assert_eq!(keys[5].as_str(), "0.0.0.0.0.0.0.1.0.1");
+        assert_eq!(partition_pattern(0, 1), "#");
+        assert_eq!(partition_pattern(1, 4), "#.0.1");
+        assert_eq!(partition_pattern(5, 8), "#.1.0.1");
+        // slot 5 of 8 partitions lands in partition 5: its pattern is the key's suffix.
+        assert!(keys[5].as_str().ends_with(".1.0.1"));
+    }
+
+    #[test]
+    fn long_names_are_shortened_but_distinct() {
+        let a = GroupNames::new(&"t".repeat(200), &"g".repeat(200));
+        let b = GroupNames::new(&"t".repeat(200), &"h".repeat(200));
+        assert!(a.partition(1023).len() <= 255 && a.members().len() <= 255);
+        assert_ne!(a.partition(0), b.partition(0));
+        assert_eq!(
+            GroupNames::new("orders", "email").partition(3),
+            "orders.email.p3"
+        );
+    }
+}
