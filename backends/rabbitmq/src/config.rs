@@ -5,7 +5,7 @@ use std::time::Duration;
 use switchyard_core::{BrokerUrl, Error, Result};
 
 /// Settings of the RabbitMQ backend. Given as URL parameters:
-/// `amqp://user:pass@host:5672/vhost?partitions=8&max_message_size=134217728&confirm_timeout_ms=30000&rebalance_ms=250&dead_letter_exchange=name`.
+/// `amqp://user:pass@host:5672/vhost?partitions=8&max_message_size=134217728&confirm_timeout_ms=30000&rebalance_ms=250&dead_letter_exchange=name&connection_name=switchyard`.
 /// lapin's own parameters (`heartbeat`, `connection_timeout`, `channel_max`,
 /// `frame_max`, `auth_mechanism`) pass through to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +27,9 @@ pub struct RabbitConfig {
     /// Exchange that rejected messages are dead-lettered to, if any (declared as a
     /// durable topic exchange; bind your dead-letter queue to it).
     pub dead_letter_exchange: Option<String>,
+    /// Prefix of the connection names the broker shows (default "switchyard"), e.g.
+    /// "switchyard publisher", "switchyard orders email".
+    pub connection_name: String,
 }
 
 const OURS: &[&str] = &[
@@ -35,6 +38,7 @@ const OURS: &[&str] = &[
     "confirm_timeout_ms",
     "rebalance_ms",
     "dead_letter_exchange",
+    "connection_name",
 ];
 const LAPIN: &[&str] = &[
     "heartbeat",
@@ -99,7 +103,12 @@ impl RabbitConfig {
         if let Some(dlx) = &dead_letter_exchange {
             switchyard_core::validate_name("topic", dlx)?;
         }
+        let connection_name = parsed
+            .param("connection_name")
+            .unwrap_or("switchyard")
+            .to_string();
         Ok(Self {
+            connection_name,
             amqp_url,
             redacted_url: switchyard_core::redact(url),
             partitions,

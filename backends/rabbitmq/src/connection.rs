@@ -12,8 +12,8 @@ use crate::BACKEND;
 /// list_connections`). lapin's own auto-recovery stays off: we rebuild topology and
 /// consumers ourselves, so we know which deliveries died with the old channels.
 pub(crate) async fn connect_once(config: &RabbitConfig, role: &str) -> Result<Connection> {
-    let props =
-        ConnectionProperties::default().with_connection_name(format!("switchyard {role}").into());
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("{} {role}", config.connection_name).into());
     // lapin has no overall handshake timeout; a broker that accepts the socket but
     // never answers must not hang the caller.
     let after = Duration::from_secs(10);
