@@ -188,15 +188,17 @@ async fn connection_kills_during_a_20k_run_lose_nothing() {
         m.join().await.unwrap();
     }
     broker.close().await.unwrap();
-    let handled = handled.lock().unwrap();
-    let missing = ids.iter().filter(|id| !handled.contains_key(*id)).count();
+    let (missing, again) = {
+        let handled = handled.lock().unwrap();
+        let missing = ids.iter().filter(|id| !handled.contains_key(*id)).count();
+        (missing, handled.values().filter(|&&n| n > 1).count())
+    };
     assert_eq!(missing, 0, "{missing} messages never handled");
     assert_eq!(kills, 3);
     assert!(
         killed_connections >= 3,
         "the kills closed only {killed_connections} connections"
     );
-    let again: usize = handled.values().filter(|&&n| n > 1).count();
     eprintln!(
         "20k run: {kills} kills closed {killed_connections} connections; {publish_failures} publish \
          batches retried; {again} messages handled more than once (redelivered after a kill)"
@@ -354,5 +356,105 @@ async fn graceful_shutdown_cancels_consumers_and_leaves_nothing_unacked() {
     assert!(ready > 0, "shutdown came after everything was handled");
     broker.close().await.unwrap();
     let _ = conn.close(200, "done".into()).await;
+    cleanup(&topic, &[group], 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_order_holds_while_members_join_and_partitions_move() {
+    let broker = Arc::new(RabbitBroker::connect(&base_url()).await.unwrap());
+    let topic = unique("reorder");
+    let group = "g";
+    let keys = 40;
+    let per_key = 60;
+    let last: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
+    let busy: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+    let violations: Arc<Mutex<Vec<String>>> = Arc::default();
+    let done = Arc::new(AtomicUsize::new(0));
+    let shutdown = CancellationToken::new();
+    let start_member = |label: usize| {
+        let (last, busy, violations, done) =
+            (last.clone(), busy.clone(), violations.clone(), done.clone());
+        let handler = move |d: Delivery| {
+            let (last, busy, violations, done) =
+                (last.clone(), busy.clone(), violations.clone(), done.clone());
+            async move {
+                let key = d.key().unwrap_or_default().to_string();
+                let seq: i64 = std::str::from_utf8(d.payload()).unwrap().parse().unwrap();
+                if !busy.lock().unwrap().insert(key.clone()) {
+                    violations
+                        .lock()
+                        .unwrap()
+                        .push(format!("{key} ran concurrently"));
+                }
+                tokio::time::sleep(Duration::from_millis(1 + (seq as u64 % 3))).await;
+                {
+                    let mut last = last.lock().unwrap();
+                    let prev = last.get(&key).copied().unwrap_or(-1);
+                    if seq != prev + 1 {
+                        violations
+                            .lock()
+                            .unwrap()
+                            .push(format!("{key}: {seq} after {prev} (member {label})"));
+                    }
+                    last.insert(key.clone(), seq);
+                }
+                busy.lock().unwrap().remove(&key);
+                done.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, HandlerError>(())
+            }
+        };
+        Consumer::handler(SubscribeOptions::new(&topic, group).prefetch(32), handler)
+            .concurrency(8)
+            .start(broker.clone(), shutdown.clone())
+    };
+    let mut members = vec![start_member(0).await.unwrap()];
+    let total = keys * per_key;
+    let publisher = {
+        let broker = broker.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            for seq in 0..per_key {
+                let batch: Vec<Message> = (0..keys)
+                    .map(|k| Message::new(seq.to_string()).with_key(format!("k{k}")))
+                    .collect();
+                broker.publish_batch(&topic, batch).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // Members join while messages flow, so partitions move from member to member.
+    for label in 1..3 {
+        while done.load(Ordering::SeqCst) < label * total / 4 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        members.push(start_member(label).await.unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while done.load(Ordering::SeqCst) < total {
+        assert!(
+            Instant::now() < deadline,
+            "handled {} of {total}",
+            done.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    publisher.await.unwrap();
+    shutdown.cancel();
+    let mut worked = 0;
+    for m in members {
+        let report = m.join().await.unwrap();
+        if report.acked > 0 {
+            worked += 1;
+        }
+    }
+    broker.close().await.unwrap();
+    let v = violations.lock().unwrap().clone();
+    assert!(
+        v.is_empty(),
+        "{} violations, first: {:?}",
+        v.len(),
+        v.first()
+    );
+    assert!(worked >= 2, "only {worked} members did any work");
     cleanup(&topic, &[group], 8).await;
 }
