@@ -30,15 +30,20 @@
 //!
 //! Each partition is consumed by **one member at a time**, through an exclusive
 //! consumer (RabbitMQ refuses a second one, and drops it with its channel or connection,
-//! so a dead member's partitions are free at once). Every `rebalance_ms` a member counts the group's members (the
-//! consumer count of `T.G.members`) and claims free partitions up to its fair share
-//! `ceil(partitions / members)`, or gives up the ones above it: a partition given up
-//! first stops handing out messages, waits for its in-flight ones to be settled, then
-//! closes its channel (its prefetched messages go back to their places at the queue
-//! head, and the exclusive consumer ends, in one step). Inside a member, a key gate holds back a message while an
-//! earlier one with the same key is unsettled, so a subscription's deliveries may run
-//! concurrently while same-key messages run one at a time, in publish order. At most
-//! `partitions` members of a group do work at once.
+//! so a dead member's partitions are free at once). Every `rebalance_ms` a member counts
+//! the group's members (the consumer count of `T.G.members`) and claims free partitions
+//! up to its fair share `ceil(partitions / members)`, or gives up the ones above it: a
+//! partition given up first stops handing out messages, waits (up to 30 s) for its
+//! in-flight ones to be settled, then closes its channel (its prefetched messages go
+//! back to their places at the queue head, and the exclusive consumer ends, in one
+//! step). Inside a member, a key gate holds back a message while an earlier one with the
+//! same key is unsettled, so a subscription's deliveries may run concurrently while
+//! same-key messages run one at a time, in publish order. At most `partitions` members
+//! of a group do work at once.
+//!
+//! Prefetch: each owned partition's channel has `basic_qos(prefetch)`, and the
+//! subscription hands out at most `prefetch` unsettled deliveries in all; the rest wait
+//! in the member (at most `prefetch` per owned partition).
 //!
 //! ## Publishing
 //!

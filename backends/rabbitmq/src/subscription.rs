@@ -569,7 +569,8 @@ impl Supervisor {
         };
         for (n, part) in released {
             if let Some(why) = &part.lost {
-                if why.contains("acknowledgement timed out") || why.contains("ack timeout") {
+                // RabbitMQ says "delivery acknowledgement on channel N timed out".
+                if why.contains("acknowledgement") && why.contains("timed out") {
                     tracing::error!(
                         partition = n,
                         "RabbitMQ closed the channel because a delivery stayed unacked past its \
