@@ -32,6 +32,8 @@ const POLL_WAIT: Duration = Duration::from_millis(100);
 const POLL_BATCH: usize = 512;
 /// Timeout of the blocking calls made inside a rebalance (committed offsets, watermarks).
 const META_TIMEOUT: Duration = Duration::from_secs(10);
+/// Payload bytes a member buffers (received, not yet handed out) before it pauses fetching.
+const MAX_BUFFERED_BYTES: usize = 64 << 20;
 
 type Key = Arc<str>;
 
@@ -80,6 +82,8 @@ struct State {
     /// Records waiting for their key, in offset order per key.
     blocked: HashMap<Key, VecDeque<Entry>>,
     blocked_len: usize,
+    /// Payload bytes in `ready` and `blocked`.
+    buffered_bytes: usize,
     /// Handed out and not settled, by (partition, offset).
     inflight: HashMap<(i32, i64), Entry>,
     /// A revocation is waiting for in-flight messages.
@@ -110,6 +114,7 @@ impl State {
             return; // already held (a re-fetch): one copy is enough
         }
         part.next = part.next.max(entry.offset + 1);
+        self.buffered_bytes += entry.message.payload.len();
         match &entry.key {
             None => self.ready.push_back(entry),
             Some(k) if self.busy.contains(k) => {
@@ -148,6 +153,12 @@ impl State {
         }
         self.blocked.retain(|_, q| !q.is_empty());
         self.blocked_len = self.blocked.values().map(VecDeque::len).sum();
+        self.buffered_bytes = self
+            .ready
+            .iter()
+            .chain(self.blocked.values().flatten())
+            .map(|e| e.message.payload.len())
+            .sum();
         self.busy = self
             .inflight
             .values()
@@ -411,6 +422,7 @@ impl Shared {
                 // In-process redelivery: the offset stays pending (uncommitted) and the
                 // key stays busy, so later same-key records keep waiting behind it.
                 entry.attempt += 1;
+                st.buffered_bytes += entry.message.payload.len();
                 st.ready.push_back(entry);
             }
             Some(Nack::Requeue) => {
@@ -534,7 +546,10 @@ impl KafkaSubscription {
             topic: options.topic.as_str().into(),
             group: options.group.as_str().into(),
             prefetch: options.prefetch,
-            buffer_limit: (options.prefetch * 4).max(2048),
+            // Large enough that a fast consumer never pauses (a pause makes librdkafka
+            // drop what it prefetched and fetch it again), small enough to bound memory
+            // when handlers are slow or one key is stuck.
+            buffer_limit: (options.prefetch * 8).max(50_000),
             commit: config.commit,
             revoke_timeout: config.revoke_timeout,
             assign_delay: config.assign_delay,
@@ -629,20 +644,20 @@ fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<MemberContext>>, in
     let mut paused = false;
     let mut next_commit = Instant::now() + interval;
     loop {
-        let (stopping, buffered) = {
+        let (stopping, buffered, bytes) = {
             let st = shared.state();
-            (st.stopping, st.buffered())
+            (st.stopping, st.buffered(), st.buffered_bytes)
         };
         if stopping {
             break;
         }
         // Back-pressure: stop fetching while the buffer is full (a slow handler or a
         // stuck key), but keep polling so rebalances and heartbeats are served.
-        if !paused && buffered >= shared.buffer_limit {
+        if !paused && (buffered >= shared.buffer_limit || bytes >= MAX_BUFFERED_BYTES) {
             if let Ok(a) = consumer.assignment() {
                 paused = consumer.pause(&a).is_ok();
             }
-        } else if paused && buffered < shared.buffer_limit / 2 {
+        } else if paused && buffered < shared.buffer_limit / 2 && bytes < MAX_BUFFERED_BYTES / 2 {
             if let Ok(a) = consumer.assignment() {
                 paused = consumer.resume(&a).is_err();
             }
@@ -705,6 +720,7 @@ fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<MemberContext>>, in
     st.ready.clear();
     st.blocked.clear();
     st.blocked_len = 0;
+    st.buffered_bytes = 0;
     drop(st);
     shared.wake.notify_waiters();
 }
@@ -766,6 +782,7 @@ impl Subscription for KafkaSubscription {
                 let mut taken = Vec::with_capacity(n);
                 for _ in 0..n {
                     let Some(e) = st.ready.pop_front() else { break };
+                    st.buffered_bytes = st.buffered_bytes.saturating_sub(e.message.payload.len());
                     let key = (e.partition, e.offset);
                     st.inflight.insert(
                         key,
