@@ -136,7 +136,7 @@ async fn raw_consume(conn: &Connection, topic: &str, n: usize) -> f64 {
     for p in 0..PARTITIONS {
         consumers.push(
             ch.basic_consume(
-                format!("{topic}.g.p{p}").as_str().into(),
+                format!("{topic}:g.p{p}").as_str().into(),
                 format!("raw-{p}").as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -163,14 +163,14 @@ async fn cleanup(conn: &Connection, topic: &str) {
     for p in 0..PARTITIONS {
         let _ = ch
             .queue_delete(
-                format!("{topic}.g.p{p}").as_str().into(),
+                format!("{topic}:g.p{p}").as_str().into(),
                 QueueDeleteOptions::default(),
             )
             .await;
     }
     let _ = ch
         .queue_delete(
-            format!("{topic}.g.members").as_str().into(),
+            format!("{topic}:g.members").as_str().into(),
             QueueDeleteOptions::default(),
         )
         .await;

@@ -9,12 +9,13 @@
 //! | switchyard | RabbitMQ |
 //! |---|---|
 //! | topic `T` | durable **topic exchange** `T` |
-//! | group `G` of `T` | `partitions` durable classic queues `T.G.p0` … `T.G.p{n-1}`, bound to `T` |
-//! | group membership | durable classic queue `T.G.members`; each member consumes it (no messages ever go there); its `x-max-length` records the partition count |
+//! | group `G` of `T` | `partitions` durable classic queues `T:G.p0` … `T:G.p{n-1}`, bound to `T` |
+//! | group membership | durable classic queue `T:G.members`; each member consumes it (no messages ever go there); its `x-max-length` records the partition count |
 //! | partition ownership | one **exclusive consumer** per partition queue, on the owning member's connection |
-//! | point-to-point `queue(N)` | topic `N`, group `N`: queues `N.N.p{i}` |
+//! | point-to-point `queue(N)` | topic `N`, group `N`: queues `N:N.p{i}` |
 //!
-//! (`T.G` longer than 220 bytes is cut to 200 bytes plus a hash, as AMQP names hold
+//! (`:` cannot appear in topic or group names, so different pairs never share a
+//! queue; `T:G` longer than 220 bytes is cut to 200 bytes plus a hash, as AMQP names hold
 //! 255 bytes.) Everything is declared idempotently at subscribe time, and the exchange
 //! at publish time, on throwaway channels: an object that already exists with other
 //! settings is a permanent [`Error::Backend`] whose source is a [`DeclareConflict`]
@@ -31,7 +32,7 @@
 //! Each partition is consumed by **one member at a time**, through an exclusive
 //! consumer (RabbitMQ refuses a second one, and drops it with its channel or connection,
 //! so a dead member's partitions are free at once). Every `rebalance_ms` a member counts
-//! the group's members (the consumer count of `T.G.members`) and claims free partitions
+//! the group's members (the consumer count of `T:G.members`) and claims free partitions
 //! up to its fair share `ceil(partitions / members)`, or gives up the ones above it: a
 //! partition given up first stops handing out messages, waits (up to 30 s) for its
 //! in-flight ones to be settled, then closes its channel (its prefetched messages go
@@ -65,13 +66,15 @@
 //! gate holds until then); `Nack::Reject` is `basic.reject` (dead-lettered to
 //! `dead_letter_exchange` when set).
 //!
-//! Attempts: classic queues only flag a redelivery, so the member counts the attempts
-//! of the messages it requeued itself (exact: 1, 2, 3...), and a message redelivered
-//! for any other reason (a member closed or died with it unsettled) starts again at 2.
-//! So [`Capabilities::durable_attempts`] is false. Quorum queues would count
-//! (`x-delivery-count`) durably, but do not enforce exclusive consumers and keep file
-//! handles open per queue; the decoder still reads `x-delivery-count` when present.
-//!
+//! Attempts: classic queues only flag a redelivery (and flag prefetched messages that
+//! were never handed out too, when a partition changes hands), so the member counts the
+//! attempts of the messages it requeued itself: 1, 2, 3... A message that comes back
+//! for another reason (a member closed, died or lost its connection with it unsettled)
+//! starts again at 1. So [`Capabilities::durable_attempts`] is false. (Quorum queues
+//! count deliveries durably in `x-delivery-count`, but do not enforce exclusive
+//! consumers and keep file handles open per queue; the decoder still reads
+//! `x-delivery-count` when present.)
+
 //! ## Long handlers and the consumer ack timeout
 //!
 //! RabbitMQ closes a channel whose delivery stays unacked longer than its

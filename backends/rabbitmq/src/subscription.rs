@@ -735,14 +735,11 @@ async fn pump(shared: Arc<Shared>, p: u32, gen: u64, mut consumer: Consumer) {
     while let Some(item) = consumer.next().await {
         match item {
             Ok(d) => {
+                // Classic queues only flag a redelivery, and set the flag as well on
+                // messages that were prefetched but never handed out (a partition handed
+                // over), so it is not an attempt count; the gate counts the requeues of
+                // this member exactly.
                 let (message, attempt) = decode(&d.properties, d.data);
-                // Classic queues only flag a redelivery; the gate knows the exact count
-                // for messages this member requeued itself.
-                let attempt = if d.redelivered {
-                    attempt.max(2)
-                } else {
-                    attempt
-                };
                 let entry = Entry {
                     message,
                     attempt,

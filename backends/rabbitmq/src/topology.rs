@@ -87,9 +87,10 @@ pub(crate) struct GroupNames {
 
 impl GroupNames {
     pub(crate) fn new(topic: &str, group: &str) -> Self {
-        // AMQP names are at most 255 bytes; topic and group may be 200 each, so long
-        // pairs are shortened with a hash that keeps them distinct.
-        let full = format!("{topic}.{group}");
+        // ':' cannot occur in topic or group names, so ("a.b", "c") and ("a", "b.c")
+        // never share queues. AMQP names are at most 255 bytes; topic and group may be
+        // 200 each, so long pairs are shortened with a hash that keeps them distinct.
+        let full = format!("{topic}:{group}");
         let base = if full.len() <= 220 {
             full
         } else {
@@ -287,7 +288,12 @@ mod tests {
         assert_ne!(a.partition(0), b.partition(0));
         assert_eq!(
             GroupNames::new("orders", "email").partition(3),
-            "orders.email.p3"
+            "orders:email.p3"
+        );
+        // Dots may appear in both names; the separator keeps the pairs apart.
+        assert_ne!(
+            GroupNames::new("a.b", "c").partition(0),
+            GroupNames::new("a", "b.c").partition(0)
         );
     }
 }

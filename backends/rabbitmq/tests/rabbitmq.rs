@@ -40,9 +40,9 @@ async fn cleanup(topic: &str, groups: &[&str], partitions: u32) {
     let conn = raw().await;
     for group in groups {
         let mut names: Vec<String> = (0..partitions)
-            .map(|p| format!("{topic}.{group}.p{p}"))
+            .map(|p| format!("{topic}:{group}.p{p}"))
             .collect();
-        names.push(format!("{topic}.{group}.members"));
+        names.push(format!("{topic}:{group}.members"));
         for q in names {
             let ch = conn.create_channel().await.unwrap();
             let _ = ch
@@ -211,7 +211,7 @@ async fn conflicting_queue_declaration_is_a_clear_error() {
     let broker = RabbitBroker::connect(&base_url()).await.unwrap();
     let topic = unique("conflict");
     let group = "g";
-    let queue = format!("{topic}.{group}.p0");
+    let queue = format!("{topic}:{group}.p0");
     let conn = raw().await;
     let ch = conn.create_channel().await.unwrap();
     let mut args = FieldTable::default();
@@ -338,11 +338,11 @@ async fn graceful_shutdown_cancels_consumers_and_leaves_nothing_unacked() {
     let conn = raw().await;
     let mut ready = 0;
     for p in 0..8 {
-        let (messages, consumers) = queue_stats(&conn, &format!("{topic}.{group}.p{p}")).await;
+        let (messages, consumers) = queue_stats(&conn, &format!("{topic}:{group}.p{p}")).await;
         assert_eq!(consumers, 0, "partition {p} still has a consumer");
         ready += messages as usize;
     }
-    let (_, members) = queue_stats(&conn, &format!("{topic}.{group}.members")).await;
+    let (_, members) = queue_stats(&conn, &format!("{topic}:{group}.members")).await;
     assert_eq!(members, 0, "the members left the group");
     // Every message is either acked (handled) or back in a queue, ready: none is held
     // unacked by a consumer that is gone, and none was lost.
