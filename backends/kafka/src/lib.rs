@@ -64,6 +64,12 @@
 //!   without `close` does the same in the background; one whose process dies is evicted
 //!   after `session.timeout.ms` (6 s by default here), and its uncommitted messages go
 //!   to the others: nothing is lost, duplicates stay within the uncommitted window.
+//!
+//! ## Brokers
+//! Tested against tansu 0.6 (sqlite storage). Its group coordinator can hand a partition
+//! to a new member before the old one let go, hence `assign_delay_ms` (see
+//! [`KafkaConfig`]); set it to 0 on Apache Kafka. tansu never creates topics on its own,
+//! which is why switchyard creates them (`create_topics`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
