@@ -108,3 +108,61 @@ impl Gate {
         self.awaiting.is_empty() && !self.ready.iter().any(|e| e.requeued_head)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(message: &Arc<Message>) -> Entry {
+        let d = lapin::message::Delivery::mock(1, "".into(), "".into(), false, Vec::new());
+        Entry {
+            message: message.clone(),
+            attempt: 1,
+            acker: d.acker,
+            requeued_head: false,
+        }
+    }
+
+    fn keyed(key: &str) -> Arc<Message> {
+        Arc::new(Message::new("x").with_key(key))
+    }
+
+    #[test]
+    fn same_key_waits_for_its_predecessor() {
+        let mut g = Gate::default();
+        let (a1, a2, b1) = (keyed("a"), keyed("a"), keyed("b"));
+        let free = Arc::new(Message::new("unkeyed"));
+        for m in [&a1, &a2, &b1, &free] {
+            g.arrive(entry(m));
+        }
+        let out: Vec<String> = std::iter::from_fn(|| g.take(false))
+            .map(|e| e.message.id.clone())
+            .collect();
+        assert_eq!(out, vec![a1.id.clone(), b1.id.clone(), free.id.clone()]);
+        g.settled(&a1, 1, false);
+        assert_eq!(g.take(false).unwrap().message.id, a2.id);
+    }
+
+    #[test]
+    fn a_requeued_message_heads_its_key_again_with_the_next_attempt() {
+        let mut g = Gate::default();
+        let (a1, a2) = (keyed("a"), keyed("a"));
+        g.arrive(entry(&a1));
+        g.arrive(entry(&a2));
+        assert_eq!(g.take(false).unwrap().message.id, a1.id);
+        g.settled(&a1, 1, true);
+        assert!(!g.quiet(), "the requeued message is on its way back");
+        assert!(g.take(false).is_none(), "a2 must wait for a1's redelivery");
+        g.arrive(entry(&a1));
+        assert!(g
+            .take(true)
+            .is_some_and(|e| e.message.id == a1.id && e.attempt == 2));
+        assert!(g.quiet());
+        g.settled(&a1, 2, false);
+        assert!(
+            g.take(true).is_none(),
+            "draining hands out only requeued heads"
+        );
+        assert_eq!(g.take(false).unwrap().message.id, a2.id);
+    }
+}
