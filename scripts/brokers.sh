@@ -36,6 +36,23 @@ ensure_tansu() {
   }
 }
 
+# tansu 0.6.0's sqlite schema has no index on its header table, so every fetched record
+# scans every stored header and consumption slows to a crawl as the database grows
+# (switchyard writes an id header on every record). Add the index tansu lacks.
+tansu_index() {
+  if ! command -v sqlite3 >/dev/null; then
+    echo "brokers: installing sqlite3 from Debian's packages (to index tansu's database)" >&2
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sqlite3 >&2 || return 1
+  fi
+  local i
+  for ((i = 0; i < 50; i++)); do
+    sqlite3 "$1" "create index if not exists header_topition_offset on header (topition, offset_id);" 2>/dev/null && return 0
+    sleep 0.1 # the schema appears just after the port opens
+  done
+  echo "brokers: could not add the header index to $1" >&2
+  return 1
+}
+
 start_tansu() {
   if port_open 127.0.0.1 9092; then
     echo "brokers: something already answers on 127.0.0.1:9092; using it as Kafka" >&2
@@ -55,6 +72,7 @@ start_tansu() {
   STARTED_PIDS+=($!)
   echo $! >"$dir/tansu.pid"
   wait_port 127.0.0.1 9092 60 tansu || { tail -20 "$dir/tansu.log" >&2; return 1; }
+  tansu_index "$dir/tansu.db" || return 1
   echo "brokers: tansu $TANSU_VERSION started (pid $!, sqlite storage in $dir)" >&2
 }
 

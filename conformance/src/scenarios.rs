@@ -695,13 +695,20 @@ async fn late_group(ctx: Arc<Ctx>) -> Check {
 
 async fn topics_isolated(ctx: Arc<Ctx>) -> Check {
     let n = 20;
-    let mut subs = Vec::new();
-    for i in 0..n {
+    // A group per topic, subscribed concurrently: group joins are slow on some brokers
+    // (about 3 s on tansu), and one group spanning 20 topics would rebalance 20 times.
+    let joins = (0..n).map(|i| {
         let topic = ctx.name(&format!("iso{i}"));
-        subs.push((
-            topic.clone(),
-            subscribe(&ctx, SubscribeOptions::new(&topic, ctx.name("g"))).await?,
-        ));
+        let group = ctx.name(&format!("iso-g{i}"));
+        let ctx = ctx.clone();
+        async move {
+            let sub = subscribe(&ctx, SubscribeOptions::new(&topic, group)).await?;
+            Ok::<_, Outcome>((topic, sub))
+        }
+    });
+    let mut subs = Vec::new();
+    for joined in futures::future::join_all(joins).await {
+        subs.push(joined?);
     }
     let topics: Vec<String> = subs.iter().map(|(t, _)| t.clone()).collect();
     let mut sent = Vec::new();
