@@ -78,11 +78,13 @@
 //! ## Long handlers and the consumer ack timeout
 //!
 //! RabbitMQ closes a channel whose delivery stays unacked longer than its
-//! `consumer_timeout` (30 minutes by default; set in `rabbitmq.conf`). When it does, the
-//! partition's messages go back to the queue and are redelivered, the late ack returns
-//! [`Error::SubscriptionClosed`], an error is logged naming the timeout, and the member
-//! claims the partition again. Keep handlers well under the timeout or raise it.
-//!
+//! `consumer_timeout` (30 minutes by default; set in `rabbitmq.conf`). A member warns
+//! (once per delivery) when a delivery has been unsettled for 25 minutes. If the broker
+//! does close the channel, the partition's messages go back to the queue and are
+//! redelivered, the late ack returns [`Error::SubscriptionClosed`], an error naming the
+//! timeout is logged, and the member claims the partition again. Keep handlers well
+//! under the timeout, or raise it on the broker.
+
 //! ## Connection loss
 //!
 //! Each subscription has its own connection (and so its own locks). When it drops, the

@@ -28,6 +28,10 @@ use crate::connection::connect_once;
 use crate::gate::{Entry, Gate};
 use crate::topology::{declare_group, map_err, soft_code, GroupNames};
 
+/// How long a delivery may stay unsettled before the member warns that RabbitMQ's
+/// consumer ack timeout (30 min by default) is near.
+const ACK_TIMEOUT_WARNING: Duration = Duration::from_secs(25 * 60);
+
 /// How long a partition being handed over may wait for a requeued message to come back
 /// and be handled before it is released anyway.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
@@ -53,6 +57,12 @@ struct State {
     cursor: usize,
     fatal: Option<Error>,
     next_gen: u64,
+    /// When each unsettled delivery was handed out, by hand-out number: the oldest is
+    /// checked against RabbitMQ's consumer ack timeout.
+    handed_out: BTreeMap<u64, Instant>,
+    next_hand_out: u64,
+    /// The newest hand-out number already warned about.
+    warned_upto: u64,
 }
 
 struct Part {
@@ -124,7 +134,7 @@ struct RabbitSubscription {
 }
 
 impl RabbitSubscription {
-    fn deliver(&self, p: u32, gen: u64, entry: Entry) -> Delivery {
+    fn deliver(&self, p: u32, gen: u64, seq: u64, entry: Entry) -> Delivery {
         let origin = Origin::new(
             self.shared.topic.clone(),
             self.shared.group.clone(),
@@ -139,6 +149,7 @@ impl RabbitSubscription {
             attempt: entry.attempt,
             inner: entry.acker,
             done: AtomicBool::new(false),
+            seq,
         };
         Delivery::new(entry.message, entry.attempt, origin, acker)
     }
@@ -190,7 +201,10 @@ impl Subscription for RabbitSubscription {
                             }
                             if let Some(entry) = part.gate.take(part.draining.is_some()) {
                                 part.in_flight += 1;
-                                taken.push((p, part.gen, entry));
+                                st.next_hand_out += 1;
+                                let seq = st.next_hand_out;
+                                st.handed_out.insert(seq, Instant::now());
+                                taken.push((p, part.gen, seq, entry));
                                 progress = true;
                             }
                         }
@@ -203,7 +217,11 @@ impl Subscription for RabbitSubscription {
             }
             if !taken.is_empty() {
                 let n = taken.len();
-                buf.extend(taken.into_iter().map(|(p, g, e)| self.deliver(p, g, e)));
+                buf.extend(
+                    taken
+                        .into_iter()
+                        .map(|(p, g, seq, e)| self.deliver(p, g, seq, e)),
+                );
                 return Ok(n);
             }
             notified.await;
@@ -245,6 +263,8 @@ struct RabbitAcker {
     attempt: u32,
     inner: lapin::Acker,
     done: AtomicBool,
+    /// Hand-out number, for the ack-timeout watch.
+    seq: u64,
 }
 
 impl RabbitAcker {
@@ -258,6 +278,7 @@ impl RabbitAcker {
         {
             let mut st = self.shared.lock();
             st.unsettled = st.unsettled.saturating_sub(1);
+            st.handed_out.remove(&self.seq);
             if let Some(part) = st.parts.get_mut(&self.part) {
                 if part.gen == self.gen {
                     part.in_flight = part.in_flight.saturating_sub(1);
@@ -583,6 +604,7 @@ impl Supervisor {
             }
             self.release(part).await;
         }
+        self.watch_ack_timeout();
         let members = control
             .queue_declare(
                 self.names.members().into(),
@@ -636,6 +658,33 @@ impl Supervisor {
             }
         }
         Ok(())
+    }
+
+    /// Warns once per delivery that has been unsettled for longer than
+    /// [`ACK_TIMEOUT_WARNING`]: RabbitMQ closes the channel at its `consumer_timeout`
+    /// (30 min by default) and the message is handled again.
+    fn watch_ack_timeout(&self) {
+        let mut st = self.shared.lock();
+        let warned = st.warned_upto;
+        let late: Vec<(u64, Duration)> = st
+            .handed_out
+            .range(warned + 1..)
+            .take_while(|(_, at)| at.elapsed() > ACK_TIMEOUT_WARNING)
+            .map(|(seq, at)| (*seq, at.elapsed()))
+            .collect();
+        if let Some((last, _)) = late.last() {
+            st.warned_upto = *last;
+        }
+        drop(st);
+        for (_, held) in late {
+            tracing::warn!(
+                topic = %self.shared.topic,
+                group = %self.shared.group,
+                held_secs = held.as_secs(),
+                "a delivery is still unsettled; RabbitMQ closes the channel when it passes the \
+                 broker's consumer_timeout (30 min by default) and the message is delivered again"
+            );
+        }
     }
 
     /// Tries to own partition `p` with an exclusive consumer: RabbitMQ lets one consumer
