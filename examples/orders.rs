@@ -330,6 +330,20 @@ async fn run(args: Args) -> switchyard::Result<bool> {
     }
     let rate = args.orders as f64 * 3.0 / handled.as_secs_f64();
     eprintln!("all groups done in {handled:.2?} ({rate:.0} handled events/s across 3 groups)");
+    // Commit after processing, all the way: every group should be caught up now.
+    let mut lag_ok = true;
+    let mut lags = Vec::new();
+    for group in groups {
+        match broker.lag(&args.topic, group).await {
+            Ok(n) => {
+                lag_ok &= n == 0;
+                lags.push(format!("{group}={n}"));
+            }
+            Err(switchyard::Error::Unsupported { .. }) => lags.push(format!("{group}=n/a")),
+            Err(e) => return Err(e),
+        }
+    }
+    eprintln!("lag after shutdown: {}", lags.join(" "));
     broker.close().await?;
 
     let dead_orders: std::collections::HashSet<u64> = dead
@@ -359,5 +373,5 @@ async fn run(args: Args) -> switchyard::Result<bool> {
         count(&seen[1]),
         count(&seen[2]),
     );
-    Ok(missing == 0 && violations == 0 && duplicates == 0 && dlq == args.poison)
+    Ok(missing == 0 && violations == 0 && duplicates == 0 && dlq == args.poison && lag_ok)
 }

@@ -125,6 +125,12 @@ pub enum Command {
         /// The broker to talk to.
         #[command(flatten)]
         broker: Broker,
+        /// Only this topic (needed where the backend cannot list topics).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Also report this group's lag; repeat for more (Kafka cannot list groups).
+        #[arg(long = "group")]
+        groups: Vec<String>,
     },
 }
 
@@ -343,14 +349,37 @@ pub async fn run(cli: Cli, input: impl BufRead, out: &mut impl Write) -> Result<
             }
             Ok(())
         }
-        Command::Topics { broker } => {
+        Command::Topics {
+            broker,
+            topic,
+            groups,
+        } => {
             let broker = connect(&broker).await?;
-            for t in broker.topics().await? {
+            let listed = match broker.topics().await {
+                Ok(list) => list,
+                // A backend that cannot list topics can still answer for a named one.
+                Err(Error::Unsupported { .. }) if topic.is_some() => Vec::new(),
+                Err(e) => return Err(e),
+            };
+            let mut topics: Vec<switchyard::TopicInfo> = listed
+                .into_iter()
+                .filter(|t| topic.as_ref().is_none_or(|name| &t.name == name))
+                .collect();
+            if let (Some(name), true) = (&topic, topics.is_empty()) {
+                topics.push(switchyard::TopicInfo::new(name.clone(), None, Vec::new()));
+            }
+            for t in topics {
                 let size = t.messages.map_or("?".into(), |n| n.to_string());
                 writeln!(out, "{} messages={size}", t.name).map_err(io)?;
-                for g in t.groups {
+                let mut shown = Vec::new();
+                for g in &t.groups {
                     let lag = g.lag.map_or("?".into(), |n| n.to_string());
                     writeln!(out, "  group={} lag={lag}", g.name).map_err(io)?;
+                    shown.push(g.name.clone());
+                }
+                for g in groups.iter().filter(|g| !shown.contains(g)) {
+                    let lag = broker.lag(&t.name, g).await?;
+                    writeln!(out, "  group={g} lag={lag}").map_err(io)?;
                 }
             }
             broker.close().await

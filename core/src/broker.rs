@@ -260,6 +260,16 @@ pub trait Broker: Publisher + Subscriber {
             what: "listing topics".into(),
         })
     }
+    /// How far `group` is behind on `topic`: messages published but not yet done by the
+    /// group (Kafka: end offsets minus committed offsets; RabbitMQ: queue depth).
+    /// Default: [`Error::Unsupported`](crate::Error::Unsupported).
+    async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        let _ = (topic, group);
+        Err(crate::Error::Unsupported {
+            backend: self.backend(),
+            what: "reporting group lag".into(),
+        })
+    }
 }
 
 /// A broker chosen at run time.

@@ -272,6 +272,10 @@ impl<B: Broker + ?Sized> Broker for Instrumented<B> {
     async fn topics(&self) -> Result<Vec<crate::TopicInfo>> {
         self.inner.topics().await
     }
+
+    async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        self.inner.lag(topic, group).await
+    }
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use switchyard_core::{
     validate_name, Broker, Capabilities, Error, Message, Publisher, Receipt, Result,
-    SubscribeOptions, Subscriber, Subscription,
+    SubscribeOptions, Subscriber, Subscription, TopicInfo,
 };
 
 use crate::config::{DeliveryGuarantee, KafkaConfig};
@@ -311,6 +311,64 @@ impl KafkaBroker {
         .map_err(|e| Error::permanent(BACKEND, e.to_string()))?
     }
 
+    /// Partitions of `topic` with their low and high watermarks, and `group`'s committed
+    /// offsets when a group is given. Blocking round trips, run off the async threads.
+    async fn offsets(
+        &self,
+        topic: Option<&str>,
+        group: Option<&str>,
+    ) -> Result<Vec<PartitionOffsets>> {
+        // A group id is needed to read committed offsets; without one, any will do.
+        let consumer: BaseConsumer = self
+            .inner
+            .config
+            .consumer(group.unwrap_or("switchyard-inspect"), true)
+            .create()
+            .map_err(|e| config_error("consumer", e))?;
+        let timeout = self.inner.config.publish_timeout;
+        let topic = topic.map(str::to_string);
+        let with_group = group.is_some();
+        let servers = self.servers().to_string();
+        tokio::task::spawn_blocking(move || -> Result<Vec<PartitionOffsets>> {
+            let wrap = |what: &str, e| kafka_error(format!("{what} on {servers}"), e);
+            let metadata = consumer
+                .fetch_metadata(topic.as_deref(), timeout)
+                .map_err(|e| wrap("reading topic metadata", e))?;
+            let mut out = Vec::new();
+            let mut tpl = TopicPartitionList::new();
+            for t in metadata.topics() {
+                if t.name().starts_with("__") || t.partitions().is_empty() {
+                    continue;
+                }
+                for p in t.partitions() {
+                    let (low, high) = consumer
+                        .fetch_watermarks(t.name(), p.id(), timeout)
+                        .map_err(|e| wrap("reading watermarks", e))?;
+                    out.push(PartitionOffsets {
+                        topic: t.name().to_string(),
+                        low,
+                        high,
+                        committed: None,
+                    });
+                    tpl.add_partition(t.name(), p.id());
+                }
+            }
+            if with_group && tpl.count() > 0 {
+                let committed = consumer
+                    .committed_offsets(tpl, timeout)
+                    .map_err(|e| wrap("reading committed offsets", e))?;
+                for (slot, e) in out.iter_mut().zip(committed.elements()) {
+                    if let Offset::Offset(o) = e.offset() {
+                        slot.committed = Some(o);
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::permanent(BACKEND, e.to_string()))?
+    }
+
     fn unreachable(&self, after: Duration, what: String) -> Error {
         Error::Timeout {
             after,
@@ -431,6 +489,14 @@ fn config_error(what: &str, e: KafkaError) -> Error {
     )
 }
 
+/// One partition's offsets, for `topics()` and `lag()`.
+struct PartitionOffsets {
+    topic: String,
+    low: i64,
+    high: i64,
+    committed: Option<i64>,
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // State behind these locks stays consistent between statements; keep going after a panic.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -479,6 +545,33 @@ impl Broker for KafkaBroker {
             delayed_delivery: false,
             max_message_size: Some(self.inner.config.max_message_size),
         }
+    }
+
+    async fn topics(&self) -> Result<Vec<TopicInfo>> {
+        // Groups are not listed: tansu drops the connection on ListGroups/DescribeGroups;
+        // ask for a group's lag with `lag()` (or `switchyard topics --group`).
+        let mut topics: Vec<TopicInfo> = Vec::new();
+        for p in self.offsets(None, None).await? {
+            let messages = u64::try_from(p.high - p.low).unwrap_or(0);
+            match topics.iter_mut().find(|t| t.name == p.topic) {
+                Some(t) => t.messages = Some(t.messages.unwrap_or(0) + messages),
+                None => topics.push(TopicInfo::new(p.topic, Some(messages), Vec::new())),
+            }
+        }
+        topics.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(topics)
+    }
+
+    async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        let parts = self.offsets(Some(topic), Some(group)).await?;
+        // With nothing committed, a group has everything retained still to read.
+        Ok(parts
+            .iter()
+            .filter(|p| p.topic == topic)
+            .map(|p| u64::try_from(p.high - p.committed.unwrap_or(p.low).max(p.low)).unwrap_or(0))
+            .sum())
     }
 
     async fn close(&self) -> Result<()> {

@@ -504,6 +504,20 @@ impl Broker for MemoryBroker {
         }
     }
 
+    async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        let t = lock(&self.inner.topics).get(topic).cloned();
+        let Some(t) = t else {
+            return Ok(0);
+        };
+        let state = lock(&t.state);
+        let end = state.end();
+        Ok(match state.groups.iter().find(|(n, _)| **n == *group) {
+            Some((_, g)) => end - g.acked_below(),
+            // A group that never subscribed has read nothing.
+            None => end - state.base,
+        })
+    }
+
     async fn topics(&self) -> Result<Vec<TopicInfo>> {
         let topics: Vec<_> = lock(&self.inner.topics).values().cloned().collect();
         let mut out: Vec<TopicInfo> = topics
