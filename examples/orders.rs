@@ -222,7 +222,9 @@ async fn run(args: Args) -> switchyard::Result<bool> {
             .collect(),
     );
     let dlq_topic = format!("{}.dlq", args.topic);
-    let dead_letters = DeadLetters::new(broker.clone()).group(format!("orders-dlq-{run_id}"));
+    // One reading group for every run (runs are told apart by the run id in each event),
+    // so brokers that keep a queue per group do not collect one per run.
+    let dead_letters = DeadLetters::new(broker.clone());
     // The reading group must exist before anything is dead-lettered (brokers without replay).
     dead_letters.prepare(&dlq_topic).await?;
 

@@ -599,11 +599,17 @@ async fn shutdown_deadline(ctx: Arc<Ctx>) -> Check {
     let topic = ctx.name("deadline");
     let group = ctx.name("g");
     let sent = plain(50, "stuck");
+    let started = Arc::new(AtomicUsize::new(0));
     let stuck = {
-        move |_d: Delivery| async move {
-            // Never finishes: shutdown must give up on it and leave it for redelivery.
-            futures::future::pending::<()>().await;
-            Ok::<_, HandlerError>(())
+        let started = started.clone();
+        move |_d: Delivery| {
+            let started = started.clone();
+            async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                // Never finishes: shutdown must give up on it and leave it for redelivery.
+                futures::future::pending::<()>().await;
+                Ok::<_, HandlerError>(())
+            }
         }
     };
     let opts = SubscribeOptions::new(&topic, &group).prefetch(100);
@@ -615,15 +621,19 @@ async fn shutdown_deadline(ctx: Arc<Ctx>) -> Check {
     )
     .await?;
     publish_all(&ctx, &topic, sent.clone()).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Shut down only once every message is stuck in a handler.
+    ctx.wait_for(LONG, "all 50 handlers to start", || {
+        started.load(Ordering::SeqCst) >= 50
+    })
+    .await?;
     let report = stop(running).await?;
     ensure!(
         report.acked == 0,
         "nothing can have been acked, report {report:?}"
     );
     ensure!(
-        report.abandoned > 0,
-        "expected abandoned deliveries, report {report:?}"
+        report.abandoned == 50,
+        "expected the 50 stuck deliveries abandoned, report {report:?}"
     );
     let tally = Tally::default();
     let running = spawn(
