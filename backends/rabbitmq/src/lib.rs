@@ -225,6 +225,39 @@ impl Broker for RabbitBroker {
         }
     }
 
+    /// The group's queue depth: ready messages summed over its partition queues (a
+    /// group that was never declared has none). Unacked deliveries are not counted.
+    async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
+        use lapin::options::QueueDeclareOptions;
+        use lapin::types::FieldTable;
+        switchyard_core::validate_name("topic", topic)?;
+        switchyard_core::validate_name("group", group)?;
+        let names = topology::GroupNames::new(topic, group);
+        let conn = connection::connect_once(&self.inner.config, "inspect").await?;
+        let mut total = 0u64;
+        for p in 0..self.inner.config.partitions {
+            // A passive declare of a missing queue closes its channel: one channel each.
+            let channel = conn
+                .create_channel()
+                .await
+                .map_err(|e| topology::map_err("opening a channel", e))?;
+            let options = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            match channel
+                .queue_declare(names.partition(p).into(), options, FieldTable::default())
+                .await
+            {
+                Ok(q) => total += u64::from(q.message_count()),
+                Err(e) if topology::soft_code(&e) == Some(404) => {}
+                Err(e) => return Err(topology::map_err("reading a queue's depth", e)),
+            }
+        }
+        let _ = conn.close(200, "inspect".into()).await;
+        Ok(total)
+    }
+
     async fn close(&self) -> Result<()> {
         let subs: Vec<_> = self
             .inner
