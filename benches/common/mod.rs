@@ -53,9 +53,9 @@ where
     S: tower::Service<Delivery, Response = (), Error = HandlerError> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
-    let broker = Arc::new(MemoryBroker::with_config(
-        MemoryConfig::default().capacity(1 << 16),
-    ));
+    // The default capacity (1,048,576 messages per topic): publishers and consumers run
+    // at their own pace, and back-pressure only engages when a consumer falls that far behind.
+    let broker = Arc::new(MemoryBroker::with_config(MemoryConfig::default()));
     let shutdown = CancellationToken::new();
     let options = SubscribeOptions::new("bench", "bench").prefetch(2048);
     let running = Consumer::new(options, service)
