@@ -147,21 +147,20 @@ impl SubscribeOptions {
 /// - deliveries still unsettled when the subscription closes are redelivered later.
 #[async_trait]
 pub trait Subscription: Send {
-    /// The next delivery; `None` once the subscription is closed.
-    async fn recv(&mut self) -> Option<Result<Delivery>>;
-
     /// Up to `max` deliveries appended to `buf`, waiting for at least one. Returns how
-    /// many were added; 0 means the subscription is closed. Backends override it to
-    /// take many messages per round trip.
-    async fn recv_many(&mut self, buf: &mut Vec<Delivery>, max: usize) -> Result<usize> {
-        let _ = max;
-        match self.recv().await {
-            Some(Ok(d)) => {
-                buf.push(d);
-                Ok(1)
-            }
-            Some(Err(e)) => Err(e),
-            None => Ok(0),
+    /// many were added; 0 means the subscription is closed. The one method a backend
+    /// must write: taking many messages per call is what keeps the runtime fast. It must
+    /// be cancel-safe (dropping the future before it completes loses no message), since
+    /// the runtime polls it in a `select!`.
+    async fn recv_many(&mut self, buf: &mut Vec<Delivery>, max: usize) -> Result<usize>;
+
+    /// The next delivery; `None` once the subscription is closed.
+    async fn recv(&mut self) -> Option<Result<Delivery>> {
+        let mut buf = Vec::with_capacity(1);
+        match self.recv_many(&mut buf, 1).await {
+            Ok(0) => None,
+            Ok(_) => buf.pop().map(Ok),
+            Err(e) => Some(Err(e)),
         }
     }
 

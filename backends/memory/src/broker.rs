@@ -577,15 +577,6 @@ impl MemorySubscription {
 
 #[async_trait]
 impl Subscription for MemorySubscription {
-    async fn recv(&mut self) -> Option<Result<Delivery>> {
-        let mut buf = Vec::with_capacity(1);
-        match self.recv_many(&mut buf, 1).await {
-            Ok(0) => None,
-            Ok(_) => buf.pop().map(Ok),
-            Err(e) => Some(Err(e)),
-        }
-    }
-
     async fn recv_many(&mut self, buf: &mut Vec<Delivery>, max: usize) -> Result<usize> {
         if self.closed {
             return Ok(0);

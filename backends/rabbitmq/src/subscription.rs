@@ -157,15 +157,6 @@ impl RabbitSubscription {
 
 #[async_trait]
 impl Subscription for RabbitSubscription {
-    async fn recv(&mut self) -> Option<Result<Delivery>> {
-        let mut buf = Vec::with_capacity(1);
-        match self.recv_many(&mut buf, 1).await {
-            Ok(0) => None,
-            Ok(_) => buf.pop().map(Ok),
-            Err(e) => Some(Err(e)),
-        }
-    }
-
     async fn recv_many(&mut self, buf: &mut Vec<Delivery>, max: usize) -> Result<usize> {
         loop {
             let notified = self.shared.wake.notified();
