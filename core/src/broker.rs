@@ -4,6 +4,7 @@
 //! from a URL. Each trait has few required methods; the rest have default bodies.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -267,6 +268,27 @@ pub trait Broker: Publisher + Subscriber {
         Err(crate::Error::Unsupported {
             backend: self.backend(),
             what: "reporting group lag".into(),
+        })
+    }
+    /// Puts `message` back on `topic` for `group` only, no sooner than `delay` from now,
+    /// with the broker's own delay mechanism (RabbitMQ: a queue with a message TTL that
+    /// dead-letters into the group's queues). Returns once the broker holds the message
+    /// safely, so the caller may then ack the original.
+    ///
+    /// Backends without one (`Capabilities::delayed_delivery` false) return
+    /// [`Error::Unsupported`](crate::Error::Unsupported); retry tiers then fall back to
+    /// tier topics.
+    async fn redeliver_after(
+        &self,
+        topic: &str,
+        group: &str,
+        message: Message,
+        delay: Duration,
+    ) -> Result<()> {
+        let _ = (topic, group, message, delay);
+        Err(crate::Error::Unsupported {
+            backend: self.backend(),
+            what: "delayed redelivery".into(),
         })
     }
 }

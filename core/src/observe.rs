@@ -276,6 +276,18 @@ impl<B: Broker + ?Sized> Broker for Instrumented<B> {
     async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
         self.inner.lag(topic, group).await
     }
+
+    async fn redeliver_after(
+        &self,
+        topic: &str,
+        group: &str,
+        message: crate::Message,
+        delay: std::time::Duration,
+    ) -> Result<()> {
+        self.inner
+            .redeliver_after(topic, group, message, delay)
+            .await
+    }
 }
 
 #[cfg(test)]
