@@ -12,7 +12,11 @@ import sys
 
 import pika
 
-PREFIXES = ("sy-", "durable-", "restart-", "orders-", "orders.", "orders:")
+# Topic names start the names of everything a group declares: its partition and
+# membership queues (T:G.p0, T:G.members), and for delayed redeliveries its hold queues
+# and their exchanges (T:G.delay.<ms>) and its return exchange (T:G.return). "syr-" is
+# the RabbitMQ backend's own tests.
+PREFIXES = ("sy-", "syr-", "durable-", "restart-", "orders-", "orders.", "orders:")
 
 
 def names(kind):

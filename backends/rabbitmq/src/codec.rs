@@ -14,6 +14,8 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 use switchyard_core::{Bytes, Error, Headers, Message, Result, CONTENT_TYPE_HEADER};
 
+use crate::topology::is_hold_queue;
+
 /// The header that carries a message's key.
 pub const KEY_HEADER: &str = "x-switchyard-key";
 
@@ -109,6 +111,7 @@ pub(crate) fn decode(props: &BasicProperties, data: Vec<u8>) -> (Arc<Message>, u
             }
         }
     }
+    strip_hold_deaths(&mut headers);
     if !headers.contains_key(CONTENT_TYPE_HEADER) {
         if let Some(ct) = props.content_type() {
             headers.insert(CONTENT_TYPE_HEADER.to_string(), ct.as_str().to_string());
@@ -126,6 +129,23 @@ pub(crate) fn decode(props: &BasicProperties, data: Vec<u8>) -> (Arc<Message>, u
         message.timestamp = SystemTime::now();
     }
     (Arc::new(message), attempt)
+}
+
+/// Removes the string headers RabbitMQ adds when a delayed redelivery's hold queue
+/// dead-letters the message on expiry (`x-first-death-*`, and `x-last-death-*` on 3.13
+/// and later), so the redelivered message has exactly the headers it was published
+/// with. Death headers naming any other queue were there before (a native dead letter
+/// read back) and stay.
+fn strip_hold_deaths(headers: &mut Headers) {
+    for family in ["x-first-death", "x-last-death"] {
+        let queue = headers.get(&format!("{family}-queue"));
+        let reason = headers.get(&format!("{family}-reason"));
+        if queue.is_some_and(|q| is_hold_queue(q)) && reason.is_some_and(|r| r == "expired") {
+            for field in ["queue", "reason", "exchange"] {
+                headers.remove(&format!("{family}-{field}"));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -147,5 +167,32 @@ mod tests {
         assert_eq!(back.headers, m.headers);
         let reserved = Message::new("x").with_header(KEY_HEADER, "k");
         assert!(properties(&reserved).is_err());
+    }
+
+    #[test]
+    fn hold_queue_death_headers_are_dropped_and_others_kept() {
+        let with = |queue: &str| {
+            let mut table = FieldTable::default();
+            for (k, v) in [
+                ("x-first-death-queue", queue),
+                ("x-first-death-reason", "expired"),
+                ("x-first-death-exchange", "t:g.delay.100"),
+                ("mine", "kept"),
+            ] {
+                table.insert(k.into(), AMQPValue::LongString(v.into()));
+            }
+            let props = BasicProperties::default().with_headers(table);
+            decode(&props, Vec::new()).0
+        };
+        let delayed = with("t:g.delay.100");
+        assert_eq!(delayed.headers.len(), 1, "{:?}", delayed.headers);
+        assert_eq!(delayed.headers["mine"], "kept");
+        let dead_lettered = with("t:g.p3");
+        assert_eq!(
+            dead_lettered.headers.len(),
+            4,
+            "{:?}",
+            dead_lettered.headers
+        );
     }
 }

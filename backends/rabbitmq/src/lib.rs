@@ -57,6 +57,21 @@
 //! `headers` table (strings), `content-type` also the `content_type` property, and the
 //! timestamp the `timestamp` property (seconds).
 //!
+//! ## Delayed redelivery
+//!
+//! [`Broker::redeliver_after`] needs no plugin: group `G` of `T` gets a hold queue
+//! `T:G.delay.<ms>` per delay, with `x-message-ttl = ms` and `x-dead-letter-exchange =
+//! T:G.return`, fed through a fanout exchange of the same name. The message goes in with
+//! the routing key a publish would give it (its slot bits); on expiry RabbitMQ
+//! dead-letters it with that routing key to `T:G.return`, which binds the group's
+//! partition queues with the same patterns as `T` does: the message comes back to `G`
+//! only, in its key's partition, with its id, key, headers and payload unchanged (the
+//! `x-first-death-*` headers the broker adds are dropped on receipt, its `x-death`
+//! table is never a header). It arrives as attempt 1: the hold queue is a new
+//! delivery. Dead-lettering from classic queues is at-most-once inside the broker (no
+//! internal publisher confirms, <https://www.rabbitmq.com/docs/dlx#safety>): safe on one
+//! node; in a cluster, a message expiring while its target queue's node is down is lost.
+//!
 //! ## Consuming, attempts, dead letters
 //!
 //! Each owned partition has its own channel with `basic_qos(prefetch)`; a subscription
@@ -220,7 +235,7 @@ impl Broker for RabbitBroker {
             per_key_order: true,
             durable_attempts: false,
             native_dead_letter: self.inner.config.dead_letter_exchange.is_some(),
-            delayed_delivery: false,
+            delayed_delivery: true,
             max_message_size: Some(self.inner.config.max_message_size),
         }
     }
@@ -256,6 +271,31 @@ impl Broker for RabbitBroker {
         }
         let _ = conn.close(200, "inspect".into()).await;
         Ok(total)
+    }
+
+    /// Natively, with no plugin: the message waits in the group's hold queue
+    /// `T:G.delay.<ms>` (a classic queue with `x-message-ttl = ms`, fed by a fanout
+    /// exchange of the same name) and on expiry RabbitMQ dead-letters it, routing key
+    /// kept, through the group's return exchange `T:G.return` into the partition queue of
+    /// its key — so only this group gets it, in its key's order slot. Declared on first
+    /// use and remembered per connection; one hold queue per distinct delay, so use a
+    /// few fixed delays (retry tiers), not computed ones. Returns once the broker
+    /// confirmed the message into the hold queue.
+    ///
+    /// RabbitMQ dead-letters from classic queues at most once (without publisher
+    /// confirms inside the broker): on a single node that is safe, but in a cluster a
+    /// message whose partition queue's node is down when it expires is dropped.
+    async fn redeliver_after(
+        &self,
+        topic: &str,
+        group: &str,
+        message: Message,
+        delay: std::time::Duration,
+    ) -> Result<()> {
+        self.inner
+            .publisher
+            .redeliver_after(topic, group, message, delay)
+            .await
     }
 
     async fn close(&self) -> Result<()> {

@@ -16,7 +16,9 @@ use tokio::sync::Mutex;
 use crate::codec::properties;
 use crate::config::RabbitConfig;
 use crate::connection::connect_with_retry;
-use crate::topology::{declare_exchange, key_hash, map_err, slot_routing_keys, SLOTS};
+use crate::topology::{
+    declare_delay, declare_exchange, key_hash, map_err, slot_routing_keys, GroupNames, SLOTS,
+};
 use crate::BACKEND;
 
 /// How many publishes may wait for their confirm at once in a batch; bounds memory while
@@ -26,7 +28,18 @@ const CONFIRM_WINDOW: usize = 4096;
 struct Live {
     conn: Connection,
     channel: Channel,
+    /// What this connection declared: topic names, and `hold:<queue>` for the objects of
+    /// a delayed redelivery (topic names cannot contain ':', so the two never clash).
+    /// Forgotten with the connection, so a broker that lost them gets them again.
     declared: HashSet<String>,
+}
+
+/// What a publish needs declared before it goes out.
+enum Needs<'a> {
+    /// The topic's exchange.
+    Topic(&'a str),
+    /// A group's hold queue for one delay, and what it dead-letters into.
+    Hold { names: &'a GroupNames, ms: u64 },
 }
 
 pub(crate) struct PublisherCore {
@@ -35,6 +48,20 @@ pub(crate) struct PublisherCore {
     routing: Vec<ShortString>,
     next_slot: AtomicU64,
     closed: std::sync::atomic::AtomicBool,
+}
+
+/// The delay in whole milliseconds, rounded up; RabbitMQ's `x-message-ttl` is at most
+/// 2^32 - 1 ms (about 49 days).
+fn delay_ms(delay: Duration) -> Result<u64> {
+    let ms = delay.as_nanos().div_ceil(1_000_000);
+    u32::try_from(ms).map(u64::from).map_err(|_| {
+        Error::config(
+            "delay",
+            format!(
+                "{delay:?} is longer than RabbitMQ's longest message TTL, 2^32 - 1 ms (about 49 days)"
+            ),
+        )
+    })
 }
 
 /// Why a publish failed after it was sent.
@@ -71,8 +98,8 @@ impl PublisherCore {
         }
     }
 
-    /// A live channel with confirms on and the topic's exchange declared.
-    async fn channel_for(&self, topic: &str) -> Result<Channel> {
+    /// A live channel with confirms on and what `needs` declared.
+    async fn channel_for(&self, needs: Needs<'_>) -> Result<Channel> {
         let mut live = self.live.lock().await;
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed { backend: BACKEND });
@@ -100,9 +127,27 @@ impl PublisherCore {
             });
         }
         let l = live.as_mut().expect("connected above");
-        if !l.declared.contains(topic) {
-            declare_exchange(&l.conn, topic).await?;
-            l.declared.insert(topic.to_string());
+        match needs {
+            Needs::Topic(topic) => {
+                if !l.declared.contains(topic) {
+                    declare_exchange(&l.conn, topic).await?;
+                    l.declared.insert(topic.to_string());
+                }
+            }
+            Needs::Hold { names, ms } => {
+                let key = format!("hold:{}", names.hold(ms));
+                if !l.declared.contains(&key) {
+                    declare_delay(
+                        &l.conn,
+                        names,
+                        self.config.partitions,
+                        self.config.dead_letter_exchange.as_deref(),
+                        ms,
+                    )
+                    .await?;
+                    l.declared.insert(key);
+                }
+            }
         }
         Ok(l.channel.clone())
     }
@@ -140,7 +185,7 @@ impl PublisherCore {
             self.check(m)?;
             prepared.push((properties(m)?, self.routing_key(m)));
         }
-        let channel = self.channel_for(topic).await?;
+        let channel = self.channel_for(Needs::Topic(topic)).await?;
         let exchange = ShortString::from(topic);
         let mut pending: VecDeque<(usize, PublisherConfirm)> = VecDeque::new();
         let result = async {
@@ -176,6 +221,45 @@ impl PublisherCore {
             .into_iter()
             .map(|m| Receipt::new(m.id, None, None))
             .collect())
+    }
+
+    /// Puts `message` in `group`'s hold queue for `delay` (rounded up to whole
+    /// milliseconds, so it is never early), with the routing key a publish to `topic`
+    /// would have; returns once the broker confirmed it, so the caller may ack the
+    /// original. On expiry RabbitMQ dead-letters it into the group's partition queue of
+    /// its key (see [`declare_delay`]).
+    pub(crate) async fn redeliver_after(
+        &self,
+        topic: &str,
+        group: &str,
+        message: Message,
+        delay: Duration,
+    ) -> Result<()> {
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        self.check(&message)?;
+        let ms = delay_ms(delay)?;
+        let props = properties(&message)?;
+        let rk = self.routing_key(&message);
+        let names = GroupNames::new(topic, group);
+        let channel = self.channel_for(Needs::Hold { names: &names, ms }).await?;
+        let hold = names.hold(ms);
+        let confirm = channel
+            .basic_publish(
+                hold.as_str().into(),
+                rk,
+                BasicPublishOptions {
+                    // The hold queue is bound to its exchange; a return means it was
+                    // deleted behind our back, and the caller must not ack the original.
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &message.payload,
+                props,
+            )
+            .await
+            .map_err(|e| map_err("publishing a delayed redelivery", e))?;
+        self.await_confirm(topic, &message, confirm).await
     }
 
     async fn await_confirm(
@@ -227,5 +311,24 @@ impl PublisherCore {
             let _ = live.conn.close(200, "closed".into()).await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_round_up_to_whole_milliseconds_within_the_ttl_limit() {
+        assert_eq!(delay_ms(Duration::ZERO).unwrap(), 0);
+        assert_eq!(delay_ms(Duration::from_micros(1)).unwrap(), 1);
+        assert_eq!(delay_ms(Duration::from_micros(1500)).unwrap(), 2);
+        assert_eq!(delay_ms(Duration::from_secs(10)).unwrap(), 10_000);
+        assert_eq!(
+            delay_ms(Duration::from_millis(u64::from(u32::MAX))).unwrap(),
+            u64::from(u32::MAX)
+        );
+        let err = delay_ms(Duration::from_secs(50 * 24 * 3600)).unwrap_err();
+        assert!(matches!(err, Error::Config { .. }), "{err}");
     }
 }

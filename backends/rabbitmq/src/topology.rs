@@ -109,6 +109,27 @@ impl GroupNames {
     pub(crate) fn members(&self) -> String {
         format!("{}.members", self.base)
     }
+
+    /// The group's return exchange: where its hold queues dead-letter expired messages
+    /// to, bound to its partition queues only, so a delayed message reaches this group
+    /// and no other.
+    pub(crate) fn return_exchange(&self) -> String {
+        format!("{}.return", self.base)
+    }
+
+    /// The hold queue (and the fanout exchange of the same name in front of it) that
+    /// keeps the group's messages for `ms` milliseconds.
+    pub(crate) fn hold(&self, ms: u64) -> String {
+        format!("{}.delay.{ms}", self.base)
+    }
+}
+
+/// Whether `queue` is a hold queue (`T:G.delay.<ms>`): the broker's dead-letter headers
+/// naming one are bookkeeping of a delayed redelivery, not the message's own headers.
+pub(crate) fn is_hold_queue(queue: &str) -> bool {
+    queue.rsplit_once(".delay.").is_some_and(|(base, ms)| {
+        base.contains(':') && !ms.is_empty() && ms.bytes().all(|b| b.is_ascii_digit())
+    })
 }
 
 /// Maps a lapin error to switchyard's: connection trouble is transient, broker refusals
@@ -148,6 +169,11 @@ fn conflict(kind: &'static str, name: &str, e: lapin::Error) -> Error {
 /// Declares the topic's exchange on a throwaway channel: a refused declaration closes
 /// the channel it was made on, and the working channels must survive it.
 pub(crate) async fn declare_exchange(conn: &Connection, exchange: &str) -> Result<()> {
+    declare_exchange_of(conn, exchange, ExchangeKind::Topic).await
+}
+
+/// Declares a durable exchange of `kind` on a throwaway channel.
+async fn declare_exchange_of(conn: &Connection, exchange: &str, kind: ExchangeKind) -> Result<()> {
     let ch = conn
         .create_channel()
         .await
@@ -155,7 +181,7 @@ pub(crate) async fn declare_exchange(conn: &Connection, exchange: &str) -> Resul
     let r = ch
         .exchange_declare(
             exchange.into(),
-            ExchangeKind::Topic,
+            kind,
             ExchangeDeclareOptions {
                 durable: true,
                 ..Default::default()
@@ -264,6 +290,74 @@ pub(crate) async fn declare_group(
     Ok(())
 }
 
+/// Declares what a delayed redelivery of `ms` milliseconds to one group needs: the
+/// group itself (so a partition count that disagrees is the usual clear error), its
+/// return exchange bound to each partition queue with that partition's pattern (as on
+/// the topic's exchange), and the hold queue `T:G.delay.<ms>` behind a fanout exchange
+/// of the same name. The hold queue has `x-message-ttl = ms` and dead-letters to the
+/// return exchange; RabbitMQ keeps the routing key (the slot bits) when it dead-letters,
+/// so an expired message lands in its key's partition of this group only. One TTL per
+/// queue keeps it first-in first-out, so messages expire in order at its head.
+pub(crate) async fn declare_delay(
+    conn: &Connection,
+    names: &GroupNames,
+    partitions: u32,
+    dead_letter: Option<&str>,
+    ms: u64,
+) -> Result<()> {
+    declare_group(conn, names, partitions, dead_letter).await?;
+    let back = names.return_exchange();
+    let hold = names.hold(ms);
+    declare_exchange_of(conn, &back, ExchangeKind::Topic).await?;
+    declare_exchange_of(conn, &hold, ExchangeKind::Fanout).await?;
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| map_err("opening a channel", e))?;
+    for p in 0..partitions {
+        let queue = names.partition(p);
+        ch.queue_bind(
+            queue.as_str().into(),
+            back.as_str().into(),
+            partition_pattern(p, partitions).into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| map_err(&format!("binding queue {queue:?} to {back:?}"), e))?;
+    }
+    let mut args = partition_args(None);
+    args.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(back.as_str().into()),
+    );
+    ch.queue_declare(
+        hold.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .map_err(|e| conflict("queue", &hold, e))?;
+    ch.queue_bind(
+        hold.as_str().into(),
+        hold.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| map_err(&format!("binding queue {hold:?}"), e))?;
+    let _ = ch.close(200, "declared".into()).await;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +384,18 @@ mod tests {
             GroupNames::new("orders", "email").partition(3),
             "orders:email.p3"
         );
+        let g = GroupNames::new("orders", "email");
+        assert_eq!(g.hold(1500), "orders:email.delay.1500");
+        assert_eq!(g.return_exchange(), "orders:email.return");
+        assert!(is_hold_queue(&g.hold(0)));
+        for not_hold in [
+            "orders:email.p3",
+            "orders:email.members",
+            "x.delay.5",
+            "a:b.delay.",
+        ] {
+            assert!(!is_hold_queue(not_hold), "{not_hold}");
+        }
         // Dots may appear in both names; the separator keeps the pairs apart.
         assert_ne!(
             GroupNames::new("a.b", "c").partition(0),
