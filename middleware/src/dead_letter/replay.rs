@@ -67,13 +67,15 @@ impl DeadLetterRecord {
         }
     }
 
-    /// The original message: same id, key, payload and headers, failure headers removed.
+    /// The original message: same id, key, payload and headers, failure headers removed
+    /// (the dead-letter ones and the retry tiers' `x-retry-*`, so a replay starts afresh).
     pub fn original(&self) -> Message {
         let mut m = self.message.clone();
         m.key = m.headers.get(headers::ORIGINAL_KEY).cloned();
         for h in headers::ALL {
             m.headers.remove(*h);
         }
+        m.headers.retain(|k, _| !k.starts_with("x-retry-"));
         m
     }
 }

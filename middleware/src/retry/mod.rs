@@ -8,7 +8,8 @@
 mod tiers;
 
 pub use tiers::{
-    RetryTiers, RetryTopic, RetryTopicLayer, DUE_HEADER, ERROR_HEADER, ORIGIN_HEADER, TIER_HEADER,
+    RetryTiers, RetryTopic, RetryTopicLayer, Tiered, DUE_HEADER, ERROR_HEADER, ORIGIN_HEADER,
+    ORIGIN_OFFSET_HEADER, ORIGIN_PARTITION_HEADER, TIER_HEADER,
 };
 
 use std::fmt;

@@ -1,59 +1,98 @@
 //! Non-blocking retry through delay tiers (the seed's `@RetryableTopic`).
 //!
-//! A failed message does not wait in its consumer: [`RetryTopicLayer`] publishes it to
-//! the tier topic `<topic>.retry.<n>` with the time it is due, and acks it. A forwarder
-//! consumer per tier ([`RetryTiers::add_forwarders`]) waits until the message is due and
-//! publishes it back to `<topic>`, same id, key and payload. After the last tier the
-//! failure passes through (to a [`DeadLetterLayer`](crate::DeadLetterLayer) outside).
+//! A failed message does not wait in its consumer: [`RetryTopicLayer`] sends it on to
+//! its next tier with the time it is due, and the original is acked. It comes back to
+//! the **same group only** — other groups of the topic handled it already — and runs the
+//! same handler stack again. After the last tier the failure passes through (to a
+//! [`DeadLetterLayer`](crate::DeadLetterLayer) outside).
 //!
-//! Built from publish and subscribe only, it works the same on every backend: on Kafka
-//! these are retry topics, on memory the forwarder's wait is a timer; on RabbitMQ the
-//! tier topics are exchanges with their queues (RabbitMQ's TTL-queue + dead-letter
-//! exchange mapping is not used yet).
+//! One declarative policy ([`RetryTiers`]), mapped per backend:
+//! - **RabbitMQ** (`Capabilities::delayed_delivery`): the broker holds the message in a
+//!   queue whose message TTL is the tier's delay and which dead-letters into the
+//!   group's own queues ([`Broker::redeliver_after`]). The main consumer sees it again.
+//! - **Kafka and memory**: the message goes to the tier topic `<topic>.<group>.retry.<n>`,
+//!   consumed by the same group with the same handler, which first waits until the
+//!   message is due (on memory that wait is a timer; on Kafka it holds that tier
+//!   topic's partition, whose messages all fall due in order anyway). This is Spring
+//!   Kafka's retry-topic design; the group is in the name because a Kafka topic cannot
+//!   address one group.
+//!
+//! [`RetryTiers::consumers`] builds the consumers a backend needs (one, or one per tier
+//! more), all running the same service.
 //!
 //! Trade-off against in-process retry ([`RetryPolicy`](crate::RetryPolicy)): the
 //! partition (or key) is not held up while a message waits, so one slow key does not
 //! block others — but a later message with the same key is handled *before* the retried
 //! one. Use in-process retry where per-key order matters more than throughput.
+//!
+//! Layer order: `DeadLetterLayer` → `RetryTopicLayer` → `IdempotencyLayer` → handler.
+//! Idempotency must sit inside the tier layer, so a failure releases the message's mark
+//! before the tier layer turns it into a success; otherwise the retried copy would be
+//! skipped as a duplicate.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
 
 use switchyard_core::{
-    App, Consumer, Delivery, Error, HandlerError, Publisher, Result, SubscribeOptions, Subscriber,
+    Acker, AnyBroker, App, Consumer, Delivery, Error, HandlerError, Message, Nack, Origin, Result,
+    SubscribeOptions, Subscriber,
 };
-use tower::Layer;
+use tower::{Layer, Service, ServiceExt};
 
 use crate::recover::{OnFailure, Recover};
 
 /// Header: how many tiers the message has been through.
 pub const TIER_HEADER: &str = "x-retry-tier";
-/// Header: when it is due back on its topic (milliseconds since the Unix epoch).
+/// Header: when it is due back (milliseconds since the Unix epoch).
 pub const DUE_HEADER: &str = "x-retry-due-ms";
-/// Header: the topic it returns to.
+/// Header: the topic it was first published to.
 pub const ORIGIN_HEADER: &str = "x-retry-origin-topic";
+/// Header: its partition on the topic it was first published to, where there is one.
+pub const ORIGIN_PARTITION_HEADER: &str = "x-retry-origin-partition";
+/// Header: its offset on the topic it was first published to, where there is one.
+pub const ORIGIN_OFFSET_HEADER: &str = "x-retry-origin-offset";
 /// Header: the error of its last failure.
 pub const ERROR_HEADER: &str = "x-retry-error";
 
-/// One declarative policy: the delay of each tier, in order.
+/// Tier consumers wait for due messages inside the handler slot, so on shutdown they are
+/// cut short quickly: an unacked message simply comes back after a restart.
+const TIER_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Waiting messages each hold a slot until due, so tier consumers get more of them.
+const TIER_CONCURRENCY: usize = 64;
+
+/// One declarative policy: the delay of each tier, in order, for one broker.
 ///
 /// ```
+/// # async fn demo() -> switchyard_core::Result<()> {
 /// use std::time::Duration;
+/// use switchyard_core::{App, AnyBroker, Delivery, HandlerError, SubscribeOptions, handler_fn};
 /// use switchyard_middleware::retry::RetryTiers;
-/// let tiers = RetryTiers::new([Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(60)]).unwrap();
-/// assert_eq!(tiers.tier_topic("orders", 0), "orders.retry.0");
+/// use tower::ServiceBuilder;
+///
+/// let broker: AnyBroker = std::sync::Arc::new(switchyard_memory::MemoryBroker::new());
+/// let tiers = RetryTiers::new(broker.clone(), [Duration::from_secs(1), Duration::from_secs(10)])?;
+/// assert_eq!(tiers.tier_topic("orders", "payment", 0), "orders.payment.retry.0");
+///
+/// async fn pay(_: Delivery) -> Result<(), HandlerError> { Ok(()) }
+/// let service = ServiceBuilder::new().layer(tiers.layer()).service(handler_fn(pay));
+/// let app = tiers.add_consumers(App::new(broker), SubscribeOptions::new("orders", "payment"), service);
+/// # let _ = app; Ok(()) }
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RetryTiers {
     delays: Arc<[Duration]>,
-    group: String,
+    broker: AnyBroker,
+    native: bool,
 }
 
 impl RetryTiers {
-    /// Tiers with these delays (at least one).
-    pub fn new(delays: impl IntoIterator<Item = Duration>) -> Result<Self> {
+    /// Tiers with these delays (at least one) on `broker`.
+    pub fn new(broker: AnyBroker, delays: impl IntoIterator<Item = Duration>) -> Result<Self> {
         let delays: Arc<[Duration]> = delays.into_iter().collect();
         if delays.is_empty() {
             return Err(Error::config(
@@ -61,16 +100,12 @@ impl RetryTiers {
                 "give at least one retry tier delay, e.g. [1s, 10s, 60s]",
             ));
         }
+        let native = broker.capabilities().delayed_delivery;
         Ok(Self {
             delays,
-            group: "switchyard-retry".into(),
+            broker,
+            native,
         })
-    }
-
-    /// The group the forwarders consume tier topics as (default `switchyard-retry`).
-    pub fn group(mut self, group: impl Into<String>) -> Self {
-        self.group = group.into();
-        self
     }
 
     /// The delays.
@@ -78,68 +113,65 @@ impl RetryTiers {
         &self.delays
     }
 
-    /// Tier `n`'s topic for `topic`: `<topic>.retry.<n>`.
-    pub fn tier_topic(&self, topic: &str, n: usize) -> String {
-        format!("{topic}.retry.{n}")
+    /// Whether the broker delays messages itself (no tier topics, no tier consumers).
+    pub fn is_native(&self) -> bool {
+        self.native
+    }
+
+    /// Tier `n`'s topic for `group` of `topic`, where tier topics are used:
+    /// `<topic>.<group>.retry.<n>`, consumed by the group `<group>.retry.<n>`.
+    pub fn tier_topic(&self, topic: &str, group: &str, n: usize) -> String {
+        format!("{topic}.{group}.retry.{n}")
     }
 
     /// The layer that sends failures to the next tier.
-    pub fn layer(&self, publisher: Arc<dyn Publisher>) -> RetryTopicLayer {
+    pub fn layer(&self) -> RetryTopicLayer {
         RetryTopicLayer {
             tiers: self.clone(),
-            publisher,
         }
     }
 
-    /// Adds to `app` one forwarder per tier of `topic`, publishing due messages back
-    /// through `publisher`. Start the app before failures can happen, so the tier groups
-    /// exist on brokers without replay.
-    pub fn add_forwarders<B>(
-        &self,
-        app: App<B>,
-        topic: &str,
-        publisher: Arc<dyn Publisher>,
-    ) -> App<B>
+    /// The consumers that run `service` (a stack holding [`Self::layer`]) for `options`:
+    /// the topic's own first, then — where the broker cannot delay messages itself — one
+    /// per tier topic, same group. Configure them (`concurrency`, `members`) before
+    /// adding them to an [`App`].
+    pub fn consumers<S>(&self, options: SubscribeOptions, service: S) -> Vec<Consumer<Tiered<S>>>
+    where
+        S: Clone,
+    {
+        let topic = options.topic.clone();
+        let mut consumers = vec![Consumer::new(
+            options.clone(),
+            Tiered::new(service.clone(), &topic, &options.group),
+        )];
+        if !self.native {
+            for n in 0..self.delays.len() {
+                // Its own group per tier (as Spring Kafka does): a Kafka group whose
+                // members subscribe to different topics rebalances them all on each join.
+                let mut tier = options.clone();
+                tier.topic = self.tier_topic(&topic, &options.group, n);
+                tier.group = format!("{}.retry.{n}", options.group);
+                consumers.push(
+                    Consumer::new(tier, Tiered::new(service.clone(), &topic, &options.group))
+                        .concurrency(TIER_CONCURRENCY)
+                        .shutdown_timeout(TIER_SHUTDOWN_TIMEOUT),
+                );
+            }
+        }
+        consumers
+    }
+
+    /// Adds [`Self::consumers`] to `app` with their default settings. Start the app
+    /// before failures can happen, so the tier groups exist on brokers without replay.
+    pub fn add_consumers<B, S>(&self, app: App<B>, options: SubscribeOptions, service: S) -> App<B>
     where
         B: Subscriber + ?Sized + 'static,
+        S: Service<Delivery, Response = (), Error = HandlerError> + Clone + Send + 'static,
+        S::Future: Send + 'static,
     {
-        let mut app = app;
-        for n in 0..self.delays.len() {
-            let publisher = publisher.clone();
-            let origin_default = topic.to_string();
-            let forward = move |d: Delivery| {
-                let publisher = publisher.clone();
-                let origin_default = origin_default.clone();
-                async move {
-                    let m = d.message();
-                    if let Some(due) = m
-                        .headers
-                        .get(DUE_HEADER)
-                        .and_then(|v| v.parse::<u64>().ok())
-                    {
-                        let due = UNIX_EPOCH + Duration::from_millis(due);
-                        if let Ok(wait) = due.duration_since(SystemTime::now()) {
-                            tokio::time::sleep(wait).await;
-                        }
-                    }
-                    let origin = m
-                        .headers
-                        .get(ORIGIN_HEADER)
-                        .cloned()
-                        .unwrap_or(origin_default);
-                    let mut back = m.clone();
-                    back.headers.remove(DUE_HEADER);
-                    back.headers.remove(ORIGIN_HEADER);
-                    publisher.publish(&origin, back).await?;
-                    Ok::<_, HandlerError>(())
-                }
-            };
-            // Generous concurrency: waiting messages each hold a slot until due.
-            let options =
-                SubscribeOptions::new(self.tier_topic(topic, n), &self.group).prefetch(1024);
-            app = app.consumer(Consumer::handler(options, forward).concurrency(1024));
-        }
-        app
+        self.consumers(options, service)
+            .into_iter()
+            .fold(app, |app, c| app.consumer(c))
     }
 }
 
@@ -147,7 +179,6 @@ impl RetryTiers {
 #[derive(Clone)]
 pub struct RetryTopicLayer {
     tiers: RetryTiers,
-    publisher: Arc<dyn Publisher>,
 }
 
 impl<S> Layer<S> for RetryTopicLayer {
@@ -161,24 +192,24 @@ impl<S> Layer<S> for RetryTopicLayer {
 /// The service [`RetryTopicLayer`] produces.
 pub type RetryTopic<S> = Recover<S, RetryTopicLayer>;
 
+fn header<T: std::str::FromStr>(m: &Message, name: &str) -> Option<T> {
+    m.headers.get(name).and_then(|v| v.parse().ok())
+}
+
 impl OnFailure for RetryTopicLayer {
     fn on_failure(
         &self,
         delivery: Delivery,
         error: HandlerError,
     ) -> BoxFuture<'static, Result<(), HandlerError>> {
-        let layer = self.clone();
+        let tiers = self.tiers.clone();
         Box::pin(async move {
             if !error.is_retryable() {
                 return Err(error);
             }
             let m = delivery.message();
-            let tier: usize = m
-                .headers
-                .get(TIER_HEADER)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            let Some(delay) = layer.tiers.delays.get(tier) else {
+            let hops: usize = header(m, TIER_HEADER).unwrap_or(0);
+            let Some(delay) = tiers.delays.get(hops).copied() else {
                 return Err(error); // tiers exhausted: on to the dead-letter layer
             };
             let origin = m
@@ -186,7 +217,8 @@ impl OnFailure for RetryTopicLayer {
                 .get(ORIGIN_HEADER)
                 .cloned()
                 .unwrap_or_else(|| delivery.topic().to_string());
-            let due = SystemTime::now() + *delay;
+            let group = delivery.group().to_string();
+            let due = SystemTime::now() + delay;
             // Rounded up: a retry may come a millisecond late, never early.
             let due_ms = due
                 .duration_since(UNIX_EPOCH)
@@ -194,28 +226,128 @@ impl OnFailure for RetryTopicLayer {
                 .as_nanos()
                 .div_ceil(1_000_000);
             let mut next = m.clone();
-            next.headers
-                .insert(TIER_HEADER.into(), (tier + 1).to_string());
-            next.headers.insert(DUE_HEADER.into(), due_ms.to_string());
-            next.headers.insert(ORIGIN_HEADER.into(), origin.clone());
-            next.headers
-                .insert(ERROR_HEADER.into(), error.source_error().to_string());
-            let topic = layer.tiers.tier_topic(&origin, tier);
-            match layer.publisher.publish(&topic, next).await {
-                Ok(_) => {
+            let h = &mut next.headers;
+            h.insert(TIER_HEADER.into(), (hops + 1).to_string());
+            h.insert(DUE_HEADER.into(), due_ms.to_string());
+            h.insert(ORIGIN_HEADER.into(), origin.clone());
+            h.insert(ERROR_HEADER.into(), error.source_error().to_string());
+            // Where it first came from, for the dead-letter headers if all tiers fail.
+            if !h.contains_key(ORIGIN_PARTITION_HEADER) {
+                let o = delivery.origin();
+                if let Some(p) = o.partition {
+                    h.insert(ORIGIN_PARTITION_HEADER.into(), p.to_string());
+                }
+                if let Some(off) = o.offset {
+                    h.insert(ORIGIN_OFFSET_HEADER.into(), off.to_string());
+                }
+            }
+            let (sent, to) = if tiers.native {
+                let sent = tiers
+                    .broker
+                    .redeliver_after(&origin, &group, next, delay)
+                    .await;
+                (sent, format!("{origin} (delayed {delay:?} by the broker)"))
+            } else {
+                let topic = tiers.tier_topic(&origin, &group, hops);
+                let sent = tiers.broker.publish(&topic, next).await.map(drop);
+                (sent, topic)
+            };
+            match sent {
+                Ok(()) => {
                     tracing::info!(
                         id = delivery.id(),
-                        tier,
+                        tier = hops,
                         ?delay,
-                        topic,
+                        to,
                         "sent to retry tier"
                     );
                     Ok(())
                 }
                 Err(e) => Err(HandlerError::transient(format!(
-                    "{error}; and publishing to retry tier {topic} failed: {e}"
+                    "{error}; and sending it to retry tier {to} failed: {e}"
                 ))),
             }
         })
+    }
+}
+
+/// Runs a service on deliveries that may have come through retry tiers: waits until a
+/// message is due, and presents it as coming from its original topic with its attempts
+/// so far (tier hops included), so dead-letter headers name the real origin.
+#[derive(Clone)]
+pub struct Tiered<S> {
+    inner: S,
+    topic: Arc<str>,
+    group: Arc<str>,
+}
+
+impl<S> Tiered<S> {
+    fn new(inner: S, topic: &str, group: &str) -> Self {
+        Self {
+            inner,
+            topic: topic.into(),
+            group: group.into(),
+        }
+    }
+}
+
+impl<S> Service<Delivery> for Tiered<S>
+where
+    S: Service<Delivery, Response = (), Error = HandlerError> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = ();
+    type Error = HandlerError;
+    type Future = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, delivery: Delivery) -> Self::Future {
+        // The clone that was polled ready is the one called (tower's usual swap).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let (topic, group) = (self.topic.clone(), self.group.clone());
+        Box::pin(async move {
+            let m = delivery.message();
+            let Some(hops) = header::<u32>(m, TIER_HEADER) else {
+                return inner.oneshot(delivery).await; // a first delivery: as it is
+            };
+            if let Some(due) = header::<u64>(m, DUE_HEADER) {
+                let due = UNIX_EPOCH + Duration::from_millis(due);
+                if let Ok(wait) = due.duration_since(SystemTime::now()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            let origin = Origin::new(
+                topic,
+                group,
+                header(m, ORIGIN_PARTITION_HEADER),
+                header(m, ORIGIN_OFFSET_HEADER),
+            );
+            let attempt = delivery.attempt().saturating_add(hops);
+            let seen = Delivery::new(
+                delivery.message_arc().clone(),
+                attempt,
+                origin,
+                Forward(delivery.clone()),
+            );
+            inner.oneshot(seen).await
+        })
+    }
+}
+
+/// Settles the broker's delivery when the re-presented one is settled. Dropping the
+/// re-presented one does nothing: the broker's delivery has its own drop handling.
+struct Forward(Delivery);
+
+impl Acker for Forward {
+    fn ack(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.0.ack())
+    }
+
+    fn nack(&self, action: Nack) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.0.nack(action))
     }
 }
