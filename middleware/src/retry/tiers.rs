@@ -40,7 +40,7 @@ use futures::future::BoxFuture;
 
 use switchyard_core::{
     Acker, AnyBroker, App, Consumer, Delivery, Error, HandlerError, Message, Nack, Origin, Result,
-    SubscribeOptions, Subscriber,
+    StartFrom, SubscribeOptions, Subscriber,
 };
 use tower::{Layer, Service, ServiceExt};
 
@@ -151,6 +151,8 @@ impl RetryTiers {
                 let mut tier = options.clone();
                 tier.topic = self.tier_topic(&topic, &options.group, n);
                 tier.group = format!("{}.retry.{n}", options.group);
+                // A retry published before the tier group first joined must not be skipped.
+                tier.start = StartFrom::Earliest;
                 consumers.push(
                     Consumer::new(tier, Tiered::new(service.clone(), &topic, &options.group))
                         .concurrency(TIER_CONCURRENCY)
