@@ -2,7 +2,8 @@
 # Starts the brokers the tests need and stops what it started.
 #   source scripts/brokers.sh; start_tansu; start_rabbitmq; ...; stop_started
 # tansu (a Kafka-protocol broker) is installed from crates.io when missing; RabbitMQ is
-# started (or installed from Debian's packages) only when 127.0.0.1:5672 does not answer.
+# started (or installed from Debian's packages) only when 127.0.0.1:5672 does not answer,
+# and its management plugin enabled when 127.0.0.1:15672 does not.
 set -u
 
 SWITCHYARD_ROOT=${SWITCHYARD_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
@@ -77,18 +78,29 @@ start_tansu() {
 }
 
 start_rabbitmq() {
-  if port_open 127.0.0.1 5672; then
+  if ! port_open 127.0.0.1 5672; then
+    if ! command -v rabbitmq-server >/dev/null; then
+      echo "brokers: installing rabbitmq-server from Debian's packages" >&2
+      apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >&2 || return 1
+    fi
+    echo "brokers: starting RabbitMQ" >&2
+    rabbitmq-server -detached >&2 || return 1
+    STARTED_RABBITMQ=1
+    wait_port 127.0.0.1 5672 120 RabbitMQ || return 1
+    rabbitmqctl await_startup >/dev/null 2>&1 || true
+  fi
+  ensure_rabbitmq_management
+}
+
+# Listing topics goes through the management plugin's HTTP API (AMQP cannot list
+# objects). Enabling it on a running node starts it at once; it stays enabled.
+ensure_rabbitmq_management() {
+  if port_open 127.0.0.1 15672; then
     return 0
   fi
-  if ! command -v rabbitmq-server >/dev/null; then
-    echo "brokers: installing rabbitmq-server from Debian's packages" >&2
-    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server >&2 || return 1
-  fi
-  echo "brokers: starting RabbitMQ" >&2
-  rabbitmq-server -detached >&2 || return 1
-  STARTED_RABBITMQ=1
-  wait_port 127.0.0.1 5672 120 RabbitMQ || return 1
-  rabbitmqctl await_startup >/dev/null 2>&1 || true
+  echo "brokers: enabling RabbitMQ's management plugin (rabbitmq-plugins enable rabbitmq_management)" >&2
+  rabbitmq-plugins enable rabbitmq_management >&2 || return 1
+  wait_port 127.0.0.1 15672 60 "RabbitMQ's management API" || return 1
 }
 
 start_postgres() {

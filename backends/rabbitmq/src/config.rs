@@ -5,10 +5,10 @@ use std::time::Duration;
 use switchyard_core::{BrokerUrl, Error, Result};
 
 /// Settings of the RabbitMQ backend. Given as URL parameters:
-/// `amqp://user:pass@host:5672/vhost?partitions=8&max_message_size=134217728&confirm_timeout_ms=30000&rebalance_ms=250&dead_letter_exchange=name&connection_name=switchyard`.
+/// `amqp://user:pass@host:5672/vhost?partitions=8&max_message_size=134217728&confirm_timeout_ms=30000&rebalance_ms=250&dead_letter_exchange=name&connection_name=switchyard&management_url=http://host:15672`.
 /// lapin's own parameters (`heartbeat`, `connection_timeout`, `channel_max`,
 /// `frame_max`, `auth_mechanism`) pass through to it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RabbitConfig {
     /// The URL lapin connects to (without switchyard's parameters).
@@ -30,6 +30,35 @@ pub struct RabbitConfig {
     /// Prefix of the connection names the broker shows (default "switchyard"), e.g.
     /// "switchyard publisher", "switchyard orders email".
     pub connection_name: String,
+    /// Where the management plugin's HTTP API listens, for listing topics (AMQP cannot
+    /// list objects). Default: `http://<amqp host>:15672` (`https://<host>:15671` for
+    /// `amqps://`). It authenticates with the AMQP URL's user and password unless this
+    /// URL carries its own (`http://user:pass@host:15672`).
+    pub management_url: String,
+    /// The AMQP URL's user, password and virtual host, for the management API.
+    pub(crate) credentials: (String, String),
+    pub(crate) vhost: String,
+}
+
+/// Without the password: configs end up in logs.
+impl std::fmt::Debug for RabbitConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitConfig")
+            .field("url", &self.redacted_url)
+            .field("partitions", &self.partitions)
+            .field("max_message_size", &self.max_message_size)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("rebalance_interval", &self.rebalance_interval)
+            .field("dead_letter_exchange", &self.dead_letter_exchange)
+            .field("connection_name", &self.connection_name)
+            .field(
+                "management_url",
+                &switchyard_core::redact(&self.management_url),
+            )
+            .field("user", &self.credentials.0)
+            .field("vhost", &self.vhost)
+            .finish()
+    }
 }
 
 const OURS: &[&str] = &[
@@ -39,6 +68,7 @@ const OURS: &[&str] = &[
     "rebalance_ms",
     "dead_letter_exchange",
     "connection_name",
+    "management_url",
 ];
 const LAPIN: &[&str] = &[
     "heartbeat",
@@ -107,7 +137,27 @@ impl RabbitConfig {
             .param("connection_name")
             .unwrap_or("switchyard")
             .to_string();
+        let target = AmqpTarget::parse(&parsed.authority)?;
+        let management_url = match parsed.param("management_url") {
+            Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
+                u.trim_end_matches('/').to_string()
+            }
+            Some(u) => {
+                return Err(Error::config(
+                    "management_url",
+                    format!(
+                        "{:?} is not an http:// or https:// URL",
+                        switchyard_core::redact(u)
+                    ),
+                ))
+            }
+            None if parsed.scheme == "amqps" => format!("https://{}:15671", target.host),
+            None => format!("http://{}:15672", target.host),
+        };
         Ok(Self {
+            management_url,
+            credentials: (target.user, target.password),
+            vhost: target.vhost,
             connection_name,
             amqp_url,
             redacted_url: switchyard_core::redact(url),
@@ -120,6 +170,72 @@ impl RabbitConfig {
     }
 }
 
+/// What the management API needs from the AMQP URL, read the way lapin reads it:
+/// user and password (default guest/guest), host, and virtual host (no path: "/").
+struct AmqpTarget {
+    user: String,
+    password: String,
+    host: String,
+    vhost: String,
+}
+
+impl AmqpTarget {
+    fn parse(authority: &str) -> Result<Self> {
+        let (server, path) = match authority.split_once('/') {
+            Some((s, p)) => (s, Some(p)),
+            None => (authority, None),
+        };
+        let (userinfo, hostport) = match server.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, server),
+        };
+        let (user, password) = match userinfo {
+            Some(u) => {
+                let (user, pass) = u.split_once(':').unwrap_or((u, "guest"));
+                (percent_decode(user)?, percent_decode(pass)?)
+            }
+            None => ("guest".to_string(), "guest".to_string()),
+        };
+        let host = if hostport.starts_with('[') {
+            // An IPv6 literal keeps its brackets, as URLs need them.
+            hostport.find(']').map_or(hostport, |end| &hostport[..=end])
+        } else {
+            hostport.split(':').next().unwrap_or(hostport)
+        };
+        let host = if host.is_empty() { "localhost" } else { host };
+        let vhost = match path {
+            None => "/".to_string(),
+            Some(p) => percent_decode(p)?,
+        };
+        Ok(Self {
+            user,
+            password,
+            host: host.to_string(),
+            vhost,
+        })
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let byte = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| Error::config("url", "bad percent escape in the amqp:// URL"))?;
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| Error::config("url", "the amqp:// URL is not UTF-8"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,9 +246,36 @@ mod tests {
         assert_eq!(c.partitions, 4);
         assert_eq!(c.amqp_url, "amqp://g:p@h:5672/%2f?heartbeat=10");
         assert!(!c.redacted_url.contains(":p@"));
-        for bad in ["partitions=3", "partitions=0", "nope=1", "rebalance_ms=0"] {
+        assert!(!format!("{c:?}").contains(":p@"), "{c:?}");
+        for bad in [
+            "partitions=3",
+            "partitions=0",
+            "nope=1",
+            "rebalance_ms=0",
+            "management_url=ftp://h",
+        ] {
             let err = RabbitConfig::from_url(&format!("amqp://h/?{bad}")).unwrap_err();
             assert!(matches!(err, Error::Config { .. }), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn management_defaults_follow_the_amqp_url() {
+        let c = RabbitConfig::from_url("amqp://u%40x:p%2Fw@rabbit.example:5673/my%2Fvh").unwrap();
+        assert_eq!(c.management_url, "http://rabbit.example:15672");
+        assert_eq!(c.credentials, ("u@x".into(), "p/w".into()));
+        assert_eq!(c.vhost, "my/vh");
+        let c = RabbitConfig::from_url("amqps://h").unwrap();
+        assert_eq!(c.management_url, "https://h:15671");
+        assert_eq!(c.credentials, ("guest".into(), "guest".into()));
+        assert_eq!(c.vhost, "/");
+        let c = RabbitConfig::from_url("amqp://[::1]:5672/%2f").unwrap();
+        assert_eq!(c.management_url, "http://[::1]:15672");
+        assert_eq!(c.vhost, "/");
+        let c = RabbitConfig::from_url(
+            "amqp://g:g@h/%2f?management_url=https%3A%2F%2Fadmin.example%3A8443%2F",
+        )
+        .unwrap();
+        assert_eq!(c.management_url, "https://admin.example:8443");
     }
 }

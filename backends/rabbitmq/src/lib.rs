@@ -72,6 +72,15 @@
 //! internal publisher confirms, <https://www.rabbitmq.com/docs/dlx#safety>): safe on one
 //! node; in a cluster, a message expiring while its target queue's node is down is lost.
 //!
+//! ## Listing topics
+//!
+//! AMQP cannot list objects, so [`Broker::topics`] asks the management plugin's HTTP API
+//! (`GET /api/exchanges/<vhost>` and `/api/queues/<vhost>`) at `management_url`
+//! (default `http://<amqp host>:15672`, basic auth with the AMQP URL's user and
+//! password): every topic exchange is a topic, every set of partition queues `T:G.p<i>`
+//! a group, and a group's lag is read as [`Broker::lag`] reads it. Without the plugin
+//! the error names it: `rabbitmq-plugins enable rabbitmq_management`.
+//!
 //! ## Consuming, attempts, dead letters
 //!
 //! Each owned partition has its own channel with `basic_qos(prefetch)`; a subscription
@@ -126,6 +135,7 @@ mod codec;
 mod config;
 mod connection;
 mod gate;
+mod management;
 mod publisher;
 mod subscription;
 mod topology;
@@ -134,12 +144,13 @@ use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
 use switchyard_core::{
-    AnyBroker, Broker, CancellationToken, Capabilities, Error, Message, Publisher, Receipt, Result,
-    SubscribeOptions, Subscriber, Subscription,
+    AnyBroker, Broker, CancellationToken, Capabilities, Error, GroupInfo, Message, Publisher,
+    Receipt, Result, SubscribeOptions, Subscriber, Subscription, TopicInfo,
 };
 
 pub use codec::KEY_HEADER;
 pub use config::RabbitConfig;
+pub use management::ManagementUnavailable;
 pub use publisher::Unroutable;
 pub use topology::DeclareConflict;
 
@@ -241,36 +252,49 @@ impl Broker for RabbitBroker {
     }
 
     /// The group's queue depth: ready messages summed over its partition queues (a
-    /// group that was never declared has none). Unacked deliveries are not counted.
+    /// group that was never declared has none). Unacked deliveries are not counted, nor
+    /// messages waiting in its hold queues for a delayed redelivery.
     async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
-        use lapin::options::QueueDeclareOptions;
-        use lapin::types::FieldTable;
         switchyard_core::validate_name("topic", topic)?;
         switchyard_core::validate_name("group", group)?;
         let names = topology::GroupNames::new(topic, group);
-        let conn = connection::connect_once(&self.inner.config, "inspect").await?;
-        let mut total = 0u64;
-        for p in 0..self.inner.config.partitions {
-            // A passive declare of a missing queue closes its channel: one channel each.
-            let channel = conn
-                .create_channel()
-                .await
-                .map_err(|e| topology::map_err("opening a channel", e))?;
-            let options = QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            match channel
-                .queue_declare(names.partition(p).into(), options, FieldTable::default())
-                .await
-            {
-                Ok(q) => total += u64::from(q.message_count()),
-                Err(e) if topology::soft_code(&e) == Some(404) => {}
-                Err(e) => return Err(topology::map_err("reading a queue's depth", e)),
+        let queues: Vec<String> = (0..self.inner.config.partitions)
+            .map(|p| names.partition(p))
+            .collect();
+        let mut depths = Depths::open(&self.inner.config).await?;
+        let total = depths.ready(&queues).await;
+        depths.close().await;
+        total
+    }
+
+    /// Topic exchanges of the URL's virtual host, each with the groups found among its
+    /// partition queues (`T:G.p<i>`) and their lag as [`lag`](Broker::lag) counts it:
+    /// ready messages in the group's partition queues. Names come from the management
+    /// plugin's HTTP API (`management_url`; AMQP cannot list objects), depths from
+    /// AMQP, which is exact where the API's figures are samples. A topic holds no
+    /// messages of its own (its groups' queues do), so `messages` is `None`. When the
+    /// API does not answer, the error's source is a [`ManagementUnavailable`] naming the
+    /// plugin and how to enable it.
+    async fn topics(&self) -> Result<Vec<TopicInfo>> {
+        let listing = management::list(&self.inner.config).await?;
+        let found = management::topics(&listing);
+        let mut depths = Depths::open(&self.inner.config).await?;
+        let mut out = Vec::with_capacity(found.len());
+        for (topic, groups) in found {
+            let mut infos = Vec::with_capacity(groups.len());
+            for (group, queues) in groups {
+                match depths.ready(&queues).await {
+                    Ok(lag) => infos.push(GroupInfo::new(group, Some(lag))),
+                    Err(e) => {
+                        depths.close().await;
+                        return Err(e);
+                    }
+                }
             }
+            out.push(TopicInfo::new(topic, None, infos));
         }
-        let _ = conn.close(200, "inspect".into()).await;
-        Ok(total)
+        depths.close().await;
+        Ok(out)
     }
 
     /// Natively, with no plugin: the message waits in the group's hold queue
@@ -312,5 +336,61 @@ impl Broker for RabbitBroker {
         }
         self.inner.closed.cancel();
         self.inner.publisher.close().await
+    }
+}
+
+/// Reads queue depths over one AMQP connection with passive declarations.
+struct Depths {
+    conn: lapin::Connection,
+    channel: Option<lapin::Channel>,
+}
+
+impl Depths {
+    async fn open(config: &RabbitConfig) -> Result<Self> {
+        let conn = connection::connect_once(config, "inspect").await?;
+        Ok(Self {
+            conn,
+            channel: None,
+        })
+    }
+
+    /// Ready messages summed over `queues`; a missing queue counts as empty.
+    async fn ready(&mut self, queues: &[String]) -> Result<u64> {
+        use lapin::options::QueueDeclareOptions;
+        use lapin::types::FieldTable;
+        let mut total = 0u64;
+        for queue in queues {
+            let channel = match &self.channel {
+                Some(c) if c.status().connected() => c.clone(),
+                _ => {
+                    let c = self
+                        .conn
+                        .create_channel()
+                        .await
+                        .map_err(|e| topology::map_err("opening a channel", e))?;
+                    self.channel = Some(c.clone());
+                    c
+                }
+            };
+            let options = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            match channel
+                .queue_declare(queue.as_str().into(), options, FieldTable::default())
+                .await
+            {
+                Ok(q) => total += u64::from(q.message_count()),
+                // A passive declaration of a missing queue closes its channel; the next
+                // one opens another.
+                Err(e) if topology::soft_code(&e) == Some(404) => self.channel = None,
+                Err(e) => return Err(topology::map_err("reading a queue's depth", e)),
+            }
+        }
+        Ok(total)
+    }
+
+    async fn close(self) {
+        let _ = self.conn.close(200, "inspect".into()).await;
     }
 }
