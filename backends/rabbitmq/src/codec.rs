@@ -1,4 +1,5 @@
-//! A switchyard [`Message`] in AMQP properties and back.
+//! A switchyard [`Message`] in AMQP properties and back: the wire format, which any
+//! AMQP 0-9-1 client can speak.
 //!
 //! - id → `message_id`;
 //! - key → the `x-switchyard-key` header (a reserved header name);
@@ -6,6 +7,27 @@
 //!   the `content_type` property, for other AMQP clients;
 //! - timestamp → `timestamp` (whole seconds, AMQP's resolution);
 //! - always `delivery_mode = 2` (persistent).
+//!
+//! # For foreign clients
+//!
+//! - **Publish** to topic `T` by publishing to the durable topic exchange `T` (declare
+//!   it `type=topic, durable=true`, no arguments, if it may not exist yet), mandatory
+//!   and with publisher confirms if you want switchyard's guarantees. The **routing
+//!   key** is the key's slot: FNV-1a 64 of the key's UTF-8 bytes (offset basis
+//!   `0xcbf29ce484222325`, prime `0x100000001b3`), modulo 1024, written as its 10 bits,
+//!   most significant first, joined by dots (`"customer-7"` → slot 497 →
+//!   `"0.1.1.1.1.1.0.0.0.1"`). Partition `i` of a group with `n` partitions binds
+//!   `#.<low log2(n) bits of i>`, so any 10-bit key reaches exactly one partition of
+//!   every group; a message without a key may use any slot. Put the key in the header
+//!   `x-switchyard-key` (long string), the id in `message_id` (without one, switchyard
+//!   makes a new id for each delivery, so set it), your headers in the `headers` table
+//!   as strings (other types are ignored on receipt).
+//! - **Consume** what switchyard publishes by binding your own queue to exchange `T`
+//!   (`#` for everything, or a partition pattern); read the id from `message_id`, the
+//!   key from `x-switchyard-key`, headers from the `headers` table, the payload as is.
+//!   Bind before publishing starts: RabbitMQ routes only to queues that exist.
+//! - A switchyard group `G` consumes the queues `T:G.p0 … T:G.p<n-1>` (default 8); do not
+//!   consume those yourself, or you take its messages.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
