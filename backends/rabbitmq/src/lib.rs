@@ -69,8 +69,12 @@
 //! `x-first-death-*` headers the broker adds are dropped on receipt, its `x-death`
 //! table is never a header). It arrives as attempt 1: the hold queue is a new
 //! delivery. Dead-lettering from classic queues is at-most-once inside the broker (no
-//! internal publisher confirms, <https://www.rabbitmq.com/docs/dlx#safety>): safe on one
-//! node; in a cluster, a message expiring while its target queue's node is down is lost.
+//! internal publisher confirms, <https://www.rabbitmq.com/docs/dlx#safety>): the hold
+//! queue drops the message as soon as it has handed it on. On one node the partition
+//! queues are local and always there, so only a crash of the node at the instant of
+//! expiry could lose it; in a cluster, a message expiring while its partition queue's
+//! node is down or cut off is lost. (Quorum queues dead-letter at least once, but give
+//! up the exclusive consumers the partitions rely on.)
 //!
 //! ## Listing topics
 //!
@@ -307,8 +311,9 @@ impl Broker for RabbitBroker {
     /// confirmed the message into the hold queue.
     ///
     /// RabbitMQ dead-letters from classic queues at most once (without publisher
-    /// confirms inside the broker): on a single node that is safe, but in a cluster a
-    /// message whose partition queue's node is down when it expires is dropped.
+    /// confirms inside the broker): on a single node only a crash at the instant of
+    /// expiry could lose the message, but in a cluster a message whose partition
+    /// queue's node is down when it expires is dropped.
     async fn redeliver_after(
         &self,
         topic: &str,
