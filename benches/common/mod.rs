@@ -4,6 +4,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio::sync::Notify;
+
 use switchyard::memory::{MemoryBroker, MemoryConfig};
 use switchyard::{
     handler_fn, Bytes, CancellationToken, Consumer, Delivery, HandlerError, Message, Publisher,
@@ -23,15 +25,53 @@ pub(crate) fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// How many messages the handler saw, and a wake-up when it has seen `target`, so the
+/// bench waits for the last message without spinning: a busy-waiting main thread would
+/// take a core from the runtime's two workers.
+pub(crate) struct Handled {
+    count: AtomicU64,
+    target: AtomicU64,
+    reached: Notify,
+}
+
+impl Handled {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            count: AtomicU64::new(0),
+            target: AtomicU64::new(u64::MAX),
+            reached: Notify::new(),
+        })
+    }
+
+    fn add_one(&self) {
+        let seen = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        if seen == self.target.load(Ordering::Relaxed) {
+            self.reached.notify_one();
+        }
+    }
+
+    /// Messages seen so far.
+    pub(crate) fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` messages were seen (set before the first one arrives).
+    async fn wait_for(&self, n: u64) {
+        while self.count() < n {
+            self.reached.notified().await;
+        }
+    }
+}
+
 /// The bare handler: checks the payload and counts.
 pub(crate) fn bare_handler() -> (
     impl tower::Service<Delivery, Response = (), Error = HandlerError, Future: Send + 'static>
         + Clone
         + Send
         + 'static,
-    Arc<AtomicU64>,
+    Arc<Handled>,
 ) {
-    let handled = Arc::new(AtomicU64::new(0));
+    let handled = Handled::new();
     let seen = handled.clone();
     let handler = move |d: Delivery| {
         let seen = seen.clone();
@@ -39,7 +79,7 @@ pub(crate) fn bare_handler() -> (
             if d.payload().len() != PAYLOAD {
                 return Err(HandlerError::permanent("wrong payload size"));
             }
-            seen.fetch_add(1, Ordering::Relaxed);
+            seen.add_one();
             Ok(())
         }
     };
@@ -48,7 +88,7 @@ pub(crate) fn bare_handler() -> (
 
 /// Publishes `n` messages in batches and consumes them with `service` (concurrency 1024);
 /// returns messages per second from the first publish to the last handled message.
-pub(crate) async fn run_e2e<S>(n: u64, payload: Bytes, service: S, handled: Arc<AtomicU64>) -> f64
+pub(crate) async fn run_e2e<S>(n: u64, payload: Bytes, service: S, handled: Arc<Handled>) -> f64
 where
     S: tower::Service<Delivery, Response = (), Error = HandlerError> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -56,6 +96,7 @@ where
     // The default capacity (1,048,576 messages per topic): publishers and consumers run
     // at their own pace, and back-pressure only engages when a consumer falls that far behind.
     let broker = Arc::new(MemoryBroker::with_config(MemoryConfig::default()));
+    handled.target.store(n, Ordering::Relaxed);
     let shutdown = CancellationToken::new();
     let options = SubscribeOptions::new("bench", "bench").prefetch(2048);
     let running = Consumer::new(options, service)
@@ -77,9 +118,7 @@ where
         })
     };
     publisher.await.unwrap();
-    while handled.load(Ordering::Relaxed) < n {
-        tokio::task::yield_now().await;
-    }
+    handled.wait_for(n).await;
     let rate = n as f64 / start.elapsed().as_secs_f64();
     shutdown.cancel();
     let report = running.join().await.unwrap();
