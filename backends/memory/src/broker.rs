@@ -15,7 +15,7 @@ use switchyard_core::{
     Subscription, TopicInfo,
 };
 
-use crate::group::{Entry, Group, Settled};
+use crate::group::{AckQueue, Entry, Group, Settled};
 
 const BACKEND: &str = "memory";
 
@@ -191,16 +191,63 @@ struct Topic {
 }
 
 impl Topic {
-    fn wake_consumers(&self) {
-        if self.consumers_waiting.load(Ordering::SeqCst) > 0 {
+    /// Appends as many of `pending` (from the front) as there is room for, evicting
+    /// messages every group has read if need be. Returns the first one's offset and how
+    /// many went in, or `None` if none fit.
+    fn put(
+        &self,
+        pending: &mut Vec<Arc<Message>>,
+        capacity: usize,
+    ) -> Result<Option<(u64, usize)>> {
+        let mut state = lock(&self.state);
+        if state.closed {
+            return Err(Error::Closed { backend: BACKEND });
+        }
+        let want = pending.len();
+        state.make_room(capacity, want.min(capacity));
+        let fit = capacity.saturating_sub(state.log.len()).min(want);
+        if fit == 0 {
+            return Ok(None);
+        }
+        let first = state.end();
+        state.log.extend(pending.drain(..fit));
+        Ok(Some((first, fit)))
+    }
+
+    /// Wakes waiting subscribers; whether there were any.
+    fn wake_consumers(&self) -> bool {
+        let waiting = self.consumers_waiting.load(Ordering::SeqCst) > 0;
+        if waiting {
             self.changed.notify_waiters();
         }
+        waiting
     }
 
     fn wake_publishers(&self) {
         if self.publishers_waiting.load(Ordering::SeqCst) > 0 {
             self.room.notify_waiters();
         }
+    }
+}
+
+/// Returns `Pending` once after waking its own task: the task goes back to its
+/// scheduler's queue at once (unlike `tokio::task::yield_now`, which waits until the
+/// worker is otherwise idle, so the woken consumers would run first and alone).
+struct Reschedule(bool);
+
+impl std::future::Future for Reschedule {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
     }
 }
 
@@ -397,41 +444,58 @@ impl MemoryBroker {
         let capacity = self.inner.config.capacity;
         let timeout = self.inner.config.publish_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut receipts = Vec::with_capacity(messages.len());
-        let mut pending = messages.into_iter().peekable();
-        while pending.peek().is_some() {
-            let room = topic.room.notified();
-            tokio::pin!(room);
-            room.as_mut().enable();
-            let _waiting = Waiting::new(&topic.publishers_waiting);
-            {
-                let mut state = lock(&topic.state);
-                if state.closed {
-                    return Err(Error::Closed { backend: BACKEND });
-                }
-                let want = pending.len();
-                state.make_room(capacity, want.min(capacity));
-                let fit = capacity.saturating_sub(state.log.len()).min(want);
-                if fit > 0 {
-                    for m in pending.by_ref().take(fit) {
-                        let offset = state.end() as i64;
-                        receipts.push(Receipt::new(m.id.clone(), None, Some(offset)));
-                        state.log.push_back(Arc::new(m));
+        // Everything that allocates happens before taking the topic's lock, which every
+        // member of every group also takes: the receipts (offsets filled in below) and
+        // the shared messages.
+        let mut receipts: Vec<Receipt> = messages
+            .iter()
+            .map(|m| Receipt::new(m.id.clone(), None, None))
+            .collect();
+        let mut pending: Vec<Arc<Message>> = messages.into_iter().map(Arc::new).collect();
+        let mut published = 0;
+        let mut woke = false;
+        while !pending.is_empty() {
+            // Look for room first without registering as a waiter; register and look
+            // again only when there is none, so a change made meanwhile is not missed.
+            let first = topic.put(&mut pending, capacity)?;
+            let (first, fit) = match first {
+                Some(put) => put,
+                None => {
+                    let room = topic.room.notified();
+                    tokio::pin!(room);
+                    room.as_mut().enable();
+                    let _waiting = Waiting::new(&topic.publishers_waiting);
+                    match topic.put(&mut pending, capacity)? {
+                        Some(put) => put,
+                        None => {
+                            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                                return Err(Error::Timeout {
+                                    after: timeout,
+                                    what: format!(
+                                        "room in memory topic {:?} (capacity {capacity} messages; a group is not keeping up)",
+                                        &*topic.name
+                                    ),
+                                });
+                            }
+                            continue;
+                        }
                     }
-                    drop(state);
-                    topic.wake_consumers();
-                    continue;
                 }
+            };
+            for (i, receipt) in receipts[published..published + fit].iter_mut().enumerate() {
+                receipt.offset = Some((first + i as u64) as i64);
             }
-            if tokio::time::timeout_at(deadline, room).await.is_err() {
-                return Err(Error::Timeout {
-                    after: timeout,
-                    what: format!(
-                        "room in memory topic {:?} (capacity {capacity} messages; a group is not keeping up)",
-                        &*topic.name
-                    ),
-                });
-            }
+            published += fit;
+            woke |= topic.wake_consumers();
+        }
+        if woke {
+            // Let the consumers just woken run elsewhere. Tokio puts a task woken from a
+            // worker in that worker's next-task slot, which other workers cannot steal:
+            // a publisher that never waits (a memory topic with room) would keep them
+            // from running until it stops publishing. Rescheduling itself puts this task
+            // in the run queue, where an idle worker steals it, and the woken consumers
+            // run here: both sides keep going in parallel.
+            Reschedule(false).await;
         }
         Ok(receipts)
     }
@@ -454,7 +518,7 @@ impl Subscriber for MemoryBroker {
     async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn Subscription>> {
         options.validate()?;
         let topic = self.topic(&options.topic)?;
-        let (group, member) = {
+        let group = {
             let mut state = lock(&topic.state);
             let idx = match state.groups.iter().position(|(n, _)| **n == *options.group) {
                 Some(i) => i,
@@ -469,16 +533,20 @@ impl Subscriber for MemoryBroker {
                     state.groups.len() - 1
                 }
             };
-            let member = state.groups[idx].1.join();
-            (idx, member)
+            let (member, acks) = state.groups[idx].1.join();
+            (idx, member, acks)
         };
+        let (group, member, acks) = group;
         let group_name = lock(&topic.state).groups[group].0.clone();
         Ok(Box::new(MemorySubscription {
-            faults: self.inner.faults.clone(),
-            topic,
-            group,
+            link: Arc::new(MemberLink {
+                topic,
+                group,
+                member,
+                acks,
+                faults: self.inner.faults.clone(),
+            }),
             group_name,
-            member,
             prefetch: options.prefetch,
             scratch: Vec::new(),
             closed: false,
@@ -509,12 +577,13 @@ impl Broker for MemoryBroker {
         let Some(t) = t else {
             return Ok(0);
         };
-        let state = lock(&t.state);
+        let mut state = lock(&t.state);
         let end = state.end();
-        Ok(match state.groups.iter().find(|(n, _)| **n == *group) {
+        let base = state.base;
+        Ok(match state.groups.iter_mut().find(|(n, _)| **n == *group) {
             Some((_, g)) => end - g.acked_below(),
             // A group that never subscribed has read nothing.
-            None => end - state.base,
+            None => end - base,
         })
     }
 
@@ -523,11 +592,11 @@ impl Broker for MemoryBroker {
         let mut out: Vec<TopicInfo> = topics
             .iter()
             .map(|t| {
-                let state = lock(&t.state);
+                let mut state = lock(&t.state);
                 let end = state.end();
                 let groups = state
                     .groups
-                    .iter()
+                    .iter_mut()
                     .map(|(name, g)| GroupInfo::new(name.to_string(), Some(end - g.acked_below())))
                     .collect();
                 TopicInfo::new(t.name.to_string(), Some(state.log.len() as u64), groups)
@@ -545,33 +614,84 @@ impl Broker for MemoryBroker {
     }
 }
 
-struct MemorySubscription {
-    faults: Arc<FaultState>,
+/// What a subscription and every ack handle it gives out share: one reference count
+/// per delivery instead of one per field.
+struct MemberLink {
     topic: Arc<Topic>,
     group: usize,
-    group_name: Arc<str>,
     member: u64,
+    acks: Arc<AckQueue>,
+    faults: Arc<FaultState>,
+}
+
+struct MemorySubscription {
+    link: Arc<MemberLink>,
+    group_name: Arc<str>,
     prefetch: usize,
     scratch: Vec<Entry>,
     closed: bool,
 }
 
+/// What one look at the topic found.
+enum Took {
+    /// Entries are waiting in the scratch buffer.
+    Some,
+    /// Nothing to hand out now.
+    Nothing,
+    /// The subscription is over.
+    Closed,
+}
+
 impl MemorySubscription {
     fn deliver(&self, entry: Entry) -> Delivery {
         let origin = Origin::new(
-            self.topic.name.clone(),
+            self.link.topic.name.clone(),
             self.group_name.clone(),
             None,
             Some(entry.offset as i64),
         );
         let acker = MemoryAcker {
-            topic: self.topic.clone(),
-            group: self.group,
-            member: self.member,
+            link: self.link.clone(),
             offset: entry.offset,
-            faults: self.faults.clone(),
         };
         Delivery::new(entry.message, entry.attempt, origin, acker)
+    }
+
+    /// Takes up to `max` deliverable entries (within the prefetch window) into `scratch`.
+    fn take(&mut self, max: usize) -> Took {
+        let topic = &self.link.topic;
+        let mut state = lock(&topic.state);
+        if state.closed {
+            return Took::Closed;
+        }
+        let state = &mut *state;
+        let group = &mut state.groups[self.link.group].1;
+        if !group.is_member(self.link.member) {
+            // Dropped by fault injection: behave like a dead consumer's stream.
+            self.closed = true;
+            return Took::Closed;
+        }
+        group.apply_acks();
+        let credit = self
+            .prefetch
+            .saturating_sub(group.unsettled(self.link.member));
+        let before = group.next;
+        group.take(
+            self.link.member,
+            max.min(credit),
+            &state.log,
+            state.base,
+            &mut self.scratch,
+        );
+        if group.next != before {
+            // Reading moved this group on, which may let publishers evict.
+            topic.wake_publishers();
+        }
+        if self.scratch.is_empty() {
+            Took::Nothing
+        } else {
+            Took::Some
+        }
     }
 }
 
@@ -582,56 +702,45 @@ impl Subscription for MemorySubscription {
             return Ok(0);
         }
         loop {
-            let changed = self.topic.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            let _waiting = Waiting::new(&self.topic.consumers_waiting);
-            {
-                let mut state = lock(&self.topic.state);
-                if state.closed {
-                    return Ok(0);
-                }
-                let state = &mut *state;
-                let group = &mut state.groups[self.group].1;
-                if !group.is_member(self.member) {
-                    // Dropped by fault injection: behave like a dead consumer's stream.
-                    self.closed = true;
-                    return Ok(0);
-                }
-                let credit = self.prefetch.saturating_sub(group.unsettled(self.member));
-                let before = group.next;
-                group.take(
-                    self.member,
-                    max.min(credit),
-                    &state.log,
-                    state.base,
-                    &mut self.scratch,
-                );
-                if group.next != before {
-                    // Reading moved this group on, which may let publishers evict.
-                    self.topic.wake_publishers();
+            // Look first without registering as a waiter (registering takes the Notify's
+            // lock); register and look again only when there was nothing, so a change
+            // made in between is still seen.
+            let mut took = self.take(max);
+            if let Took::Nothing = took {
+                let topic = self.link.topic.clone();
+                let changed = topic.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                let _waiting = Waiting::new(&topic.consumers_waiting);
+                took = self.take(max);
+                if let Took::Nothing = took {
+                    changed.await;
+                    continue;
                 }
             }
-            if !self.scratch.is_empty() {
-                let n = self.scratch.len();
-                let entries = std::mem::take(&mut self.scratch);
-                buf.extend(entries.into_iter().map(|e| self.deliver(e)));
-                return Ok(n);
+            if let Took::Closed = took {
+                return Ok(0);
             }
-            changed.await;
+            let n = self.scratch.len();
+            let mut entries = std::mem::take(&mut self.scratch);
+            buf.reserve(n);
+            buf.extend(entries.drain(..).map(|e| self.deliver(e)));
+            self.scratch = entries;
+            return Ok(n);
         }
     }
 
     async fn close(mut self: Box<Self>) -> Result<()> {
         self.closed = true;
+        let topic = &self.link.topic;
         let returned = {
-            let mut state = lock(&self.topic.state);
-            let group = &mut state.groups[self.group].1;
-            let n = group.leave(self.member);
+            let mut state = lock(&topic.state);
+            let group = &mut state.groups[self.link.group].1;
+            let n = group.leave(self.link.member);
             n > 0 || group.has_ready()
         };
         if returned {
-            self.topic.wake_consumers();
+            topic.wake_consumers();
         }
         Ok(())
     }
@@ -642,56 +751,74 @@ impl Drop for MemorySubscription {
         if !self.closed {
             // Dropped without close: behave like a consumer that died, whose unsettled
             // messages go to the rest of the group.
-            let mut state = lock(&self.topic.state);
-            state.groups[self.group].1.leave(self.member);
+            let topic = &self.link.topic;
+            let mut state = lock(&topic.state);
+            state.groups[self.link.group].1.leave(self.link.member);
             drop(state);
-            self.topic.wake_consumers();
+            topic.wake_consumers();
         }
     }
 }
 
 struct MemoryAcker {
-    topic: Arc<Topic>,
-    group: usize,
-    member: u64,
+    link: Arc<MemberLink>,
     offset: u64,
-    faults: Arc<FaultState>,
 }
 
 impl MemoryAcker {
+    /// Settles under the topic's lock: nacks, and returns of dropped deliveries.
     fn settle(&self, nack: Option<Nack>) -> Result<()> {
+        let link = &self.link;
         let outcome = {
-            let mut state = lock(&self.topic.state);
-            state.groups[self.group]
+            let mut state = lock(&link.topic.state);
+            state.groups[link.group]
                 .1
-                .settle(self.member, self.offset, nack)
+                .settle(link.member, self.offset, nack)
         };
         match outcome {
             Settled::Done => {
-                self.topic.wake_consumers();
+                link.topic.wake_consumers();
                 Ok(())
             }
-            Settled::MemberGone => Err(Error::SubscriptionClosed {
-                id: format!("{}@{}", self.topic.name, self.offset),
-            }),
+            Settled::MemberGone => Err(self.gone()),
         }
     }
-}
 
-impl MemoryAcker {
+    /// Acks by recording the offset in the member's queue; the group applies it before
+    /// it next hands anything out (see [`AckQueue`]).
+    fn ack_now(&self) -> Result<()> {
+        if self.link.acks.push(self.offset) {
+            // Someone may be waiting for room in the prefetch window or for this key.
+            self.link.topic.wake_consumers();
+            Ok(())
+        } else {
+            Err(self.gone())
+        }
+    }
+
+    fn gone(&self) -> Error {
+        Error::SubscriptionClosed {
+            id: format!("{}@{}", self.link.topic.name, self.offset),
+        }
+    }
+
     fn ack_delay(&self) -> Option<Duration> {
-        match self.faults.ack_delay_us.load(Ordering::Relaxed) {
+        match self.link.faults.ack_delay_us.load(Ordering::Relaxed) {
             0 => None,
             us => Some(Duration::from_micros(us)),
         }
     }
 
     fn settle_later(&self, nack: Option<Nack>) -> BoxFuture<'_, Result<()>> {
+        let settle = move || match nack {
+            None => self.ack_now(),
+            Some(_) => self.settle(nack),
+        };
         match self.ack_delay() {
-            None => Box::pin(futures::future::ready(self.settle(nack))),
+            None => Box::pin(futures::future::ready(settle())),
             Some(delay) => Box::pin(async move {
                 tokio::time::sleep(delay).await;
-                self.settle(nack)
+                settle()
             }),
         }
     }
@@ -712,7 +839,7 @@ impl Acker for MemoryAcker {
 
     fn try_ack_now(&self) -> Option<Result<()>> {
         match self.ack_delay() {
-            None => Some(self.settle(None)),
+            None => Some(self.ack_now()),
             Some(_) => None,
         }
     }

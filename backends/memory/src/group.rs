@@ -5,7 +5,7 @@
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use switchyard_core::{Message, Nack};
 
@@ -70,9 +70,47 @@ impl Hasher for OffsetHasher {
 
 type OffsetMap<V> = HashMap<u64, V, BuildHasherDefault<OffsetHasher>>;
 
+/// Acks a member's handles made that the group has not applied yet. An ack only
+/// records its offset here, under this member's own small lock instead of the topic's
+/// (which the publisher and every member contend for); the group applies them in
+/// bulk, under the topic lock, before it next hands out messages or reports on itself.
+/// Holds at most the member's unsettled deliveries, so at most its prefetch.
 #[derive(Default)]
+pub(crate) struct AckQueue(Mutex<PendingAcks>);
+
+#[derive(Default)]
+struct PendingAcks {
+    offsets: Vec<u64>,
+    /// The member left: its unsettled deliveries were requeued, so acks are refused.
+    gone: bool,
+}
+
+impl AckQueue {
+    /// Records the ack of `offset`; false if the member already left.
+    pub(crate) fn push(&self, offset: u64) -> bool {
+        let mut pending = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.gone {
+            return false;
+        }
+        pending.offsets.push(offset);
+        true
+    }
+
+    /// Moves the recorded acks into `out`, which must be empty.
+    fn drain_into(&self, out: &mut Vec<u64>) {
+        let mut pending = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::swap(&mut pending.offsets, out);
+    }
+
+    /// Refuses acks from now on: the member is leaving.
+    fn refuse(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).gone = true;
+    }
+}
+
 struct Member {
     unsettled: OffsetMap<Entry>,
+    acks: Arc<AckQueue>,
 }
 
 /// What happened when a delivery was settled.
@@ -96,6 +134,32 @@ pub(crate) struct Group {
     blocked_len: usize,
     members: OffsetMap<Member>,
     next_member: u64,
+    /// Reused buffer for applying acks.
+    scratch: Vec<u64>,
+}
+
+/// After `entry` is done, its key's next held-back message becomes deliverable.
+fn release_key(
+    busy: &mut HashSet<KeyOf>,
+    blocked: &mut HashMap<KeyOf, VecDeque<Entry>>,
+    blocked_len: &mut usize,
+    ready: &mut VecDeque<Entry>,
+    entry: &Entry,
+) {
+    let Some(key) = entry.message.key.as_deref() else {
+        return;
+    };
+    if let Some(queue) = blocked.get_mut(key) {
+        if let Some(next) = queue.pop_front() {
+            *blocked_len -= 1;
+            if queue.is_empty() {
+                blocked.remove(key);
+            }
+            ready.push_back(next);
+            return;
+        }
+    }
+    busy.remove(key);
 }
 
 /// How many held-back same-key messages a group buffers before it stops reading ahead;
@@ -112,18 +176,55 @@ impl Group {
             blocked_len: 0,
             members: OffsetMap::default(),
             next_member: 0,
+            scratch: Vec::new(),
         }
     }
 
-    pub(crate) fn join(&mut self) -> u64 {
+    /// Adds a member: its id, and the queue its ack handles record acks in.
+    pub(crate) fn join(&mut self) -> (u64, Arc<AckQueue>) {
         let id = self.next_member;
         self.next_member += 1;
-        self.members.insert(id, Member::default());
-        id
+        let acks = Arc::new(AckQueue::default());
+        self.members.insert(
+            id,
+            Member {
+                unsettled: OffsetMap::default(),
+                acks: acks.clone(),
+            },
+        );
+        (id, acks)
     }
 
-    /// Removes a member; its unsettled deliveries go back to `ready` with attempt + 1.
+    /// Applies every member's recorded acks: their deliveries are done, and their keys'
+    /// next messages become deliverable.
+    pub(crate) fn apply_acks(&mut self) {
+        let mut offsets = std::mem::take(&mut self.scratch);
+        for m in self.members.values_mut() {
+            m.acks.drain_into(&mut offsets);
+            for offset in offsets.drain(..) {
+                if let Some(entry) = m.unsettled.remove(&offset) {
+                    release_key(
+                        &mut self.busy,
+                        &mut self.blocked,
+                        &mut self.blocked_len,
+                        &mut self.ready,
+                        &entry,
+                    );
+                }
+            }
+        }
+        self.scratch = offsets;
+    }
+
+    /// Removes a member; its acks recorded so far count, later ones are refused, and
+    /// its other unsettled deliveries go back to `ready` with attempt + 1.
     pub(crate) fn leave(&mut self, member: u64) -> usize {
+        let Some(m) = self.members.get(&member) else {
+            return 0;
+        };
+        // Refuse later acks first (under the queue's lock), then apply the ones made.
+        m.acks.refuse();
+        self.apply_acks();
         let Some(m) = self.members.remove(&member) else {
             return 0;
         };
@@ -218,31 +319,20 @@ impl Group {
                 entry.attempt += 1;
                 self.ready.push_back(entry);
             }
-            _ => self.release_key(&entry),
+            _ => release_key(
+                &mut self.busy,
+                &mut self.blocked,
+                &mut self.blocked_len,
+                &mut self.ready,
+                &entry,
+            ),
         }
         Settled::Done
     }
 
-    /// After `entry` is done, its key's next held-back message becomes deliverable.
-    fn release_key(&mut self, entry: &Entry) {
-        let Some(key) = entry.message.key.as_deref() else {
-            return;
-        };
-        if let Some(queue) = self.blocked.get_mut(key) {
-            if let Some(next) = queue.pop_front() {
-                self.blocked_len -= 1;
-                if queue.is_empty() {
-                    self.blocked.remove(key);
-                }
-                self.ready.push_back(next);
-                return;
-            }
-        }
-        self.busy.remove(key);
-    }
-
     /// The lowest offset not yet acked: everything below it is done for this group.
-    pub(crate) fn acked_below(&self) -> u64 {
+    pub(crate) fn acked_below(&mut self) -> u64 {
+        self.apply_acks();
         let pending = self
             .ready
             .iter()
@@ -287,7 +377,7 @@ mod tests {
     fn same_key_waits_for_ack_and_keeps_order() {
         let log = log(&[Some("a"), Some("a"), Some("b"), None, Some("a")]);
         let mut g = Group::new(0);
-        let m = g.join();
+        let (m, _acks) = g.join();
         let mut out = Vec::new();
         g.take(m, 10, &log, 0, &mut out);
         assert_eq!(
@@ -318,8 +408,8 @@ mod tests {
     fn leaving_member_returns_its_deliveries() {
         let log = log(&[None, None, None]);
         let mut g = Group::new(0);
-        let a = g.join();
-        let b = g.join();
+        let (a, _) = g.join();
+        let (b, _) = g.join();
         let mut out = Vec::new();
         g.take(a, 2, &log, 0, &mut out);
         assert_eq!(g.leave(a), 2);
@@ -329,5 +419,27 @@ mod tests {
         assert_eq!(offsets(&out), vec![0, 1, 2]);
         assert_eq!(out[0].attempt, 2);
         assert_eq!(out[2].attempt, 1);
+    }
+
+    #[test]
+    fn recorded_acks_apply_before_the_next_take_and_stop_at_leave() {
+        let log = log(&[Some("a"), Some("a"), None, None]);
+        let mut g = Group::new(0);
+        let (m, acks) = g.join();
+        let mut out = Vec::new();
+        g.take(m, 10, &log, 0, &mut out);
+        assert_eq!(offsets(&out), vec![0, 2, 3]);
+        assert!(acks.push(0));
+        assert!(acks.push(2));
+        assert_eq!(g.unsettled(m), 3, "recorded, not applied yet");
+        g.apply_acks();
+        assert_eq!(g.unsettled(m), 1);
+        out.clear();
+        g.take(m, 10, &log, 0, &mut out);
+        assert_eq!(offsets(&out), vec![1], "the ack released the key");
+        assert!(acks.push(1));
+        assert_eq!(g.leave(m), 1, "offset 1's ack counted; offset 3 goes back");
+        assert!(!acks.push(3), "a member that left refuses acks");
+        assert_eq!(g.acked_below(), 3);
     }
 }
