@@ -14,9 +14,12 @@
 //! finish (up to `shutdown_timeout`), settles them, then closes its subscription;
 //! whatever was still running at the deadline is left unacked and so is redelivered.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -305,6 +308,7 @@ where
 {
     let mut in_flight = FuturesUnordered::new();
     let mut buf: Vec<Delivery> = Vec::with_capacity(settings.concurrency);
+    let mut spare: Option<Slot<S::Future>> = None;
     let mut ended = false;
     let mut recv_errors = 0u32;
     let mut deadline: Option<Instant> = None;
@@ -323,11 +327,21 @@ where
                     Ok(0) => ended = true,
                     Ok(_) => {
                         recv_errors = 0;
+                        let mut acked = 0;
                         for delivery in buf.drain(..) {
-                            if let Some(settle) = start(&mut service, delivery, &settings, &stats).await {
-                                in_flight.push(settle);
+                            let started = start(&mut service, delivery, &mut spare, &settings, &stats).await;
+                            match started {
+                                Started::Acked => acked += 1,
+                                Started::Done => {}
+                                Started::Running(settle) => {
+                                    stats.in_flight.increment(1.0);
+                                    in_flight.push(settle);
+                                }
                             }
                         }
+                        // Counted once per batch rather than once per message.
+                        stats.acked.fetch_add(acked, Ordering::Relaxed);
+                        stats.handled.increment(acked);
                     }
                     Err(e) if e.is_transient() => {
                         recv_errors += 1;
@@ -373,7 +387,11 @@ where
     sub.close().await
 }
 
-type HandlerOutcome = BoxFuture<'static, Result<(), HandlerError>>;
+/// A heap slot for a handler's future. The runtime polls each handler once in place;
+/// most finish then, and the slot is emptied and reused for the next delivery, so the
+/// common case allocates nothing. A handler that has to wait keeps its slot (it is
+/// pinned there) and the runtime makes a new one.
+type Slot<F> = Pin<Box<Option<F>>>;
 
 /// What the runtime observes about one delivery: its span, trace context and start time.
 struct Observed {
@@ -431,60 +449,95 @@ impl Observed {
     }
 }
 
-/// Calls the handler for one delivery. Handlers that finish without waiting are settled
-/// right here, skipping the in-flight set (a large share of the per-message cost);
-/// otherwise returns the future that finishes and settles it.
+/// What became of a delivery after its handler's first poll.
+enum Started<F> {
+    /// The handler succeeded and the delivery was acked (counted by the caller).
+    Acked,
+    /// Settled otherwise (by the handler, or an ack that failed or had to wait).
+    Done,
+    /// Still to finish and settle: the caller puts it in the in-flight set.
+    Running(F),
+}
+
+/// Calls the handler for one delivery and polls it once. Handlers that finish without
+/// waiting are settled right here, skipping the in-flight set (a large share of the
+/// per-message cost); otherwise returns the future that finishes and settles it.
 async fn start<S>(
     service: &mut S,
     delivery: Delivery,
+    spare: &mut Option<Slot<S::Future>>,
     settings: &Arc<MemberSettings>,
     stats: &Arc<Stats>,
-) -> Option<impl std::future::Future<Output = ()> + Send + 'static>
+) -> Started<impl Future<Output = ()> + Send + 'static>
 where
     S: Service<Delivery, Response = (), Error = HandlerError>,
     S::Future: Send + 'static,
 {
     let observed = Observed::new(&delivery);
-    stats.in_flight.increment(1.0);
-    let mut fut: HandlerOutcome = match futures::future::poll_fn(|cx| service.poll_ready(cx)).await
-    {
-        Err(e) => Box::pin(futures::future::ready(Err(e))),
-        Ok(()) => observed.within(|| {
-            match std::panic::catch_unwind(AssertUnwindSafe(|| service.call(delivery.clone()))) {
-                Ok(fut) => Box::pin(fut) as HandlerOutcome,
-                Err(panic) => Box::pin(futures::future::ready(Err(panic_error(panic)))),
+    let mut slot = spare.take().unwrap_or_else(|| Box::pin(None));
+    let first = match futures::future::poll_fn(|cx| service.poll_ready(cx)).await {
+        Err(e) => Some(Err(e)),
+        Ok(()) => match observed.within(|| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| service.call(delivery.clone())))
+        }) {
+            Err(panic) => Some(Err(panic_error(panic))),
+            Ok(fut) => {
+                slot.set(Some(fut));
+                futures::future::poll_fn(|cx| {
+                    Poll::Ready(observed.within(|| {
+                        let fut = slot
+                            .as_mut()
+                            .as_pin_mut()
+                            .expect("the slot was just filled");
+                        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+                            Ok(Poll::Ready(r)) => Some(r),
+                            Ok(Poll::Pending) => None,
+                            Err(panic) => Some(Err(panic_error(panic))),
+                        }
+                    }))
+                })
+                .await
             }
-        }),
+        },
     };
-    let first = futures::future::poll_fn(|cx| {
-        std::task::Poll::Ready(observed.within(|| {
-            match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll_unpin(cx))) {
-                Ok(std::task::Poll::Ready(r)) => Some(r),
-                Ok(std::task::Poll::Pending) => None,
-                Err(panic) => Some(Err(panic_error(panic))),
-            }
-        }))
-    })
-    .await;
-    match first {
-        Some(Ok(())) => {
-            if !delivery.is_settled() {
-                ack(&delivery, stats, &observed).await;
-            } else {
-                observed.finish("settled-by-handler");
-            }
-            stats.in_flight.decrement(1.0);
-            None
+    let outcome = match first {
+        None => {
+            return Started::Running(settle(
+                Handling::Running(slot),
+                delivery,
+                settings.clone(),
+                stats.clone(),
+                observed,
+            ))
         }
-        Some(Err(e)) => Some(settle(
+        Some(outcome) => {
+            slot.set(None);
+            *spare = Some(slot);
+            outcome
+        }
+    };
+    match outcome {
+        Ok(()) if delivery.is_settled() => {
+            observed.finish("settled-by-handler");
+            Started::Done
+        }
+        Ok(()) => match delivery.try_ack_now() {
+            Some(Ok(())) => {
+                observed.finish("acked");
+                Started::Acked
+            }
+            Some(Err(e)) => {
+                ack_failed(&delivery, &observed, &e);
+                Started::Done
+            }
+            // The backend's ack must wait (for the broker): await it here, in order.
+            None => {
+                ack(&delivery, stats, &observed).await;
+                Started::Done
+            }
+        },
+        Err(e) => Started::Running(settle(
             Handling::Finished(Err(e)),
-            delivery,
-            settings.clone(),
-            stats.clone(),
-            observed,
-        )),
-        None => Some(settle(
-            Handling::Running(fut),
             delivery,
             settings.clone(),
             stats.clone(),
@@ -502,9 +555,9 @@ fn panic_error(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
     HandlerError::new(FailureKind::Panic, format!("handler panicked: {text}"))
 }
 
-/// A handler still running, or its outcome.
-enum Handling {
-    Running(HandlerOutcome),
+/// A handler still running (in its slot), or its outcome.
+enum Handling<F> {
+    Running(Slot<F>),
     Finished(Result<(), HandlerError>),
 }
 
@@ -519,23 +572,31 @@ async fn ack(delivery: &Delivery, stats: &Stats, observed: &Observed) {
             stats.handled.increment(1);
             observed.finish("acked");
         }
-        Err(e) => {
-            observed.finish("ack-failed");
-            tracing::warn!(id = delivery.id(), error = %e, "ack failed; the broker will redeliver")
-        }
+        Err(e) => ack_failed(delivery, observed, &e),
     }
 }
 
-async fn settle(
-    handling: Handling,
+fn ack_failed(delivery: &Delivery, observed: &Observed, e: &Error) {
+    observed.finish("ack-failed");
+    tracing::warn!(id = delivery.id(), error = %e, "ack failed; the broker will redeliver")
+}
+
+async fn settle<F>(
+    handling: Handling<F>,
     delivery: Delivery,
     settings: Arc<MemberSettings>,
     stats: Arc<Stats>,
     observed: Observed,
-) {
+) where
+    F: Future<Output = Result<(), HandlerError>>,
+{
     let outcome = match handling {
         Handling::Finished(r) => r,
-        Handling::Running(fut) => {
+        Handling::Running(mut slot) => {
+            let fut = futures::future::poll_fn(move |cx| match slot.as_mut().as_pin_mut() {
+                Some(fut) => fut.poll(cx),
+                None => Poll::Ready(Ok(())),
+            });
             let caught = AssertUnwindSafe(fut.instrument(observed.span.clone())).catch_unwind();
             let polled = match observed.trace {
                 Some(ctx) => ctx.scope(caught).await,
