@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use std::panic::AssertUnwindSafe;
@@ -28,12 +29,16 @@ pub trait OnFailure: Clone + Send + Sync + 'static {
 #[derive(Clone)]
 pub struct Recover<S, H> {
     inner: S,
-    hook: H,
+    // Shared: each call takes a reference for its future (one count, not a deep clone).
+    hook: Arc<H>,
 }
 
 impl<S, H> Recover<S, H> {
     pub(crate) fn new(inner: S, hook: H) -> Self {
-        Self { inner, hook }
+        Self {
+            inner,
+            hook: Arc::new(hook),
+        }
     }
 }
 

@@ -60,7 +60,7 @@ impl<S> Layer<S> for IdempotencyLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Idempotency {
             inner,
-            config: self.clone(),
+            config: Arc::new(self.clone()),
         }
     }
 }
@@ -69,11 +69,66 @@ impl<S> Layer<S> for IdempotencyLayer {
 #[derive(Clone)]
 pub struct Idempotency<S> {
     inner: S,
-    config: IdempotencyLayer,
+    config: Arc<IdempotencyLayer>,
 }
 
 fn store_error(e: switchyard_core::Error) -> HandlerError {
     HandlerError::transient(format!("idempotency store: {e}"))
+}
+
+/// A mark's key, `<group>/<message id>`, built without allocating when it is short (a
+/// group name and a UUID fit easily).
+enum MarkKey {
+    Inline([u8; 96], usize),
+    Heap(String),
+}
+
+impl MarkKey {
+    fn new(group: &str, id: &str) -> Self {
+        let len = group.len() + 1 + id.len();
+        let mut buf = [0u8; 96];
+        match buf.get_mut(..len) {
+            Some(key) => {
+                key[..group.len()].copy_from_slice(group.as_bytes());
+                key[group.len()] = b'/';
+                key[group.len() + 1..].copy_from_slice(id.as_bytes());
+                MarkKey::Inline(buf, len)
+            }
+            None => MarkKey::Heap(format!("{group}/{id}")),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            MarkKey::Inline(buf, len) => {
+                std::str::from_utf8(&buf[..*len]).expect("two strings and a '/'")
+            }
+            MarkKey::Heap(key) => key,
+        }
+    }
+}
+
+impl IdempotencyLayer {
+    async fn begin(&self, key: &str) -> switchyard_core::Result<Begin> {
+        match self.store.try_begin(key, self.lease) {
+            Some(begun) => begun,
+            None => self.store.begin(key, self.lease).await,
+        }
+    }
+
+    async fn complete(&self, key: &str) -> switchyard_core::Result<()> {
+        match self.store.try_complete(key, self.retention) {
+            Some(done) => done,
+            None => self.store.complete(key, self.retention).await,
+        }
+    }
+
+    async fn abandon(&self, key: &str) -> switchyard_core::Result<()> {
+        match self.store.try_abandon(key) {
+            Some(done) => done,
+            None => self.store.abandon(key).await,
+        }
+    }
 }
 
 impl<S> Service<Delivery> for Idempotency<S>
@@ -96,15 +151,11 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = self.config.clone();
         Box::pin(async move {
-            let key = format!("{}/{}", delivery.group(), delivery.id());
-            let waited_since = Instant::now();
+            let key = MarkKey::new(delivery.group(), delivery.id());
+            let key = key.as_str();
+            let mut waited_since = None;
             loop {
-                match config
-                    .store
-                    .begin(&key, config.lease)
-                    .await
-                    .map_err(store_error)?
-                {
+                match config.begin(key).await.map_err(store_error)? {
                     Begin::Completed => {
                         config.skipped.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("switchyard_duplicates_skipped_total", "group" => delivery.group().to_string())
@@ -115,7 +166,10 @@ where
                     Begin::Started => break,
                     // Another consumer runs it now: wait for its outcome rather than run
                     // the same message twice at once.
-                    Begin::InFlight if waited_since.elapsed() < config.lease => {
+                    Begin::InFlight
+                        if waited_since.get_or_insert_with(Instant::now).elapsed()
+                            < config.lease =>
+                    {
                         tokio::time::sleep(config.poll).await;
                     }
                     Begin::InFlight => {
@@ -130,13 +184,9 @@ where
             // A panic must release the mark too, or the redelivery waits out the lease.
             let result = crate::recover::caught(inner.call(delivery.clone())).await;
             match &result {
-                Ok(()) => config
-                    .store
-                    .complete(&key, config.retention)
-                    .await
-                    .map_err(store_error)?,
+                Ok(()) => config.complete(key).await.map_err(store_error)?,
                 Err(_) => {
-                    if let Err(e) = config.store.abandon(&key).await {
+                    if let Err(e) = config.abandon(key).await {
                         // The lease expires anyway; the redelivery then runs.
                         tracing::warn!(id = delivery.id(), error = %e, "could not release idempotency mark");
                     }

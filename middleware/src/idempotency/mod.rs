@@ -38,6 +38,10 @@ pub enum Begin {
 }
 
 /// Where idempotency marks live.
+///
+/// Stores that answer without waiting (in-process ones, like [`MemoryStore`]) also
+/// implement the `try_` methods: the layer calls those first and awaits the async ones
+/// only when they return `None`, which saves a boxed future per call on the hot path.
 #[async_trait]
 pub trait IdempotencyStore: Send + Sync + 'static {
     /// Marks `key` in flight for `lease` unless it is in flight (unexpired) or completed.
@@ -46,4 +50,25 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     async fn complete(&self, key: &str, retention: Duration) -> Result<()>;
     /// Releases an in-flight mark (the handler failed; a redelivery may run).
     async fn abandon(&self, key: &str) -> Result<()>;
+
+    /// [`begin`](IdempotencyStore::begin) without waiting, if this store can; `None`
+    /// (the default) means "call `begin`".
+    fn try_begin(&self, key: &str, lease: Duration) -> Option<Result<Begin>> {
+        let _ = (key, lease);
+        None
+    }
+
+    /// [`complete`](IdempotencyStore::complete) without waiting, if this store can;
+    /// `None` (the default) means "call `complete`".
+    fn try_complete(&self, key: &str, retention: Duration) -> Option<Result<()>> {
+        let _ = (key, retention);
+        None
+    }
+
+    /// [`abandon`](IdempotencyStore::abandon) without waiting, if this store can;
+    /// `None` (the default) means "call `abandon`".
+    fn try_abandon(&self, key: &str) -> Option<Result<()>> {
+        let _ = key;
+        None
+    }
 }
