@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use std::panic::AssertUnwindSafe;
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Either};
 use futures::FutureExt;
 use switchyard_core::{Delivery, FailureKind, HandlerError};
 use tower::Service;
@@ -59,33 +59,31 @@ where
     fn call(&mut self, delivery: Delivery) -> Self::Future {
         let fut = self.inner.call(delivery.clone());
         let hook = self.hook.clone();
-        Box::pin(async move {
-            match caught(fut).await {
-                Ok(()) => Ok(()),
-                Err(error) => hook.on_failure(delivery, error).await,
-            }
-        })
+        // Combinators rather than an async block: a block would hold the inner future
+        // twice (as a captured value and as the awaited one), doubling the allocation.
+        Box::pin(caught(fut).then(move |outcome| match outcome {
+            Ok(()) => Either::Left(futures::future::ready(Ok(()))),
+            Err(error) => Either::Right(hook.on_failure(delivery, error)),
+        }))
     }
 }
 
-/// Awaits a handler future, turning a panic into a [`FailureKind::Panic`] failure, so
+/// A handler future that turns a panic into a [`FailureKind::Panic`] failure, so
 /// layers that must clean up or record a failure see panics too.
-pub(crate) async fn caught<F>(fut: F) -> Result<(), HandlerError>
+pub(crate) fn caught<F>(fut: F) -> impl Future<Output = Result<(), HandlerError>>
 where
     F: Future<Output = Result<(), HandlerError>>,
 {
-    match AssertUnwindSafe(fut).catch_unwind().await {
-        Ok(result) => result,
-        Err(panic) => {
-            let text = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "handler panicked".into());
-            Err(HandlerError::new(
-                FailureKind::Panic,
-                format!("handler panicked: {text}"),
-            ))
-        }
-    }
+    AssertUnwindSafe(fut)
+        .catch_unwind()
+        .map(|outcome| outcome.unwrap_or_else(|panic| Err(panic_error(panic))))
+}
+
+fn panic_error(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "handler panicked".into());
+    HandlerError::new(FailureKind::Panic, format!("handler panicked: {text}"))
 }

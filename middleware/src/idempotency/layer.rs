@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures::future::Either;
+use futures::FutureExt;
 use switchyard_core::{Delivery, HandlerError};
 use tower::{Layer, Service};
 
@@ -76,35 +78,20 @@ fn store_error(e: switchyard_core::Error) -> HandlerError {
     HandlerError::transient(format!("idempotency store: {e}"))
 }
 
-/// A mark's key, `<group>/<message id>`, built without allocating when it is short (a
-/// group name and a UUID fit easily).
-enum MarkKey {
-    Inline([u8; 96], usize),
-    Heap(String),
-}
+/// A mark's key: `<group>/<message id>`.
+struct MarkKey(String);
 
 impl MarkKey {
     fn new(group: &str, id: &str) -> Self {
-        let len = group.len() + 1 + id.len();
-        let mut buf = [0u8; 96];
-        match buf.get_mut(..len) {
-            Some(key) => {
-                key[..group.len()].copy_from_slice(group.as_bytes());
-                key[group.len()] = b'/';
-                key[group.len() + 1..].copy_from_slice(id.as_bytes());
-                MarkKey::Inline(buf, len)
-            }
-            None => MarkKey::Heap(format!("{group}/{id}")),
-        }
+        let mut key = String::with_capacity(group.len() + 1 + id.len());
+        key.push_str(group);
+        key.push('/');
+        key.push_str(id);
+        MarkKey(key)
     }
 
     fn as_str(&self) -> &str {
-        match self {
-            MarkKey::Inline(buf, len) => {
-                std::str::from_utf8(&buf[..*len]).expect("two strings and a '/'")
-            }
-            MarkKey::Heap(key) => key,
-        }
+        &self.0
     }
 }
 
@@ -145,17 +132,46 @@ where
     }
 
     fn call(&mut self, delivery: Delivery) -> Self::Future {
+        let key = MarkKey::new(delivery.group(), delivery.id());
+        let first = self.config.store.try_begin(key.as_str(), self.config.lease);
+        if let Some(Ok(Begin::Started)) = first {
+            // Decided without waiting (the common case with an in-process store): call
+            // the handler right away, with no clone of the inner service.
+            let mark = Mark {
+                config: self.config.clone(),
+                key,
+                held: true,
+            };
+            let handling = self.inner.call(delivery.clone());
+            // A panic must release the mark too, or the redelivery waits out the lease.
+            // Combinators rather than an async block, which would hold the handler's
+            // future twice (captured, then awaited) and double the allocation.
+            let fut = crate::recover::caught(handling).then(move |result| {
+                match mark.finish_now(&result, &delivery) {
+                    Ok(Ok(())) => Either::Left(futures::future::ready(result)),
+                    Ok(Err(e)) => Either::Left(futures::future::ready(Err(e))),
+                    Err(mark) => Either::Right(Box::pin(async move {
+                        mark.finish(&result, &delivery).await?;
+                        result
+                    })),
+                }
+            });
+            return Box::pin(fut);
+        }
         // The inner service is ready now; take it and leave a fresh clone (tower's
         // pattern for calling a service later, inside a future).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = self.config.clone();
         Box::pin(async move {
-            let key = MarkKey::new(delivery.group(), delivery.id());
-            let key = key.as_str();
+            let mut answer = first;
             let mut waited_since = None;
             loop {
-                match config.begin(key).await.map_err(store_error)? {
+                let begun = match answer.take() {
+                    Some(begun) => begun,
+                    None => config.begin(key.as_str()).await,
+                };
+                match begun.map_err(store_error)? {
                     Begin::Completed => {
                         config.skipped.fetch_add(1, Ordering::Relaxed);
                         metrics::counter!("switchyard_duplicates_skipped_total", "group" => delivery.group().to_string())
@@ -181,18 +197,144 @@ where
                     }
                 }
             }
-            // A panic must release the mark too, or the redelivery waits out the lease.
+            let mark = Mark {
+                config,
+                key,
+                held: true,
+            };
             let result = crate::recover::caught(inner.call(delivery.clone())).await;
-            match &result {
-                Ok(()) => config.complete(key).await.map_err(store_error)?,
-                Err(_) => {
-                    if let Err(e) = config.abandon(key).await {
-                        // The lease expires anyway; the redelivery then runs.
-                        tracing::warn!(id = delivery.id(), error = %e, "could not release idempotency mark");
-                    }
-                }
-            }
+            mark.finish(&result, &delivery).await?;
             result
         })
+    }
+}
+
+/// The in-flight mark one call holds: completed when the handler succeeds, released
+/// when it fails, and released too if the call is dropped before it finishes (a
+/// shutdown deadline, an outer timeout), where the store can do that without waiting,
+/// so the redelivery does not wait out the lease.
+struct Mark {
+    config: Arc<IdempotencyLayer>,
+    key: MarkKey,
+    held: bool,
+}
+
+impl Mark {
+    /// [`Mark::finish`] without waiting, if the store can; otherwise gives the mark back.
+    fn finish_now(
+        mut self,
+        result: &Result<(), HandlerError>,
+        delivery: &Delivery,
+    ) -> Result<Result<(), HandlerError>, Mark> {
+        let store = &self.config.store;
+        let key = self.key.as_str();
+        let done = match result {
+            Ok(()) => match store.try_complete(key, self.config.retention) {
+                Some(done) => done.map_err(store_error),
+                None => return Err(self),
+            },
+            Err(_) => match store.try_abandon(key) {
+                Some(done) => {
+                    if let Err(e) = done {
+                        tracing::warn!(id = delivery.id(), error = %e, "could not release idempotency mark");
+                    }
+                    Ok(())
+                }
+                None => return Err(self),
+            },
+        };
+        self.held = false;
+        Ok(done)
+    }
+
+    /// Completes or releases the mark after the handler's `result`; an error here is
+    /// the store's (the delivery is then nacked, and redelivered).
+    async fn finish(
+        mut self,
+        result: &Result<(), HandlerError>,
+        delivery: &Delivery,
+    ) -> Result<(), HandlerError> {
+        self.held = false;
+        let key = self.key.as_str();
+        match result {
+            Ok(()) => self.config.complete(key).await.map_err(store_error),
+            Err(_) => {
+                if let Err(e) = self.config.abandon(key).await {
+                    // The lease expires anyway; the redelivery then runs.
+                    tracing::warn!(id = delivery.id(), error = %e, "could not release idempotency mark");
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for Mark {
+    fn drop(&mut self) {
+        if self.held {
+            let _ = self.config.store.try_abandon(self.key.as_str());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryStore;
+    use futures::future::BoxFuture;
+    use switchyard_core::{Acker, Message, Nack, Origin};
+
+    struct NoAck;
+
+    impl Acker for NoAck {
+        fn ack(&self) -> BoxFuture<'_, switchyard_core::Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn nack(&self, _: Nack) -> BoxFuture<'_, switchyard_core::Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn delivery() -> Delivery {
+        let origin = Origin::new("t".into(), "g".into(), None, None);
+        Delivery::new(Arc::new(Message::new("x")), 1, origin, NoAck)
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_before_it_finishes_releases_its_mark() {
+        let store = Arc::new(MemoryStore::default());
+        let mut service =
+            IdempotencyLayer::new(store.clone()).layer(tower::service_fn(|_: Delivery| {
+                futures::future::pending::<Result<(), HandlerError>>()
+            }));
+        let d = delivery();
+        let key = format!("g/{}", d.id());
+        let mut call = service.call(d.clone());
+        assert!(futures::poll!(&mut call).is_pending());
+        let lease = Duration::from_secs(60);
+        assert_eq!(store.begin(&key, lease).await.unwrap(), Begin::InFlight);
+        drop(call);
+        assert_eq!(
+            store.begin(&key, lease).await.unwrap(),
+            Begin::Started,
+            "released, so a redelivery runs at once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_completed_message_is_skipped() {
+        let store = Arc::new(MemoryStore::default());
+        let runs = Arc::new(AtomicU64::new(0));
+        let counted = runs.clone();
+        let layer = IdempotencyLayer::new(store);
+        let mut service = layer.layer(tower::service_fn(move |_: Delivery| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<(), HandlerError>(()) }
+        }));
+        let d = delivery();
+        service.call(d.clone()).await.unwrap();
+        service.call(d.clone()).await.unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(layer.skipped(), 1);
     }
 }

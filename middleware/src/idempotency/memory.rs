@@ -2,7 +2,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -19,8 +19,39 @@ enum State {
 
 /// A key's 128-bit fingerprint: SipHash-1-3 with 128-bit output under this store's
 /// random key. Storing it instead of the key string saves two allocations per message;
-/// a collision among a million marks has odds around 10^-26.
-type Fingerprint = u128;
+/// a collision among a million marks has odds around 10^-26. Two words rather than a
+/// `u128`, whose 16-byte alignment would pad each map entry from 24 bytes to 48.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Fingerprint([u64; 2]);
+
+impl Hash for Fingerprint {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0[0]);
+    }
+}
+
+/// A mark's state and expiry in one word: the expiry in milliseconds since the store
+/// was created, shifted left by one, and the low bit set once completed.
+#[derive(Clone, Copy)]
+struct Mark(u64);
+
+impl Mark {
+    fn new(state: State, until_ms: u64) -> Self {
+        Mark((until_ms << 1) | u64::from(state == State::Completed))
+    }
+
+    fn state(self) -> State {
+        if self.0 & 1 == 1 {
+            State::Completed
+        } else {
+            State::InFlight
+        }
+    }
+
+    fn until_ms(self) -> u64 {
+        self.0 >> 1
+    }
+}
 
 /// The map is keyed by fingerprints, which are uniformly random already: hash them by
 /// taking their low bits instead of running SipHash a third time.
@@ -36,13 +67,13 @@ impl Hasher for TakeLow {
             self.0 = self.0.rotate_left(8) ^ u64::from(b);
         }
     }
-    fn write_u128(&mut self, n: u128) {
-        self.0 = n as u64;
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
 struct Inner {
-    marks: HashMap<Fingerprint, (State, Instant), BuildHasherDefault<TakeLow>>,
+    marks: HashMap<Fingerprint, Mark, BuildHasherDefault<TakeLow>>,
     /// Insertion order, for evicting the oldest marks when full.
     order: VecDeque<Fingerprint>,
 }
@@ -54,7 +85,28 @@ pub struct MemoryStore {
     inner: Mutex<Inner>,
     capacity: usize,
     key: (u64, u64),
+    /// Tells stores apart in the per-thread fingerprint cache.
+    id: u64,
+    /// Expiries count milliseconds from here.
+    epoch: Instant,
 }
+
+/// The last fingerprint this thread computed: `complete` usually follows `begin` for
+/// the same key on the same thread, and then skips the hash.
+struct LastFingerprint {
+    store: u64,
+    len: usize,
+    key: [u8; 96],
+    fingerprint: Fingerprint,
+}
+
+thread_local! {
+    static LAST: std::cell::RefCell<LastFingerprint> = const {
+        std::cell::RefCell::new(LastFingerprint { store: 0, len: 0, key: [0; 96], fingerprint: Fingerprint([0; 2]) })
+    };
+}
+
+static NEXT_STORE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Default for MemoryStore {
     fn default() -> Self {
@@ -76,11 +128,33 @@ impl MemoryStore {
                 let random = RandomState::new();
                 (random.hash_one(0x5eed_u64), random.hash_one(0xfee1_u64))
             },
+            id: NEXT_STORE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            epoch: Instant::now(),
         }
     }
 
     fn fingerprint(&self, key: &str) -> Fingerprint {
-        sip128::<1, 3>(self.key, key.as_bytes())
+        let key = key.as_bytes();
+        LAST.with_borrow_mut(|last| {
+            if last.store == self.id && last.len == key.len() && last.key[..last.len] == *key {
+                return last.fingerprint;
+            }
+            let fingerprint = sip128::<1, 3>(self.key, key);
+            if let Some(slot) = last.key.get_mut(..key.len()) {
+                slot.copy_from_slice(key);
+                last.store = self.id;
+                last.len = key.len();
+                last.fingerprint = fingerprint;
+            }
+            fingerprint
+        })
+    }
+
+    /// Milliseconds since the store was created, now and after `later`.
+    fn now_ms(&self, later: Duration) -> (u64, u64) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX >> 2);
+        let later = u64::try_from(later.as_millis()).unwrap_or(u64::MAX);
+        (now, now.saturating_add(later).min(u64::MAX >> 2))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -101,8 +175,8 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    fn set(inner: &mut Inner, capacity: usize, key: Fingerprint, state: State, until: Instant) {
-        if inner.marks.insert(key, (state, until)).is_none() {
+    fn set(inner: &mut Inner, capacity: usize, key: Fingerprint, mark: Mark) {
+        if inner.marks.insert(key, mark).is_none() {
             inner.order.push_back(key);
         }
         while inner.marks.len() > capacity {
@@ -139,29 +213,42 @@ impl IdempotencyStore for MemoryStore {
 
     fn try_begin(&self, key: &str, lease: Duration) -> Option<Result<Begin>> {
         let key = self.fingerprint(key);
-        let now = Instant::now();
+        let (now, until) = self.now_ms(lease);
         let mut inner = self.lock();
-        match inner.marks.get(&key) {
-            Some((State::Completed, until)) if *until > now => return Some(Ok(Begin::Completed)),
-            Some((State::InFlight, until)) if *until > now => return Some(Ok(Begin::InFlight)),
-            _ => {}
+        if let Some(mark) = inner.marks.get(&key) {
+            if mark.until_ms() > now {
+                return Some(Ok(match mark.state() {
+                    State::Completed => Begin::Completed,
+                    State::InFlight => Begin::InFlight,
+                }));
+            }
         }
-        Self::set(&mut inner, self.capacity, key, State::InFlight, now + lease);
+        Self::set(
+            &mut inner,
+            self.capacity,
+            key,
+            Mark::new(State::InFlight, until),
+        );
         Some(Ok(Begin::Started))
     }
 
     fn try_complete(&self, key: &str, retention: Duration) -> Option<Result<()>> {
         let key = self.fingerprint(key);
-        let until = Instant::now() + retention;
+        let (_, until) = self.now_ms(retention);
         let mut inner = self.lock();
-        Self::set(&mut inner, self.capacity, key, State::Completed, until);
+        Self::set(
+            &mut inner,
+            self.capacity,
+            key,
+            Mark::new(State::Completed, until),
+        );
         Some(Ok(()))
     }
 
     fn try_abandon(&self, key: &str) -> Option<Result<()>> {
         let key = self.fingerprint(key);
         let mut inner = self.lock();
-        if matches!(inner.marks.get(&key), Some((State::InFlight, _))) {
+        if matches!(inner.marks.get(&key), Some(mark) if mark.state() == State::InFlight) {
             inner.marks.remove(&key);
         }
         Some(Ok(()))
@@ -171,7 +258,7 @@ impl IdempotencyStore for MemoryStore {
 /// SipHash-C-D with a 128-bit output (the reference algorithm's 128-bit mode): one
 /// pass over the input gives the whole fingerprint, where two 64-bit std hashes took
 /// two. C = 1, D = 3 is the variant std's `HashMap` uses.
-fn sip128<const C: usize, const D: usize>(key: (u64, u64), data: &[u8]) -> u128 {
+fn sip128<const C: usize, const D: usize>(key: (u64, u64), data: &[u8]) -> Fingerprint {
     struct State([u64; 4]);
     impl State {
         #[inline(always)]
@@ -222,7 +309,7 @@ fn sip128<const C: usize, const D: usize>(key: (u64, u64), data: &[u8]) -> u128 
     s.0[1] ^= 0xdd;
     s.rounds(D);
     let high = s.out();
-    (u128::from(high) << 64) | u128::from(low)
+    Fingerprint([low, high])
 }
 
 #[cfg(test)]
@@ -247,8 +334,13 @@ mod tests {
             (16, "6ee2a4ca67b054bbfd3315bf85230577"),
         ];
         for (len, hex) in expect {
-            let bytes = sip128::<2, 4>(key, &message[..len]).to_le_bytes();
-            let got: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let Fingerprint([low, high]) = sip128::<2, 4>(key, &message[..len]);
+            let got: String = low
+                .to_le_bytes()
+                .iter()
+                .chain(&high.to_le_bytes())
+                .map(|b| format!("{b:02x}"))
+                .collect();
             assert_eq!(got, hex, "length {len}");
         }
     }
@@ -279,5 +371,19 @@ mod tests {
             Begin::Started,
             "oldest mark evicted"
         );
+    }
+
+    #[tokio::test]
+    async fn stores_do_not_share_marks_through_the_fingerprint_cache() {
+        let (a, b) = (MemoryStore::new(10), MemoryStore::new(10));
+        let lease = Duration::from_secs(60);
+        assert_eq!(a.begin("g/k", lease).await.unwrap(), Begin::Started);
+        assert_eq!(b.begin("g/k", lease).await.unwrap(), Begin::Started);
+        a.complete("g/k", lease).await.unwrap();
+        assert_eq!(b.begin("g/k", lease).await.unwrap(), Begin::InFlight);
+        assert_eq!(a.begin("g/k", lease).await.unwrap(), Begin::Completed);
+        let long = "x".repeat(200);
+        assert_eq!(a.begin(&long, lease).await.unwrap(), Begin::Started);
+        assert_eq!(a.begin(&long, lease).await.unwrap(), Begin::InFlight);
     }
 }
