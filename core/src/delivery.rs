@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use futures::future::BoxFuture;
 
@@ -66,6 +66,14 @@ pub trait Acker: Send + Sync + 'static {
     fn try_ack_now(&self) -> Option<Result<()>> {
         None
     }
+
+    /// The topic and group of the delivery this handle settles, if the handle holds
+    /// them (most do, to settle). Deliveries built with [`Delivery::from_acker`] read
+    /// them from here and make their [`Origin`] only when asked for it, which saves two
+    /// reference counts per message. `None` by default.
+    fn source(&self) -> Option<(&Arc<str>, &Arc<str>)> {
+        None
+    }
 }
 
 const UNSETTLED: u8 = 0;
@@ -77,7 +85,10 @@ const NACKED: u8 = 3;
 struct Inner<A: ?Sized + Acker> {
     message: Arc<Message>,
     attempt: u32,
-    origin: Origin,
+    /// Given, or made from the acker's source and `position` on first use.
+    origin: OnceLock<Origin>,
+    /// Partition and offset, for an origin made later.
+    position: (Option<i32>, Option<i64>),
     state: AtomicU8,
     acker: A,
 }
@@ -104,10 +115,42 @@ pub struct Delivery {
 impl Delivery {
     /// Builds a delivery; called by backends.
     pub fn new(message: Arc<Message>, attempt: u32, origin: Origin, acker: impl Acker) -> Self {
+        let position = (origin.partition, origin.offset);
+        Self::build(message, attempt, OnceLock::from(origin), position, acker)
+    }
+
+    /// Builds a delivery whose topic and group come from `acker`'s
+    /// [`source`](Acker::source); its [`Origin`] is made only if someone asks for it.
+    /// For backends whose ack handles hold the names anyway: it saves two reference
+    /// counts per message. An acker without a source gives empty names.
+    pub fn from_acker(
+        message: Arc<Message>,
+        attempt: u32,
+        partition: Option<i32>,
+        offset: Option<i64>,
+        acker: impl Acker,
+    ) -> Self {
+        Self::build(
+            message,
+            attempt,
+            OnceLock::new(),
+            (partition, offset),
+            acker,
+        )
+    }
+
+    fn build(
+        message: Arc<Message>,
+        attempt: u32,
+        origin: OnceLock<Origin>,
+        position: (Option<i32>, Option<i64>),
+        acker: impl Acker,
+    ) -> Self {
         let inner: Arc<Inner<dyn Acker>> = Arc::new(Inner {
             message,
             attempt: attempt.max(1),
             origin,
+            position,
             state: AtomicU8::new(UNSETTLED),
             acker,
         });
@@ -146,17 +189,34 @@ impl Delivery {
 
     /// Where the message came from.
     pub fn origin(&self) -> &Origin {
-        &self.inner.origin
+        let inner = &*self.inner;
+        inner.origin.get_or_init(|| {
+            let (partition, offset) = inner.position;
+            match inner.acker.source() {
+                Some((topic, group)) => {
+                    Origin::new(topic.clone(), group.clone(), partition, offset)
+                }
+                None => Origin::new("".into(), "".into(), partition, offset),
+            }
+        })
     }
 
     /// The topic it came from.
     pub fn topic(&self) -> &str {
-        &self.inner.origin.topic
+        match (self.inner.origin.get(), self.inner.acker.source()) {
+            (Some(origin), _) => &origin.topic,
+            (None, Some((topic, _))) => topic,
+            (None, None) => &self.origin().topic,
+        }
     }
 
     /// The group that received it.
     pub fn group(&self) -> &str {
-        &self.inner.origin.group
+        match (self.inner.origin.get(), self.inner.acker.source()) {
+            (Some(origin), _) => &origin.group,
+            (None, Some((_, group))) => group,
+            (None, None) => &self.origin().group,
+        }
     }
 
     /// Whether it was acked or nacked already.
@@ -248,7 +308,7 @@ impl fmt::Debug for Delivery {
             .field("id", &self.inner.message.id)
             .field("key", &self.inner.message.key)
             .field("attempt", &self.inner.attempt)
-            .field("origin", &self.inner.origin)
+            .field("origin", self.origin())
             .field("payload_len", &self.inner.message.payload.len())
             .finish()
     }
@@ -310,5 +370,46 @@ mod tests {
         assert_eq!(acker.1.load(Ordering::SeqCst), 0, "a clone is still alive");
         drop(copy);
         assert_eq!(acker.1.load(Ordering::SeqCst), 1);
+    }
+
+    struct Sourced(Arc<str>, Arc<str>);
+
+    impl Acker for Sourced {
+        fn ack(&self) -> BoxFuture<'_, Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn nack(&self, _: Nack) -> BoxFuture<'_, Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn source(&self) -> Option<(&Arc<str>, &Arc<str>)> {
+            Some((&self.0, &self.1))
+        }
+    }
+
+    #[test]
+    fn an_origin_from_the_acker_is_made_on_demand() {
+        let topic: Arc<str> = "orders".into();
+        let acker = Sourced(topic.clone(), "email".into());
+        let d = Delivery::from_acker(Arc::new(Message::new("x")), 2, None, Some(7), acker);
+        assert_eq!((d.topic(), d.group(), d.attempt()), ("orders", "email", 2));
+        assert_eq!(Arc::strong_count(&topic), 2, "no origin made yet");
+        let origin = d.origin();
+        assert_eq!(
+            origin,
+            &Origin::new("orders".into(), "email".into(), None, Some(7))
+        );
+        assert_eq!(Arc::strong_count(&topic), 3);
+        assert_eq!(d.topic(), "orders");
+        let plain = Delivery::from_acker(
+            Arc::new(Message::new("y")),
+            1,
+            Some(1),
+            None,
+            Counting::default(),
+        );
+        assert_eq!(
+            (plain.topic(), plain.group(), plain.origin().partition),
+            ("", "", Some(1))
+        );
     }
 }

@@ -33,11 +33,22 @@ use crate::message::Message;
 pub trait FromDelivery: Sized + Send + 'static {
     /// Extracts the argument; an error here is the handler's failure (e.g. a decode error).
     fn from_delivery(delivery: &Delivery) -> Result<Self, HandlerError>;
+
+    /// Extracts the argument from the delivery itself; used for a handler's last
+    /// argument, where the delivery is not needed afterwards. The default borrows it
+    /// ([`FromDelivery::from_delivery`]); `Delivery` takes it, saving a clone.
+    fn from_owned_delivery(delivery: Delivery) -> Result<Self, HandlerError> {
+        Self::from_delivery(&delivery)
+    }
 }
 
 impl FromDelivery for Delivery {
     fn from_delivery(delivery: &Delivery) -> Result<Self, HandlerError> {
         Ok(delivery.clone())
+    }
+
+    fn from_owned_delivery(delivery: Delivery) -> Result<Self, HandlerError> {
+        Ok(delivery)
     }
 }
 
@@ -79,13 +90,14 @@ pub trait Handler<Args>: Clone + Send + 'static {
 }
 
 macro_rules! impl_handler {
-    ($($arg:ident),+) => {
-        impl<F, Fut, E, $($arg),+> Handler<($($arg,)+)> for F
+    ($($arg:ident,)* ; $last:ident) => {
+        impl<F, Fut, E, $($arg,)* $last> Handler<($($arg,)* $last,)> for F
         where
-            F: Fn($($arg),+) -> Fut + Clone + Send + Sync + 'static,
+            F: Fn($($arg,)* $last) -> Fut + Clone + Send + Sync + 'static,
             Fut: Future<Output = Result<(), E>> + Send + 'static,
             E: Into<HandlerError> + 'static,
-            $($arg: FromDelivery),+
+            $($arg: FromDelivery,)*
+            $last: FromDelivery,
         {
             type Future = HandlerFuture<Fut, E>;
 
@@ -96,16 +108,21 @@ macro_rules! impl_handler {
                         Ok(v) => v,
                         Err(e) => return Either::Left(futures::future::ready(Err(e))),
                     };
-                )+
-                Either::Right((self)($($arg),+).map_err(Into::into as ErrInto<E>))
+                )*
+                // The last argument takes the delivery itself: no clone when it is one.
+                let $last = match $last::from_owned_delivery(delivery) {
+                    Ok(v) => v,
+                    Err(e) => return Either::Left(futures::future::ready(Err(e))),
+                };
+                Either::Right((self)($($arg,)* $last).map_err(Into::into as ErrInto<E>))
             }
         }
     };
 }
 
-impl_handler!(T1);
-impl_handler!(T1, T2);
-impl_handler!(T1, T2, T3);
+impl_handler!(; T1);
+impl_handler!(T1, ; T2);
+impl_handler!(T1, T2, ; T3);
 
 /// A [`Handler`] as a `tower::Service<Delivery>`.
 pub struct HandlerService<H, Args> {

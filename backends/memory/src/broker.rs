@@ -11,8 +11,8 @@ use tokio::sync::Notify;
 
 use switchyard_core::{
     validate_name, Acker, Broker, BrokerUrl, Capabilities, Delivery, Error, GroupInfo, Message,
-    Nack, Origin, Publisher, Receipt, Result, StartFrom, SubscribeOptions, Subscriber,
-    Subscription, TopicInfo,
+    Nack, Publisher, Receipt, Result, StartFrom, SubscribeOptions, Subscriber, Subscription,
+    TopicInfo,
 };
 
 use crate::group::{AckQueue, Entry, Group, Settled};
@@ -542,11 +542,11 @@ impl Subscriber for MemoryBroker {
             link: Arc::new(MemberLink {
                 topic,
                 group,
+                group_name,
                 member,
                 acks,
                 faults: self.inner.faults.clone(),
             }),
-            group_name,
             prefetch: options.prefetch,
             scratch: Vec::new(),
             closed: false,
@@ -619,6 +619,7 @@ impl Broker for MemoryBroker {
 struct MemberLink {
     topic: Arc<Topic>,
     group: usize,
+    group_name: Arc<str>,
     member: u64,
     acks: Arc<AckQueue>,
     faults: Arc<FaultState>,
@@ -626,7 +627,6 @@ struct MemberLink {
 
 struct MemorySubscription {
     link: Arc<MemberLink>,
-    group_name: Arc<str>,
     prefetch: usize,
     scratch: Vec<Entry>,
     closed: bool,
@@ -644,17 +644,19 @@ enum Took {
 
 impl MemorySubscription {
     fn deliver(&self, entry: Entry) -> Delivery {
-        let origin = Origin::new(
-            self.link.topic.name.clone(),
-            self.group_name.clone(),
-            None,
-            Some(entry.offset as i64),
-        );
         let acker = MemoryAcker {
             link: self.link.clone(),
             offset: entry.offset,
         };
-        Delivery::new(entry.message, entry.attempt, origin, acker)
+        // The ack handle holds the topic and group names: the delivery's Origin is
+        // made from them only if someone asks for it.
+        Delivery::from_acker(
+            entry.message,
+            entry.attempt,
+            None,
+            Some(entry.offset as i64),
+            acker,
+        )
     }
 
     /// Takes up to `max` deliverable entries (within the prefetch window) into `scratch`.
@@ -842,5 +844,9 @@ impl Acker for MemoryAcker {
             None => Some(self.ack_now()),
             Some(_) => None,
         }
+    }
+
+    fn source(&self) -> Option<(&Arc<str>, &Arc<str>)> {
+        Some((&self.link.topic.name, &self.link.group_name))
     }
 }
