@@ -142,16 +142,16 @@ where
                 key,
                 held: true,
             };
-            let handling = self.inner.call(delivery.clone());
+            let handling = self.inner.call(delivery);
             // A panic must release the mark too, or the redelivery waits out the lease.
             // Combinators rather than an async block, which would hold the handler's
             // future twice (captured, then awaited) and double the allocation.
             let fut = crate::recover::caught(handling).then(move |result| {
-                match mark.finish_now(&result, &delivery) {
+                match mark.finish_now(&result) {
                     Ok(Ok(())) => Either::Left(futures::future::ready(result)),
                     Ok(Err(e)) => Either::Left(futures::future::ready(Err(e))),
                     Err(mark) => Either::Right(Box::pin(async move {
-                        mark.finish(&result, &delivery).await?;
+                        mark.finish(&result).await?;
                         result
                     })),
                 }
@@ -202,8 +202,8 @@ where
                 key,
                 held: true,
             };
-            let result = crate::recover::caught(inner.call(delivery.clone())).await;
-            mark.finish(&result, &delivery).await?;
+            let result = crate::recover::caught(inner.call(delivery)).await;
+            mark.finish(&result).await?;
             result
         })
     }
@@ -224,7 +224,6 @@ impl Mark {
     fn finish_now(
         mut self,
         result: &Result<(), HandlerError>,
-        delivery: &Delivery,
     ) -> Result<Result<(), HandlerError>, Mark> {
         let store = &self.config.store;
         let key = self.key.as_str();
@@ -236,7 +235,7 @@ impl Mark {
             Err(_) => match store.try_abandon(key) {
                 Some(done) => {
                     if let Err(e) = done {
-                        tracing::warn!(id = delivery.id(), error = %e, "could not release idempotency mark");
+                        tracing::warn!(key, error = %e, "could not release idempotency mark");
                     }
                     Ok(())
                 }
@@ -249,11 +248,7 @@ impl Mark {
 
     /// Completes or releases the mark after the handler's `result`; an error here is
     /// the store's (the delivery is then nacked, and redelivered).
-    async fn finish(
-        mut self,
-        result: &Result<(), HandlerError>,
-        delivery: &Delivery,
-    ) -> Result<(), HandlerError> {
+    async fn finish(mut self, result: &Result<(), HandlerError>) -> Result<(), HandlerError> {
         self.held = false;
         let key = self.key.as_str();
         match result {
@@ -261,7 +256,7 @@ impl Mark {
             Err(_) => {
                 if let Err(e) = self.config.abandon(key).await {
                     // The lease expires anyway; the redelivery then runs.
-                    tracing::warn!(id = delivery.id(), error = %e, "could not release idempotency mark");
+                    tracing::warn!(key, error = %e, "could not release idempotency mark");
                 }
                 Ok(())
             }
