@@ -230,6 +230,10 @@ impl Topic {
     }
 }
 
+/// How many messages one publish call must add before it reschedules itself after
+/// waking consumers (see `append`).
+const RESCHEDULE_AFTER: usize = 16;
+
 /// Returns `Pending` once after waking its own task: the task goes back to its
 /// scheduler's queue at once (unlike `tokio::task::yield_now`, which waits until the
 /// worker is otherwise idle, so the woken consumers would run first and alone).
@@ -488,13 +492,14 @@ impl MemoryBroker {
             published += fit;
             woke |= topic.wake_consumers();
         }
-        if woke {
+        if woke && published >= RESCHEDULE_AFTER {
             // Let the consumers just woken run elsewhere. Tokio puts a task woken from a
             // worker in that worker's next-task slot, which other workers cannot steal:
             // a publisher that never waits (a memory topic with room) would keep them
             // from running until it stops publishing. Rescheduling itself puts this task
             // in the run queue, where an idle worker steals it, and the woken consumers
-            // run here: both sides keep going in parallel.
+            // run here: both sides keep going in parallel. Only after a batch: a single
+            // publish (say from a handler) stays a call that does not suspend.
             Reschedule(false).await;
         }
         Ok(receipts)
