@@ -138,6 +138,12 @@ impl Seen {
             let retry = self.last_seq.contains_key(&order.customer) && order.customer_seq == last;
             if order.customer_seq != next && !retry {
                 self.violations += 1;
+                if self.violations <= 5 {
+                    eprintln!(
+                        "order violation: {} #{} arrived when #{next} was due (order {})",
+                        order.customer, order.customer_seq, order.order_id
+                    );
+                }
             }
             let entry = self.last_seq.entry(order.customer.clone()).or_insert(0);
             *entry = (*entry).max(order.customer_seq);
@@ -363,6 +369,14 @@ async fn run(args: Args) -> switchyard::Result<bool> {
         .map(|&n| u64::from(n) - 1)
         .sum();
     let violations: u64 = seen.iter().map(|s| s.violations).sum();
+    if violations > 0 {
+        let per_group: Vec<String> = groups
+            .iter()
+            .zip(&seen)
+            .map(|(g, s)| format!("{g}={}", s.violations))
+            .collect();
+        eprintln!("order violations per group: {}", per_group.join(" "));
+    }
     // Missing: some group neither handled it nor dead-lettered it.
     let missing = (0..args.orders)
         .filter(|id| seen.iter().any(|s| !s.handled.contains_key(id)) && !dead_orders.contains(id))
