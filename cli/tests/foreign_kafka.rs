@@ -4,8 +4,11 @@
 //! Against the test broker (`SWITCHYARD_KAFKA_URL`, default kafka://127.0.0.1:9092);
 //! fails, never skips, when the broker or the client is missing.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+mod common;
+
+use std::process::Command;
+
+use common::{run, topic};
 
 fn url() -> String {
     std::env::var("SWITCHYARD_KAFKA_URL").unwrap_or_else(|_| "kafka://127.0.0.1:9092".into())
@@ -26,36 +29,6 @@ fn client() -> String {
         "/../tests/foreign/kafka_client.py"
     )
     .to_string()
-}
-
-fn run(mut cmd: Command, stdin: &str) -> String {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn topic(label: &str) -> String {
-    format!(
-        "sy-foreign-{label}-{}",
-        &switchyard::new_id().replace('-', "")[20..]
-    )
 }
 
 #[test]

@@ -6,71 +6,17 @@
 //! (`SWITCHYARD_AMQP_URL`, default amqp://guest:guest@127.0.0.1:5672/%2f); fails, never
 //! skips, when the broker or the client is missing. Each test deletes what it declared.
 
-use std::io::{BufRead, BufReader, Write};
+mod common;
+
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-fn url() -> String {
-    std::env::var("SWITCHYARD_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn client() -> String {
-    concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/foreign/rabbitmq_client.py"
-    )
-    .to_string()
-}
-
-fn run(mut cmd: Command, stdin: &str) -> String {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use common::{amqp_url as url, rabbitmq_client as client, run, topic, RabbitCleanup as Cleanup};
 
 fn json_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
         .collect()
-}
-
-fn topic(label: &str) -> String {
-    format!(
-        "sy-foreign-{label}-{}",
-        &switchyard::new_id().replace('-', "")[20..]
-    )
-}
-
-/// Deletes the groups' queues and the topic's exchange (at the end, and on a panic).
-struct Cleanup {
-    topic: String,
-    groups: Vec<String>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let mut cmd = Command::new("python3");
-        cmd.args([client().as_str(), "delete", &url(), &self.topic]);
-        cmd.args(&self.groups);
-        let _ = cmd.status();
-    }
 }
 
 #[test]

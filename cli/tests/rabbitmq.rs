@@ -4,61 +4,25 @@
 //! Fails, never skips, when the broker is unreachable; deletes what it declared (with
 //! the pika helper the foreign-client tests use).
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+mod common;
 
-fn url() -> String {
-    std::env::var("SWITCHYARD_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
+use common::{amqp_url as url, run, topic, RabbitCleanup};
 
+/// Runs the `switchyard` binary with `args` and `stdin`; its standard output.
 fn switchyard(args: &[&str], stdin: &str) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(args)
-        .env_remove("SWITCHYARD_URL")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run the switchyard binary");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "switchyard {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Deletes the group's queues and the topic's exchange (at the end, and on a panic).
-struct Cleanup(String, &'static str);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let client = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/foreign/rabbitmq_client.py"
-        );
-        let _ = Command::new("python3")
-            .args([client, "delete", &url(), &self.0, self.1])
-            .status();
-    }
+    let mut cmd = common::switchyard();
+    cmd.args(args);
+    run(cmd, stdin)
 }
 
 #[test]
 fn topics_shows_a_topic_and_its_group_with_lag() {
-    let topic = format!(
-        "sy-cli-topics-{}",
-        &switchyard::new_id().replace('-', "")[20..]
-    );
+    let topic = topic("topics");
     let group = "lagging";
-    let _cleanup = Cleanup(topic.clone(), group);
+    let _cleanup = RabbitCleanup {
+        topic: topic.clone(),
+        groups: vec![group.to_string()],
+    };
     let url = url();
     // Create the group (a consume that takes nothing), then leave 3 messages for it.
     switchyard(
