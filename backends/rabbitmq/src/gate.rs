@@ -102,6 +102,12 @@ impl Gate {
         self.busy.remove(key);
     }
 
+    /// Received messages not yet handed out.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.ready.len() + self.blocked.values().map(VecDeque::len).sum::<usize>()
+    }
+
     /// Whether the partition can be handed to another member without breaking a key's
     /// order: no requeued message is on its way back or waiting to be handed out.
     pub(crate) fn quiet(&self) -> bool {

@@ -37,7 +37,8 @@
 //! partition given up first stops handing out messages, waits (up to 30 s) for its
 //! in-flight ones to be settled, then closes its channel (its prefetched messages go
 //! back to their places at the queue head, and the exclusive consumer ends, in one
-//! step). Inside a member, a key gate holds back a message while an earlier one with the
+//! step; never `basic.cancel` first, which frees the queue for another member while the
+//! messages are still out, so it would get later ones first). Inside a member, a key gate holds back a message while an earlier one with the
 //! same key is unsettled, so a subscription's deliveries may run concurrently while
 //! same-key messages run one at a time, in publish order. At most `partitions` members
 //! of a group do work at once.

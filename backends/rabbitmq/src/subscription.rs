@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    BasicRejectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
@@ -70,7 +70,6 @@ struct Part {
     /// delivery never settles into the new one's accounting.
     gen: u64,
     channel: Channel,
-    consumer_tag: String,
     gate: Gate,
     in_flight: usize,
     draining: Option<Instant>,
@@ -528,21 +527,25 @@ impl Supervisor {
         self.shutdown().await;
     }
 
-    /// Leaves the group: cancels every consumer (no new deliveries), then closes the
-    /// connection, which hands every unsettled message back to its queue.
+    /// Leaves the group: closes every partition channel, which hands its unsettled
+    /// messages back to the queue and ends its consumer in one step, then the
+    /// connection. Not basic.cancel first: a cancelled consumer frees the queue for
+    /// another member before this channel's unacked messages are back, and that member
+    /// would get later messages first.
     async fn shutdown(&mut self) {
-        let parts: Vec<(Channel, String)> = self
+        let channels: Vec<Channel> = self
             .shared
             .lock()
             .parts
             .values()
-            .map(|p| (p.channel.clone(), p.consumer_tag.clone()))
+            .map(|p| p.channel.clone())
             .collect();
-        for (channel, tag) in parts {
-            let _ = channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await;
-        }
+        futures::future::join_all(channels.iter().map(|ch| async move {
+            if ch.status().connected() {
+                let _ = ch.close(200, "subscription closed".into()).await;
+            }
+        }))
+        .await;
         if let Some(conn) = self.conn.take() {
             let _ = conn.close(200, "subscription closed".into()).await;
         }
@@ -738,7 +741,6 @@ impl Supervisor {
                 Part {
                     gen,
                     channel: ch,
-                    consumer_tag: tag,
                     gate: Gate::default(),
                     in_flight: 0,
                     draining: None,
@@ -790,8 +792,12 @@ async fn pump(shared: Arc<Shared>, p: u32, gen: u64, mut consumer: Consumer) {
                     let mut st = shared.lock();
                     match st.parts.get_mut(&p) {
                         Some(part) if part.gen == gen => part.gate.arrive(entry),
-                        // Released meanwhile: closing the channel returns the message.
-                        _ => return,
+                        // Being released: closing the channel returns the message. Keep
+                        // the consumer until then (the release aborts this task after the
+                        // close): dropping it sends basic.cancel, which frees the queue
+                        // for another member while this channel still holds unacked
+                        // messages, and that member would get later messages first.
+                        _ => continue,
                     }
                 }
                 shared.wake.notify_waiters();
@@ -815,4 +821,156 @@ pub(crate) fn close_shared(shared: &Shared) {
     shared.lock().closed = true;
     shared.wake.notify_waiters();
     shared.stop.cancel();
+}
+
+/// Hand-over against the real broker (`scripts/test` starts RabbitMQ; the test fails
+/// when it does not answer). Internal, because it drives two members' claim and release
+/// steps by hand to hit the moment that broke order.
+#[cfg(test)]
+mod handover_tests {
+    use super::*;
+    use lapin::options::{BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+
+    fn url() -> String {
+        std::env::var("SWITCHYARD_AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+    }
+
+    async fn member(config: &Arc<RabbitConfig>, topic: &str) -> Supervisor {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            supervisor: Notify::new(),
+            stop: CancellationToken::new(),
+            topic: topic.into(),
+            group: "g".into(),
+            prefetch: 1000,
+        });
+        let mut sup = Supervisor {
+            shared,
+            config: config.clone(),
+            names: GroupNames::new(topic, "g"),
+            conn: None,
+            control: None,
+            membership: None,
+            seed: 0,
+        };
+        sup.connect()
+            .await
+            .expect("RabbitMQ on SWITCHYARD_AMQP_URL (scripts/test starts it)");
+        sup
+    }
+
+    async fn publish(control: &Channel, queue: &str, range: std::ops::Range<usize>) {
+        for i in range {
+            let m = Message::new(i.to_string());
+            control
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &m.payload,
+                    crate::codec::properties(&m).expect("encodable"),
+                )
+                .await
+                .expect("publish");
+        }
+    }
+
+    fn received(m: &Supervisor) -> usize {
+        m.shared.lock().parts.get(&0).map_or(0, |p| p.gate.len())
+    }
+
+    /// A partition being released keeps receiving until its channel closes. Its pump
+    /// used to drop the consumer at the first such delivery, which sends basic.cancel:
+    /// RabbitMQ then let the next member consume while the old channel still held its
+    /// unacked messages, and that member got later messages first (found as per-key
+    /// order violations while members joined). The next owner must start with the
+    /// oldest message.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_next_owner_starts_with_the_messages_the_last_one_held() {
+        let config = Arc::new(RabbitConfig::from_url(&url()).expect("valid URL"));
+        for round in 0..3 {
+            let topic = format!("sy-handover-{}", switchyard_core::new_id());
+            let mut a = member(&config, &topic).await;
+            let mut b = member(&config, &topic).await;
+            let control = a.control.clone().expect("connected");
+            assert!(a.claim(&control, 0).await.expect("claim"), "free partition");
+            let queue = a.names.partition(0);
+            publish(&control, &queue, 0..50).await;
+            let start = Instant::now();
+            while received(&a) < 50 {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "A got {}",
+                    received(&a)
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // Rebalance takes the partition out of A's state, then releases it; more
+            // messages arrive in between (other partitions are released first).
+            let part = a
+                .shared
+                .lock()
+                .parts
+                .remove(&0)
+                .expect("A owns partition 0");
+            let control_b = b.control.clone().expect("connected");
+            let claimer = tokio::spawn(async move {
+                while !b.claim(&control_b, 0).await.expect("claim attempt") {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                b
+            });
+            for i in 50..100 {
+                publish(&control, &queue, i..i + 1).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            a.release(part).await;
+            let b = tokio::time::timeout(Duration::from_secs(10), claimer)
+                .await
+                .expect("B claims the released partition")
+                .expect("claimer task");
+            let first = loop {
+                let taken = b
+                    .shared
+                    .lock()
+                    .parts
+                    .get_mut(&0)
+                    .and_then(|p| p.gate.take(false));
+                if let Some(entry) = taken {
+                    break entry;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            };
+            assert_eq!(
+                String::from_utf8_lossy(&first.message.payload),
+                "0",
+                "round {round}: the next owner got a later message before the ones handed back"
+            );
+            // Tidy up this throwaway topic's queues and exchanges.
+            for p in 0..config.partitions {
+                let _ = control
+                    .queue_delete(
+                        a.names.partition(p).as_str().into(),
+                        QueueDeleteOptions::default(),
+                    )
+                    .await;
+            }
+            let _ = control
+                .queue_delete(
+                    a.names.members().as_str().into(),
+                    QueueDeleteOptions::default(),
+                )
+                .await;
+            for exchange in [topic.clone(), a.names.return_exchange()] {
+                let _ = control
+                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
+            for mut m in [a, b] {
+                m.shutdown().await;
+            }
+        }
+    }
 }
