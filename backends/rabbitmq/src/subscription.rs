@@ -466,12 +466,8 @@ impl Supervisor {
     /// Forgets every partition (their channels died with the connection; their
     /// messages go back to the queues) and the connection itself.
     async fn drop_connection(&mut self) {
-        let parts = std::mem::take(&mut self.shared.lock().parts);
-        for (_, part) in parts {
-            if let Some(pump) = part.pump {
-                pump.abort();
-            }
-        }
+        // The connection may still be up (only the control channel failed).
+        self.close_parts().await;
         self.membership = None;
         self.control = None;
         if let Some(conn) = self.conn.take() {
@@ -527,35 +523,33 @@ impl Supervisor {
         self.shutdown().await;
     }
 
-    /// Leaves the group: closes every partition channel, which hands its unsettled
-    /// messages back to the queue and ends its consumer in one step, then the
-    /// connection. Not basic.cancel first: a cancelled consumer frees the queue for
-    /// another member before this channel's unacked messages are back, and that member
-    /// would get later messages first.
+    /// Leaves the group: closes every partition channel, then the connection.
     async fn shutdown(&mut self) {
-        let channels: Vec<Channel> = self
-            .shared
-            .lock()
-            .parts
-            .values()
-            .map(|p| p.channel.clone())
-            .collect();
-        futures::future::join_all(channels.iter().map(|ch| async move {
-            if ch.status().connected() {
-                let _ = ch.close(200, "subscription closed".into()).await;
-            }
-        }))
-        .await;
+        self.close_parts().await;
         if let Some(conn) = self.conn.take() {
             let _ = conn.close(200, "subscription closed".into()).await;
         }
+        self.shared.wake.notify_waiters();
+    }
+
+    /// Lets go of every partition: closes its channel, which hands its unsettled
+    /// messages back to the queue and ends its consumer in one step, then stops its
+    /// pump. Not basic.cancel first, nor a dropped lapin `Consumer` (which sends one): a
+    /// cancelled consumer frees the queue for another member before this channel's
+    /// unacked messages are back, and that member would get later messages first.
+    async fn close_parts(&mut self) {
         let parts = std::mem::take(&mut self.shared.lock().parts);
+        futures::future::join_all(parts.values().map(|part| async move {
+            if part.channel.status().connected() {
+                let _ = part.channel.close(200, "partition released".into()).await;
+            }
+        }))
+        .await;
         for (_, part) in parts {
             if let Some(pump) = part.pump {
                 pump.abort();
             }
         }
-        self.shared.wake.notify_waiters();
     }
 
     /// One step: drop dead partitions, finish hand-overs, then claim or give up
