@@ -389,6 +389,26 @@ async fn competing_consumers(ctx: Arc<Ctx>) -> Check {
     Ok(())
 }
 
+/// `per_key` messages for each of `keys` keys, interleaved, payload `k<key>|<seq>`.
+fn keyed_in_order(keys: usize, per_key: usize) -> Vec<Message> {
+    (0..per_key)
+        .flat_map(|seq| {
+            (0..keys).map(move |k| Message::new(format!("k{k}|{seq}")).with_key(format!("k{k}")))
+        })
+        .collect()
+}
+
+/// The key and sequence number of a [`keyed_in_order`] message (-1 if unreadable).
+fn key_and_seq(d: &Delivery) -> (String, i64) {
+    let key = d.key().unwrap_or_default().to_string();
+    let seq = std::str::from_utf8(d.payload())
+        .ok()
+        .and_then(|s| s.rsplit('|').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(-1);
+    (key, seq)
+}
+
 async fn per_key_order(ctx: Arc<Ctx>) -> Check {
     let topic = ctx.name("order");
     let keys = 16;
@@ -406,12 +426,7 @@ async fn per_key_order(ctx: Arc<Ctx>) -> Check {
             let (last, busy, violations) = (last.clone(), busy.clone(), violations.clone());
             let (in_flight, peak, done) = (in_flight.clone(), peak.clone(), done.clone());
             async move {
-                let key = d.key().unwrap_or_default().to_string();
-                let seq: i64 = std::str::from_utf8(d.payload())
-                    .ok()
-                    .and_then(|s| s.rsplit('|').next())
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(-1);
+                let (key, seq) = key_and_seq(&d);
                 if !busy.lock().unwrap().insert(key.clone()) {
                     violations
                         .lock()
@@ -442,12 +457,7 @@ async fn per_key_order(ctx: Arc<Ctx>) -> Check {
     };
     let opts = SubscribeOptions::new(&topic, ctx.name("ordered")).prefetch(64);
     let running = spawn(&ctx, Consumer::handler(opts, handler).concurrency(16)).await?;
-    let mut sent = Vec::new();
-    for seq in 0..per_key {
-        for k in 0..keys {
-            sent.push(Message::new(format!("k{k}|{seq}")).with_key(format!("k{k}")));
-        }
-    }
+    let sent = keyed_in_order(keys, per_key);
     publish_all(&ctx, &topic, sent).await?;
     ctx.wait_for(LONG, "all keyed messages handled", || {
         done.load(Ordering::SeqCst) >= keys * per_key
@@ -1601,12 +1611,7 @@ async fn order_through_membership_changes(ctx: Arc<Ctx>) -> Check {
         move |d: Delivery| {
             let track = track.clone();
             async move {
-                let key = d.key().unwrap_or_default().to_string();
-                let seq: i64 = std::str::from_utf8(d.payload())
-                    .ok()
-                    .and_then(|s| s.rsplit('|').next())
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(-1);
+                let (key, seq) = key_and_seq(&d);
                 {
                     let mut t = track.lock().unwrap();
                     let prev = t.last.get(&key).copied().unwrap_or(-1);
@@ -1634,12 +1639,7 @@ async fn order_through_membership_changes(ctx: Arc<Ctx>) -> Check {
         .concurrency(concurrency)
     };
     let first = spawn(&ctx, member(4)).await?;
-    let mut sent = Vec::new();
-    for seq in 0..per_key {
-        for k in 0..keys {
-            sent.push(Message::new(format!("k{k}|{seq}")).with_key(format!("k{k}")));
-        }
-    }
+    let sent = keyed_in_order(keys, per_key);
     let all = ids(&sent);
     let publisher = {
         let (broker, topic, sent) = (ctx.broker.clone(), topic.clone(), sent.clone());
