@@ -65,5 +65,5 @@ pub use dead_letter::{DeadLetterLayer, DeadLetterRecord, DeadLetters, Replayed, 
 pub use idempotency::PostgresStore;
 pub use idempotency::{Begin, IdempotencyLayer, IdempotencyStore, MemoryStore};
 pub use inspect::{Inspect, InspectLayer};
-pub use recover::{OnFailure, Recover};
-pub use retry::{RetryLayer, RetryPolicy, RetryTiers, RetryTopicLayer};
+pub use recover::{Caught, OnFailure, Recover, RecoverFuture};
+pub use retry::{Retry, RetryFuture, RetryLayer, RetryPolicy, RetryTiers, RetryTopicLayer};

@@ -7,8 +7,9 @@ use std::task::{Context, Poll};
 
 use std::panic::AssertUnwindSafe;
 
-use futures::future::{BoxFuture, Either};
-use futures::FutureExt;
+use futures::future::BoxFuture;
+use futures::ready;
+use pin_project_lite::pin_project;
 use switchyard_core::{Delivery, FailureKind, HandlerError};
 use tower::Service;
 
@@ -50,33 +51,101 @@ where
 {
     type Response = ();
     type Error = HandlerError;
-    type Future = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
+    type Future = RecoverFuture<S::Future, H>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, delivery: Delivery) -> Self::Future {
-        let fut = self.inner.call(delivery.clone());
-        let hook = self.hook.clone();
-        // Combinators rather than an async block: a block would hold the inner future
-        // twice (as a captured value and as the awaited one), doubling the allocation.
-        Box::pin(caught(fut).then(move |outcome| match outcome {
-            Ok(()) => Either::Left(futures::future::ready(Ok(()))),
-            Err(error) => Either::Right(hook.on_failure(delivery, error)),
-        }))
+        let handling = Caught::new(self.inner.call(delivery.clone()));
+        RecoverFuture {
+            state: RecoverState::Handling {
+                handling,
+                after: Some((delivery, self.hook.clone())),
+            },
+        }
     }
 }
 
-/// A handler future that turns a panic into a [`FailureKind::Panic`] failure, so
-/// layers that must clean up or record a failure see panics too.
-pub(crate) fn caught<F>(fut: F) -> impl Future<Output = Result<(), HandlerError>>
+pin_project! {
+    /// The future of a [`Recover`] call: the handler, then the hook only if it failed.
+    /// A named type rather than a boxed one, so the success path allocates nothing:
+    /// the runtime keeps the whole stack's future in a slot it reuses.
+    pub struct RecoverFuture<F, H> {
+        #[pin]
+        state: RecoverState<F, H>,
+    }
+}
+
+pin_project! {
+    #[project = RecoverProj]
+    enum RecoverState<F, H> {
+        Handling {
+            #[pin]
+            handling: Caught<F>,
+            after: Option<(Delivery, Arc<H>)>,
+        },
+        Recovering {
+            recovering: BoxFuture<'static, Result<(), HandlerError>>,
+        },
+    }
+}
+
+impl<F, H> Future for RecoverFuture<F, H>
+where
+    F: Future<Output = Result<(), HandlerError>>,
+    H: OnFailure,
+{
+    type Output = Result<(), HandlerError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                RecoverProj::Handling { handling, after } => {
+                    let error = match ready!(handling.poll(cx)) {
+                        Ok(()) => return Poll::Ready(Ok(())),
+                        Err(error) => error,
+                    };
+                    let (delivery, hook) = after.take().expect("polled after completion");
+                    let recovering = hook.on_failure(delivery, error);
+                    state.set(RecoverState::Recovering { recovering });
+                }
+                RecoverProj::Recovering { recovering } => return recovering.as_mut().poll(cx),
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// A handler future that turns a panic into a [`FailureKind::Panic`] failure, so
+    /// layers that must clean up or record a failure see panics too.
+    pub struct Caught<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> Caught<F> {
+    pub(crate) fn new(inner: F) -> Self {
+        Self { inner }
+    }
+}
+
+impl<F> Future for Caught<F>
 where
     F: Future<Output = Result<(), HandlerError>>,
 {
-    AssertUnwindSafe(fut)
-        .catch_unwind()
-        .map(|outcome| outcome.unwrap_or_else(|panic| Err(panic_error(panic))))
+    type Output = Result<(), HandlerError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.project().inner;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(poll) => poll,
+            Err(panic) => Poll::Ready(Err(panic_error(panic))),
+        }
+    }
 }
 
 fn panic_error(panic: Box<dyn std::any::Any + Send>) -> HandlerError {

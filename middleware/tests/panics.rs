@@ -11,7 +11,9 @@ use switchyard_core::{
     SubscribeOptions,
 };
 use switchyard_memory::MemoryBroker;
-use switchyard_middleware::{DeadLetterLayer, DeadLetters, IdempotencyLayer, MemoryStore};
+use switchyard_middleware::{
+    DeadLetterLayer, DeadLetters, IdempotencyLayer, MemoryStore, RetryPolicy,
+};
 use tower::ServiceBuilder;
 
 async fn wait_for(what: &str, cond: impl Fn() -> bool) {
@@ -89,4 +91,44 @@ async fn a_panicking_handler_is_dead_lettered_as_a_panic() {
     assert_eq!(found[0].kind, "panic");
     assert!(found[0].error.contains("always"), "{}", found[0].error);
     assert_eq!(report.acked, 1, "acked once dead-lettered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_is_retried_in_process_like_a_transient_failure() {
+    let broker = Arc::new(MemoryBroker::new());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let runs = runs.clone();
+        move |_d: Delivery| {
+            let runs = runs.clone();
+            async move {
+                if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("first run blows up");
+                }
+                Ok::<_, HandlerError>(())
+            }
+        }
+    };
+    let retry = RetryPolicy::new(3)
+        .unwrap()
+        .backoff(Duration::from_millis(1), Duration::from_millis(5))
+        .unwrap();
+    let service = ServiceBuilder::new()
+        .layer(DeadLetterLayer::new(broker.clone()))
+        .layer(retry.layer())
+        .service(handler_fn(handler));
+    let token = CancellationToken::new();
+    let running = Consumer::new(SubscribeOptions::new("r", "g"), service)
+        .start(broker.clone(), token.clone())
+        .await
+        .unwrap();
+    broker.publish("r", Message::new("x")).await.unwrap();
+    wait_for("the retry to run", || runs.load(Ordering::SeqCst) >= 2).await;
+    token.cancel();
+    let report = running.join().await.unwrap();
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(report.acked, 1);
+    assert_eq!(report.nacked, 0, "retried in process, never nacked");
+    let letters = DeadLetters::new(broker.clone()).idle(Duration::from_millis(100));
+    assert!(letters.list("r.dlq").await.unwrap().is_empty());
 }

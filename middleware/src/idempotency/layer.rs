@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures::future::Either;
-use futures::FutureExt;
+use futures::ready;
+use pin_project_lite::pin_project;
 use switchyard_core::{Delivery, HandlerError};
 use tower::{Layer, Service};
 
 use super::{Begin, IdempotencyStore};
+use crate::recover::Caught;
 
 /// Runs each message id at most once per group (see the [module docs](super)).
 #[derive(Clone)]
@@ -78,20 +79,45 @@ fn store_error(e: switchyard_core::Error) -> HandlerError {
     HandlerError::transient(format!("idempotency store: {e}"))
 }
 
-/// A mark's key: `<group>/<message id>`.
-struct MarkKey(String);
+/// A mark's key: `<group>/<message id>`, kept inline when short (a group name and a
+/// UUID fit), so the common case allocates nothing.
+enum MarkKey {
+    Inline { len: u8, bytes: [u8; INLINE_KEY] },
+    Heap(String),
+}
+
+/// Room for a 40-byte group name, the slash and a hyphenated UUID.
+const INLINE_KEY: usize = 77;
 
 impl MarkKey {
     fn new(group: &str, id: &str) -> Self {
-        let mut key = String::with_capacity(group.len() + 1 + id.len());
+        let len = group.len() + 1 + id.len();
+        if len <= INLINE_KEY {
+            let mut bytes = [0u8; INLINE_KEY];
+            bytes[..group.len()].copy_from_slice(group.as_bytes());
+            bytes[group.len()] = b'/';
+            bytes[group.len() + 1..len].copy_from_slice(id.as_bytes());
+            return MarkKey::Inline {
+                len: len as u8,
+                bytes,
+            };
+        }
+        let mut key = String::with_capacity(len);
         key.push_str(group);
         key.push('/');
         key.push_str(id);
-        MarkKey(key)
+        MarkKey::Heap(key)
     }
 
     fn as_str(&self) -> &str {
-        &self.0
+        match self {
+            // Two `&str`s and an ASCII slash joined: valid UTF-8 by construction, and
+            // checking it again is a few nanoseconds over 40 bytes.
+            MarkKey::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).expect("joined from two strs")
+            }
+            MarkKey::Heap(key) => key,
+        }
     }
 }
 
@@ -125,7 +151,7 @@ where
 {
     type Response = ();
     type Error = HandlerError;
-    type Future = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>;
+    type Future = IdempotencyFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         self.inner.poll_ready(cx)
@@ -136,76 +162,128 @@ where
         let first = self.config.store.try_begin(key.as_str(), self.config.lease);
         if let Some(Ok(Begin::Started)) = first {
             // Decided without waiting (the common case with an in-process store): call
-            // the handler right away, with no clone of the inner service.
+            // the handler right away, with no clone of the inner service and no box.
             let mark = Mark {
                 config: self.config.clone(),
                 key,
                 held: true,
             };
-            let handling = self.inner.call(delivery);
-            // A panic must release the mark too, or the redelivery waits out the lease.
-            // Combinators rather than an async block, which would hold the handler's
-            // future twice (captured, then awaited) and double the allocation.
-            let fut = crate::recover::caught(handling).then(move |result| {
-                match mark.finish_now(&result) {
-                    Ok(Ok(())) => Either::Left(futures::future::ready(result)),
-                    Ok(Err(e)) => Either::Left(futures::future::ready(Err(e))),
-                    Err(mark) => Either::Right(Box::pin(async move {
-                        mark.finish(&result).await?;
-                        result
-                    })),
-                }
-            });
-            return Box::pin(fut);
+            return IdempotencyFuture {
+                state: IdempotencyState::Handling {
+                    handling: Caught::new(self.inner.call(delivery)),
+                    mark: Some(mark),
+                },
+            };
         }
         // The inner service is ready now; take it and leave a fresh clone (tower's
         // pattern for calling a service later, inside a future).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = self.config.clone();
-        Box::pin(async move {
-            let mut answer = first;
-            let mut waited_since = None;
-            loop {
-                let begun = match answer.take() {
-                    Some(begun) => begun,
-                    None => config.begin(key.as_str()).await,
-                };
-                match begun.map_err(store_error)? {
-                    Begin::Completed => {
-                        config.skipped.fetch_add(1, Ordering::Relaxed);
-                        metrics::counter!("switchyard_duplicates_skipped_total", "group" => delivery.group().to_string())
-                            .increment(1);
-                        tracing::debug!(id = delivery.id(), "duplicate skipped");
-                        return Ok(());
+        IdempotencyFuture {
+            state: IdempotencyState::Waiting {
+                waiting: Box::pin(async move {
+                    let mut answer = first;
+                    let mut waited_since = None;
+                    loop {
+                        let begun = match answer.take() {
+                            Some(begun) => begun,
+                            None => config.begin(key.as_str()).await,
+                        };
+                        match begun.map_err(store_error)? {
+                            Begin::Completed => {
+                                config.skipped.fetch_add(1, Ordering::Relaxed);
+                                let group = delivery.group().to_string();
+                                metrics::counter!("switchyard_duplicates_skipped_total", "group" => group)
+                                    .increment(1);
+                                tracing::debug!(id = delivery.id(), "duplicate skipped");
+                                return Ok(());
+                            }
+                            Begin::Started => break,
+                            // Another consumer runs it now: wait for its outcome rather than run
+                            // the same message twice at once.
+                            Begin::InFlight
+                                if waited_since.get_or_insert_with(Instant::now).elapsed()
+                                    < config.lease =>
+                            {
+                                tokio::time::sleep(config.poll).await;
+                            }
+                            Begin::InFlight => {
+                                return Err(HandlerError::transient(format!(
+                                    "message {} is still marked in flight after the {:?} lease",
+                                    delivery.id(),
+                                    config.lease
+                                )))
+                            }
+                        }
                     }
-                    Begin::Started => break,
-                    // Another consumer runs it now: wait for its outcome rather than run
-                    // the same message twice at once.
-                    Begin::InFlight
-                        if waited_since.get_or_insert_with(Instant::now).elapsed()
-                            < config.lease =>
-                    {
-                        tokio::time::sleep(config.poll).await;
-                    }
-                    Begin::InFlight => {
-                        return Err(HandlerError::transient(format!(
-                            "message {} is still marked in flight after the {:?} lease",
-                            delivery.id(),
-                            config.lease
-                        )))
+                    let mark = Mark {
+                        config,
+                        key,
+                        held: true,
+                    };
+                    let result = Caught::new(inner.call(delivery)).await;
+                    mark.finish(&result).await?;
+                    result
+                }),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The future of an [`Idempotency`] call. A named type, so the common case (the
+    /// store answers at once, the handler runs under a fresh mark) allocates nothing;
+    /// waiting on the store or on another consumer's mark goes through a boxed future.
+    pub struct IdempotencyFuture<F> {
+        #[pin]
+        state: IdempotencyState<F>,
+    }
+}
+
+pin_project! {
+    #[project = IdempotencyProj]
+    enum IdempotencyState<F> {
+        // The handler runs under a mark this call holds.
+        Handling {
+            #[pin]
+            handling: Caught<F>,
+            mark: Option<Mark>,
+        },
+        // Waiting on the store, or on a duplicate's outcome.
+        Waiting {
+            waiting: Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>,
+        },
+    }
+}
+
+impl<F> Future for IdempotencyFuture<F>
+where
+    F: Future<Output = Result<(), HandlerError>>,
+{
+    type Output = Result<(), HandlerError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            match state.as_mut().project() {
+                IdempotencyProj::Handling { handling, mark } => {
+                    let result = ready!(handling.poll(cx));
+                    let mark = mark.take().expect("polled after completion");
+                    match mark.finish_now(&result) {
+                        Ok(done) => return Poll::Ready(done.and(result)),
+                        Err(mark) => {
+                            let waiting = Box::pin(async move {
+                                mark.finish(&result).await?;
+                                result
+                            });
+                            state.set(IdempotencyState::Waiting { waiting });
+                        }
                     }
                 }
+                IdempotencyProj::Waiting { waiting } => return waiting.as_mut().poll(cx),
             }
-            let mark = Mark {
-                config,
-                key,
-                held: true,
-            };
-            let result = crate::recover::caught(inner.call(delivery)).await;
-            mark.finish(&result).await?;
-            result
-        })
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use switchyard_core::Result;
 
-pub use layer::{Idempotency, IdempotencyLayer};
+pub use layer::{Idempotency, IdempotencyFuture, IdempotencyLayer};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
