@@ -4,6 +4,10 @@
 //! middleware stack (dead letter → idempotency with the in-memory store → retry; the
 //! success path) and, in the same run, through the bare handler. Prints
 //! `pair=middleware-stack switchyard=<msgs/s> raw=<msgs/s> ratio=<stack/bare>`.
+//!
+//! Then, as a diagnostic, the same stack with a store that remembers nothing: what the
+//! layers cost without the store's work, so the two figures split the gap between
+//! the layers and the store.
 
 mod common;
 
@@ -11,7 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard::memory::MemoryBroker;
-use switchyard::middleware::{DeadLetterLayer, IdempotencyLayer, MemoryStore, RetryPolicy};
+use switchyard::middleware::{
+    Begin, DeadLetterLayer, IdempotencyLayer, IdempotencyStore, MemoryStore, RetryPolicy,
+};
 use switchyard::Bytes;
 use tower::ServiceBuilder;
 
@@ -24,14 +30,12 @@ fn main() {
         .unwrap();
     let payload = Bytes::from(vec![0xcd; common::PAYLOAD]);
     rt.block_on(async {
-        let stack = |n: u64| {
+        let stack = |store: Arc<dyn IdempotencyStore>| {
             let (handler, handled) = common::bare_handler();
             let dlq_broker = Arc::new(MemoryBroker::new());
             let service = ServiceBuilder::new()
                 .layer(DeadLetterLayer::new(dlq_broker))
-                .layer(IdempotencyLayer::new(Arc::new(MemoryStore::new(
-                    n as usize + 1,
-                ))))
+                .layer(IdempotencyLayer::new(store))
                 .layer(
                     RetryPolicy::new(3)
                         .unwrap()
@@ -45,21 +49,75 @@ fn main() {
         // Warm-up.
         let (s, h) = common::bare_handler();
         common::run_e2e(n / 10, payload.clone(), s, h).await;
-        let (s, h) = stack(n / 10);
+        let (s, h) = stack(Arc::new(MemoryStore::new(n as usize / 10 + 1)));
         common::run_e2e(n / 10, payload.clone(), s, h).await;
 
         let (s, h) = common::bare_handler();
         let bare = common::run_e2e(n, payload.clone(), s, h).await;
-        let (s, h) = stack(n);
+        let (s, h) = stack(Arc::new(MemoryStore::new(n as usize + 1)));
         let full = common::run_e2e(n, payload.clone(), s, h).await;
+        let (s, h) = stack(Arc::new(Forgetful));
+        let layers = common::run_e2e(n, payload.clone(), s, h).await;
         println!(
             "note: both sides publish with publish_batch (1,024 per call, fresh ids) and consume \
              through the runtime (concurrency 1,024, prefetch 2,048); the stack is dead letter \
              -> idempotency (MemoryStore: a mark begun and completed per message id) -> retry"
         );
         println!(
+            "note: the same layers with a store that remembers nothing: {layers:.0} msgs/s, \
+             ratio {:.3}; the rest of the gap is the store's",
+            layers / bare
+        );
+        println!("note: {}", store_alone(n));
+        println!(
             "pair=middleware-stack switchyard={full:.0} raw={bare:.0} ratio={:.3}",
             full / bare
         );
     });
+}
+
+/// The memory store on its own, one thread: begin and complete for `n` fresh ids, as
+/// the layer calls them.
+fn store_alone(n: u64) -> String {
+    let keys: Vec<String> = (0..n)
+        .map(|_| format!("bench/{}", switchyard::new_id()))
+        .collect();
+    let store = MemoryStore::new(n as usize + 1);
+    let (lease, retention) = (Duration::from_secs(300), Duration::from_secs(3600));
+    let start = std::time::Instant::now();
+    for key in &keys {
+        assert!(matches!(
+            store.try_begin(key, lease),
+            Some(Ok(Begin::Started))
+        ));
+        store.try_complete(key, retention).unwrap().unwrap();
+    }
+    let ns = start.elapsed().as_nanos() as f64 / n as f64;
+    format!("MemoryStore alone: {ns:.0} ns per begin + complete ({n} fresh UUIDv7 ids, one thread)")
+}
+
+/// An idempotency store that starts every message and remembers nothing: the
+/// diagnostic run's store, never a real one.
+struct Forgetful;
+
+#[async_trait::async_trait]
+impl IdempotencyStore for Forgetful {
+    async fn begin(&self, _: &str, _: Duration) -> switchyard::Result<Begin> {
+        Ok(Begin::Started)
+    }
+    async fn complete(&self, _: &str, _: Duration) -> switchyard::Result<()> {
+        Ok(())
+    }
+    async fn abandon(&self, _: &str) -> switchyard::Result<()> {
+        Ok(())
+    }
+    fn try_begin(&self, _: &str, _: Duration) -> Option<switchyard::Result<Begin>> {
+        Some(Ok(Begin::Started))
+    }
+    fn try_complete(&self, _: &str, _: Duration) -> Option<switchyard::Result<()>> {
+        Some(Ok(()))
+    }
+    fn try_abandon(&self, _: &str) -> Option<switchyard::Result<()>> {
+        Some(Ok(()))
+    }
 }
