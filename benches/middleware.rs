@@ -86,11 +86,13 @@ fn store_alone(n: u64) -> String {
     let (lease, retention) = (Duration::from_secs(300), Duration::from_secs(3600));
     let start = std::time::Instant::now();
     for key in &keys {
-        assert!(matches!(
-            store.try_begin(key, lease),
-            Some(Ok(Begin::Started))
-        ));
-        store.try_complete(key, retention).unwrap().unwrap();
+        let Some(Ok((Begin::Started, note))) = store.try_begin_noted(key, lease) else {
+            panic!("a fresh id starts");
+        };
+        store
+            .try_complete_noted(key, note, retention)
+            .unwrap()
+            .unwrap();
     }
     let ns = start.elapsed().as_nanos() as f64 / n as f64;
     format!("MemoryStore alone: {ns:.0} ns per begin + complete ({n} fresh UUIDv7 ids, one thread)")

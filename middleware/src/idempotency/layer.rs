@@ -12,7 +12,7 @@ use pin_project_lite::pin_project;
 use switchyard_core::{Delivery, HandlerError};
 use tower::{Layer, Service};
 
-use super::{Begin, IdempotencyStore};
+use super::{Begin, IdempotencyStore, MarkNote};
 use crate::recover::Caught;
 
 /// Runs each message id at most once per group (see the [module docs](super)).
@@ -159,13 +159,17 @@ where
 
     fn call(&mut self, delivery: Delivery) -> Self::Future {
         let key = MarkKey::new(delivery.group(), delivery.id());
-        let first = self.config.store.try_begin(key.as_str(), self.config.lease);
-        if let Some(Ok(Begin::Started)) = first {
+        let first = self
+            .config
+            .store
+            .try_begin_noted(key.as_str(), self.config.lease);
+        if let Some(Ok((Begin::Started, note))) = first {
             // Decided without waiting (the common case with an in-process store): call
             // the handler right away, with no clone of the inner service and no box.
             let mark = Mark {
                 config: self.config.clone(),
                 key,
+                note,
                 held: true,
             };
             return IdempotencyFuture {
@@ -183,7 +187,7 @@ where
         IdempotencyFuture {
             state: IdempotencyState::Waiting {
                 waiting: Box::pin(async move {
-                    let mut answer = first;
+                    let mut answer = first.map(|begun| begun.map(|(begin, _)| begin));
                     let mut waited_since = None;
                     loop {
                         let begun = match answer.take() {
@@ -220,6 +224,7 @@ where
                     let mark = Mark {
                         config,
                         key,
+                        note: MarkNote::default(),
                         held: true,
                     };
                     let result = Caught::new(inner.call(delivery)).await;
@@ -269,10 +274,10 @@ where
             match state.as_mut().project() {
                 IdempotencyProj::Handling { handling, mark } => {
                     let result = ready!(handling.poll(cx));
-                    let mark = mark.take().expect("polled after completion");
+                    let mut mark = mark.take().expect("polled after completion");
                     match mark.finish_now(&result) {
-                        Ok(done) => return Poll::Ready(done.and(result)),
-                        Err(mark) => {
+                        Some(done) => return Poll::Ready(done.and(result)),
+                        None => {
                             let waiting = Box::pin(async move {
                                 mark.finish(&result).await?;
                                 result
@@ -294,34 +299,33 @@ where
 struct Mark {
     config: Arc<IdempotencyLayer>,
     key: MarkKey,
+    /// Where the store put it, so finishing does not look the key up again.
+    note: MarkNote,
     held: bool,
 }
 
 impl Mark {
-    /// [`Mark::finish`] without waiting, if the store can; otherwise gives the mark back.
+    /// [`Mark::finish`] without waiting, if the store can; `None` if it must wait (the
+    /// mark is still held then).
     fn finish_now(
-        mut self,
+        &mut self,
         result: &Result<(), HandlerError>,
-    ) -> Result<Result<(), HandlerError>, Mark> {
+    ) -> Option<Result<(), HandlerError>> {
         let store = &self.config.store;
         let key = self.key.as_str();
         let done = match result {
-            Ok(()) => match store.try_complete(key, self.config.retention) {
-                Some(done) => done.map_err(store_error),
-                None => return Err(self),
-            },
-            Err(_) => match store.try_abandon(key) {
-                Some(done) => {
-                    if let Err(e) = done {
-                        tracing::warn!(key, error = %e, "could not release idempotency mark");
-                    }
-                    Ok(())
+            Ok(()) => store
+                .try_complete_noted(key, self.note, self.config.retention)?
+                .map_err(store_error),
+            Err(_) => {
+                if let Err(e) = store.try_abandon_noted(key, self.note)? {
+                    tracing::warn!(key, error = %e, "could not release idempotency mark");
                 }
-                None => return Err(self),
-            },
+                Ok(())
+            }
         };
         self.held = false;
-        Ok(done)
+        Some(done)
     }
 
     /// Completes or releases the mark after the handler's `result`; an error here is
@@ -345,7 +349,10 @@ impl Mark {
 impl Drop for Mark {
     fn drop(&mut self) {
         if self.held {
-            let _ = self.config.store.try_abandon(self.key.as_str());
+            let _ = self
+                .config
+                .store
+                .try_abandon_noted(self.key.as_str(), self.note);
         }
     }
 }

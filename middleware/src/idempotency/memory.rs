@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use hashbrown::HashTable;
 use switchyard_core::Result;
 
-use super::{Begin, IdempotencyStore};
+use super::{Begin, IdempotencyStore, MarkNote};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -54,6 +54,26 @@ impl Mark {
 struct Key {
     fingerprint: Fingerprint,
     time: Option<u64>,
+}
+
+/// Where a mark is: valid while its generation lives (generations never lose marks
+/// one by one, and never grow, so bucket numbers hold), or while the ring holds that
+/// position (positions are never reused, short of 2^32 marks).
+#[derive(Clone, Copy)]
+enum Place {
+    Generation { began: u64, bucket: usize },
+    Rest { at: u32 },
+}
+
+/// A key's length and last eight bytes in one word: not a hash, just enough to tell a
+/// note given for one key from a note handed back with another (ids end in random
+/// digits), for a nanosecond.
+fn sketch(key: &str) -> u64 {
+    let bytes = key.as_bytes();
+    let mut tail = [0u8; 8];
+    let n = bytes.len().min(8);
+    tail[..n].copy_from_slice(&bytes[bytes.len() - n..]);
+    u64::from_le_bytes(tail) ^ (bytes.len() as u64).rotate_left(56)
 }
 
 /// The millisecond time of a key ending in a hyphenated UUIDv7 (`<group>/<id>`).
@@ -212,15 +232,14 @@ impl Marks {
         self.len
     }
 
-    /// The mark held for `key`.
-    fn get_mut(&mut self, key: &Key) -> Option<&mut Mark> {
+    /// Where the mark for `key` is.
+    fn find(&self, key: &Key) -> Option<Place> {
         let fingerprint = key.fingerprint;
         let hash = fingerprint.0[0];
         // Newest first: that is where fresh ids are. Only generations whose span holds
         // `time` can hold it, and spans are in order.
         if let Some(time) = key.time {
             let newest = self.generations.len().saturating_sub(1);
-            let mut found = None;
             for (i, generation) in self.generations.iter().enumerate().rev() {
                 if time > generation.newest && i < newest {
                     // No older generation holds an id this new.
@@ -231,16 +250,12 @@ impl Marks {
                         .table
                         .find_bucket_index(hash, |(held, _)| *held == fingerprint)
                     {
-                        found = Some((i, bucket));
-                        break;
+                        return Some(Place::Generation {
+                            began: generation.began,
+                            bucket,
+                        });
                     }
                 }
-            }
-            if let Some((i, bucket)) = found {
-                return self.generations[i]
-                    .table
-                    .get_bucket_mut(bucket)
-                    .map(|(_, mark)| mark);
             }
         }
         // Any key may be with the rest (an id from the future, a late one, another
@@ -248,21 +263,109 @@ impl Marks {
         if !self.rest.may_hold(&fingerprint) {
             return None;
         }
-        let rest = &mut self.rest;
+        let rest = &self.rest;
         let (ring, head) = (&rest.ring, rest.head);
-        let at = *rest.table.find(hash, |&at| {
-            ring[at.wrapping_sub(head) as usize].0 == fingerprint
-        })?;
-        Some(&mut rest.ring[at.wrapping_sub(head) as usize].1)
+        rest.table
+            .find(hash, |&at| {
+                ring[at.wrapping_sub(head) as usize].0 == fingerprint
+            })
+            .map(|&at| Place::Rest { at })
     }
 
-    /// Adds a mark for a key it does not hold, then evicts the oldest beyond `capacity`.
-    /// `now` is the store's clock (ms since it was made).
-    fn push(&mut self, key: &Key, mark: Mark, capacity: usize, now: u64) {
+    /// The mark at `place`, with its fingerprint, if it is still there.
+    fn at(&mut self, place: Place) -> Option<(Fingerprint, &mut Mark)> {
+        match place {
+            Place::Generation { began, bucket } => {
+                let i = self.generations.iter().rposition(|g| g.began == began)?;
+                let (fingerprint, mark) = self.generations[i].table.get_bucket_mut(bucket)?;
+                Some((*fingerprint, mark))
+            }
+            Place::Rest { at } => {
+                let i = at.wrapping_sub(self.rest.head) as usize;
+                let (fingerprint, mark, _) = self.rest.ring.get_mut(i)?;
+                Some((*fingerprint, mark))
+            }
+        }
+    }
+
+    /// The mark held for `key`.
+    fn get_mut(&mut self, key: &Key) -> Option<&mut Mark> {
+        let place = self.find(key)?;
+        self.at(place).map(|(_, mark)| mark)
+    }
+
+    /// Begins `key`: its state if it holds an unexpired mark, else marks it in flight
+    /// until `until`. Also says where the mark is.
+    fn begin(&mut self, key: &Key, now: u64, until: u64, capacity: usize) -> (Begin, Place) {
+        let fingerprint = key.fingerprint;
+        // The common case in one probe: a time-ordered id newer than every older
+        // generation, in a newest generation with room, and not with the rest.
+        let latest = self.wall_at_epoch + now + FUTURE_TOLERANCE_MS;
+        if let (Some(time), Some(newest)) = (key.time, self.generations.back_mut()) {
+            if time > newest.floor
+                && time <= latest
+                && newest.table.len() < self.generation
+                && !self.rest.may_hold(&fingerprint)
+            {
+                let began = newest.began;
+                let entry = newest.table.entry(
+                    fingerprint.0[0],
+                    |(held, _)| *held == fingerprint,
+                    |(held, _)| held.0[0],
+                );
+                let (answer, bucket) = match entry {
+                    hashbrown::hash_table::Entry::Occupied(mut held) => {
+                        let bucket = held.bucket_index();
+                        (Self::take(&mut held.get_mut().1, now, until), bucket)
+                    }
+                    hashbrown::hash_table::Entry::Vacant(free) => {
+                        newest.newest = newest.newest.max(time);
+                        let bucket = free
+                            .insert((fingerprint, Mark::new(State::InFlight, until)))
+                            .bucket_index();
+                        self.added += 1;
+                        self.len += 1;
+                        while self.len > capacity {
+                            self.evict_oldest();
+                        }
+                        (Begin::Started, bucket)
+                    }
+                };
+                return (answer, Place::Generation { began, bucket });
+            }
+        }
+        match self.find(key) {
+            Some(place) => {
+                let (_, mark) = self.at(place).expect("just found");
+                (Self::take(mark, now, until), place)
+            }
+            None => {
+                let place = self.push(key, Mark::new(State::InFlight, until), capacity, now);
+                (Begin::Started, place)
+            }
+        }
+    }
+
+    /// A held mark's answer to `begin`: taken (in flight until `until`) if expired.
+    fn take(mark: &mut Mark, now: u64, until: u64) -> Begin {
+        if mark.until_ms() > now {
+            return match mark.state() {
+                State::Completed => Begin::Completed,
+                State::InFlight => Begin::InFlight,
+            };
+        }
+        // Expired or released: taken again, where it is filed.
+        *mark = Mark::new(State::InFlight, until);
+        Begin::Started
+    }
+
+    /// Adds a mark for a key it does not hold, then evicts the oldest beyond `capacity`;
+    /// says where it put it. `now` is the store's clock (ms since it was made).
+    fn push(&mut self, key: &Key, mark: Mark, capacity: usize, now: u64) -> Place {
         let fingerprint = key.fingerprint;
         let hash = fingerprint.0[0];
         let latest = self.wall_at_epoch + now + FUTURE_TOLERANCE_MS;
-        match key.time {
+        let place = match key.time {
             Some(time) if time >= self.floor && time <= latest => {
                 let full = self
                     .generations
@@ -283,24 +386,32 @@ impl Marks {
                 let newest = self.generations.back_mut().expect("one was just made");
                 if time < newest.floor {
                     // Older than the span the new generation just took: the rest.
-                    self.push_rest(fingerprint, mark);
+                    self.push_rest(fingerprint, mark)
                 } else {
                     newest.newest = newest.newest.max(time);
-                    newest
+                    // Never grows: made with room for a whole generation, so bucket
+                    // numbers stay valid for the generation's life.
+                    let bucket = newest
                         .table
-                        .insert_unique(hash, (fingerprint, mark), |(held, _)| held.0[0]);
+                        .insert_unique(hash, (fingerprint, mark), |(held, _)| held.0[0])
+                        .bucket_index();
+                    Place::Generation {
+                        began: newest.began,
+                        bucket,
+                    }
                 }
             }
             _ => self.push_rest(fingerprint, mark),
-        }
+        };
         self.added += 1;
         self.len += 1;
         while self.len > capacity {
             self.evict_oldest();
         }
+        place
     }
 
-    fn push_rest(&mut self, fingerprint: Fingerprint, mark: Mark) {
+    fn push_rest(&mut self, fingerprint: Fingerprint, mark: Mark) -> Place {
         let rest = &mut self.rest;
         let at = rest.head.wrapping_add(rest.ring.len() as u32);
         rest.ring.push_back((fingerprint, mark, self.added));
@@ -310,6 +421,7 @@ impl Marks {
             ring[at.wrapping_sub(head) as usize].0 .0[0]
         });
         rest.note(&fingerprint);
+        Place::Rest { at }
     }
 
     /// Forgets the oldest generation or the oldest of the rest, whichever is older.
@@ -368,26 +480,6 @@ pub struct MemoryStore {
     epoch: coarsetime::Instant,
 }
 
-/// The last fingerprint this thread computed: `complete` usually follows `begin` for
-/// the same key on the same thread, and then skips the hash.
-struct LastFingerprint {
-    store: u64,
-    len: usize,
-    key: [u8; 96],
-    filed: Key,
-}
-
-thread_local! {
-    static LAST: std::cell::RefCell<LastFingerprint> = const {
-        std::cell::RefCell::new(LastFingerprint {
-            store: 0,
-            len: 0,
-            key: [0; 96],
-            filed: Key { fingerprint: Fingerprint([0; 2]), time: None },
-        })
-    };
-}
-
 static NEXT_STORE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Default for MemoryStore {
@@ -416,22 +508,48 @@ impl MemoryStore {
 
     fn key(&self, key: &str) -> Key {
         let key = key.as_bytes();
-        LAST.with_borrow_mut(|last| {
-            if last.store == self.id && last.len == key.len() && last.key[..last.len] == *key {
-                return last.filed;
+        Key {
+            fingerprint: sip128::<1, 3>(self.key, key),
+            time: id_time(key),
+        }
+    }
+
+    /// A note of `place` for the caller to hand back (see [`MarkNote`]).
+    fn note(&self, place: Place, fingerprint: &Fingerprint, key: &str) -> MarkNote {
+        let check = fingerprint.0[1] & 0xffff_ffff;
+        let key = sketch(key);
+        match place {
+            Place::Generation { began, bucket } => MarkNote {
+                store: self.id,
+                at: began,
+                check: (bucket as u64) << 32 | check,
+                key,
+            },
+            Place::Rest { at } => MarkNote {
+                store: self.id,
+                at: 1 << 63 | u64::from(at),
+                check,
+                key,
+            },
+        }
+    }
+
+    /// The mark a note of this store's points to, if the note was given for `key`
+    /// (by its sketch) and the mark is still there (by 32 bits of its fingerprint).
+    fn noted<'a>(&self, marks: &'a mut Marks, note: MarkNote, key: &str) -> Option<&'a mut Mark> {
+        if note.store != self.id || note.key != sketch(key) {
+            return None;
+        }
+        let place = if note.at >> 63 == 1 {
+            Place::Rest { at: note.at as u32 }
+        } else {
+            Place::Generation {
+                began: note.at,
+                bucket: (note.check >> 32) as usize,
             }
-            let filed = Key {
-                fingerprint: sip128::<1, 3>(self.key, key),
-                time: id_time(key),
-            };
-            if let Some(slot) = last.key.get_mut(..key.len()) {
-                slot.copy_from_slice(key);
-                last.store = self.id;
-                last.len = key.len();
-                last.filed = filed;
-            }
-            filed
-        })
+        };
+        let (fingerprint, mark) = marks.at(place)?;
+        (fingerprint.0[1] & 0xffff_ffff == note.check & 0xffff_ffff).then_some(mark)
     }
 
     /// Milliseconds since the store was created, now and after `later`.
@@ -476,21 +594,40 @@ impl IdempotencyStore for MemoryStore {
     }
 
     fn try_begin(&self, key: &str, lease: Duration) -> Option<Result<Begin>> {
-        let key = self.key(key);
+        self.try_begin_noted(key, lease)
+            .map(|begun| begun.map(|(begin, _)| begin))
+    }
+
+    fn try_begin_noted(&self, key: &str, lease: Duration) -> Option<Result<(Begin, MarkNote)>> {
+        let filed = self.key(key);
         let (now, until) = self.now_ms(lease);
-        let mut marks = self.lock();
-        match marks.get_mut(&key) {
-            Some(mark) if mark.until_ms() > now => {
-                return Some(Ok(match mark.state() {
-                    State::Completed => Begin::Completed,
-                    State::InFlight => Begin::InFlight,
-                }))
-            }
-            // Expired or released: taken again, where it is filed.
-            Some(mark) => *mark = Mark::new(State::InFlight, until),
-            None => marks.push(&key, Mark::new(State::InFlight, until), self.capacity, now),
+        let (begin, place) = self.lock().begin(&filed, now, until, self.capacity);
+        Some(Ok((begin, self.note(place, &filed.fingerprint, key))))
+    }
+
+    fn try_complete_noted(
+        &self,
+        key: &str,
+        note: MarkNote,
+        retention: Duration,
+    ) -> Option<Result<()>> {
+        let (_, until) = self.now_ms(retention);
+        if let Some(mark) = self.noted(&mut self.lock(), note, key) {
+            *mark = Mark::new(State::Completed, until);
+            return Some(Ok(()));
         }
-        Some(Ok(Begin::Started))
+        // Evicted meanwhile, or not a note of ours: by the key.
+        self.try_complete(key, retention)
+    }
+
+    fn try_abandon_noted(&self, key: &str, note: MarkNote) -> Option<Result<()>> {
+        if let Some(mark) = self.noted(&mut self.lock(), note, key) {
+            if mark.state() == State::InFlight {
+                *mark = Mark::new(State::InFlight, 0);
+            }
+            return Some(Ok(()));
+        }
+        self.try_abandon(key)
     }
 
     fn try_complete(&self, key: &str, retention: Duration) -> Option<Result<()>> {
@@ -501,7 +638,9 @@ impl IdempotencyStore for MemoryStore {
         match marks.get_mut(&key) {
             Some(mark) => *mark = done,
             // Evicted while in flight: remember it again.
-            None => marks.push(&key, done, self.capacity, now),
+            None => {
+                marks.push(&key, done, self.capacity, now);
+            }
         }
         Some(Ok(()))
     }
@@ -760,6 +899,7 @@ mod tests {
         let mut next = rng(seed);
         let mut keys: Vec<String> = Vec::new();
         let mut model: std::collections::HashMap<String, State> = Default::default();
+        let mut notes: std::collections::HashMap<String, MarkNote> = Default::default();
         let wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -783,9 +923,17 @@ mod tests {
                 keys.push(key.clone());
                 key
             };
+            // Complete and abandon go by the note from the key's last begin half the
+            // time, and now and then by another key's note, which must not touch it.
+            let note = match (r >> 20) % 8 {
+                0..=3 => notes.get(&key).copied(),
+                4 => notes.values().next().copied(),
+                _ => None,
+            };
             match (r >> 16) % 3 {
                 0 => {
-                    let got = store.try_begin(&key, lease).unwrap().unwrap();
+                    let (got, note) = store.try_begin_noted(&key, lease).unwrap().unwrap();
+                    notes.insert(key.clone(), note);
                     let want = match model.get(&key) {
                         Some(State::Completed) => Begin::Completed,
                         Some(State::InFlight) => Begin::InFlight,
@@ -797,11 +945,21 @@ mod tests {
                     assert_eq!(got, want, "seed {seed}, step {step}: begin {key}");
                 }
                 1 => {
-                    store.try_complete(&key, lease).unwrap().unwrap();
+                    match note {
+                        Some(note) => store.try_complete_noted(&key, note, lease),
+                        None => store.try_complete(&key, lease),
+                    }
+                    .unwrap()
+                    .unwrap();
                     model.insert(key, State::Completed);
                 }
                 _ => {
-                    store.try_abandon(&key).unwrap().unwrap();
+                    match note {
+                        Some(note) => store.try_abandon_noted(&key, note),
+                        None => store.try_abandon(&key),
+                    }
+                    .unwrap()
+                    .unwrap();
                     if model.get(&key) == Some(&State::InFlight) {
                         model.remove(&key);
                     }
@@ -882,7 +1040,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stores_do_not_share_marks_through_the_fingerprint_cache() {
+    async fn stores_do_not_share_marks() {
         let (a, b) = (MemoryStore::new(10), MemoryStore::new(10));
         let lease = Duration::from_secs(60);
         assert_eq!(a.begin("g/k", lease).await.unwrap(), Begin::Started);

@@ -37,6 +37,23 @@ pub enum Begin {
     Completed,
 }
 
+/// Where a store put a mark: returned with the answer of
+/// [`IdempotencyStore::try_begin_noted`] and handed back to
+/// [`try_complete_noted`](IdempotencyStore::try_complete_noted) or
+/// [`try_abandon_noted`](IdempotencyStore::try_abandon_noted) for the same key, so an
+/// in-process store finds the mark again without hashing and looking up the key twice.
+/// Opaque; a store that has no use for it gives [`MarkNote::default`] and ignores it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MarkNote {
+    /// The store that wrote it (0: none).
+    pub(crate) store: u64,
+    pub(crate) at: u64,
+    pub(crate) check: u64,
+    /// A cheap sketch of the key it was given for, so a note handed back with another
+    /// key is (almost always) noticed and ignored rather than trusted.
+    pub(crate) key: u64,
+}
+
 /// Where idempotency marks live.
 ///
 /// Stores that answer without waiting (in-process ones, like [`MemoryStore`]) also
@@ -70,5 +87,33 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     fn try_abandon(&self, key: &str) -> Option<Result<()>> {
         let _ = key;
         None
+    }
+
+    /// [`try_begin`](IdempotencyStore::try_begin), and a note of where the mark is for
+    /// the calls that finish it. The default gives an empty note.
+    fn try_begin_noted(&self, key: &str, lease: Duration) -> Option<Result<(Begin, MarkNote)>> {
+        self.try_begin(key, lease)
+            .map(|begun| begun.map(|begin| (begin, MarkNote::default())))
+    }
+
+    /// [`try_complete`](IdempotencyStore::try_complete) with the note
+    /// [`try_begin_noted`](IdempotencyStore::try_begin_noted) gave for `key`. The
+    /// default ignores the note.
+    fn try_complete_noted(
+        &self,
+        key: &str,
+        note: MarkNote,
+        retention: Duration,
+    ) -> Option<Result<()>> {
+        let _ = note;
+        self.try_complete(key, retention)
+    }
+
+    /// [`try_abandon`](IdempotencyStore::try_abandon) with the note
+    /// [`try_begin_noted`](IdempotencyStore::try_begin_noted) gave for `key`. The
+    /// default ignores the note.
+    fn try_abandon_noted(&self, key: &str, note: MarkNote) -> Option<Result<()>> {
+        let _ = note;
+        self.try_abandon(key)
     }
 }
