@@ -5,7 +5,7 @@
 //! one and is one, so they compose with `tower::ServiceBuilder`:
 //!
 //! - [`RetryPolicy`] / [`RetryLayer`]: in-process retry, exponential backoff with jitter
-//!   and a cap, only for retryable failures (tower's retry and backoff underneath);
+//!   and a cap, only for retryable failures (tower's backoff underneath);
 //! - [`RetryTiers`] / [`RetryTopicLayer`]: non-blocking retry through delay tiers
 //!   (`<topic>.retry.<n>` topics and forwarders), so a failing key does not hold up others;
 //! - [`DeadLetterLayer`]: after the last failure, publish to `<topic>.dlq` with the
