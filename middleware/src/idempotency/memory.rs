@@ -323,11 +323,7 @@ impl Marks {
                         let bucket = free
                             .insert((fingerprint, Mark::new(State::InFlight, until)))
                             .bucket_index();
-                        self.added += 1;
-                        self.len += 1;
-                        while self.len > capacity {
-                            self.evict_oldest();
-                        }
+                        self.added_one(capacity);
                         (Begin::Started, bucket)
                     }
                 };
@@ -403,12 +399,17 @@ impl Marks {
             }
             _ => self.push_rest(fingerprint, mark),
         };
+        self.added_one(capacity);
+        place
+    }
+
+    /// Counts a mark just filed, then evicts the oldest beyond `capacity`.
+    fn added_one(&mut self, capacity: usize) {
         self.added += 1;
         self.len += 1;
         while self.len > capacity {
             self.evict_oldest();
         }
-        place
     }
 
     fn push_rest(&mut self, fingerprint: Fingerprint, mark: Mark) -> Place {
