@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use switchyard::memory::MemoryBroker;
 use switchyard::middleware::{
-    Begin, DeadLetterLayer, IdempotencyLayer, IdempotencyStore, MemoryStore, RetryPolicy,
+    Begin, DeadLetterLayer, IdempotencyLayer, IdempotencyStore, MarkKey, MarkNote, MemoryStore,
+    RetryPolicy,
 };
 use switchyard::Bytes;
 use tower::ServiceBuilder;
@@ -79,13 +80,12 @@ fn main() {
 /// The memory store on its own, one thread: begin and complete for `n` fresh ids, as
 /// the layer calls them.
 fn store_alone(n: u64) -> String {
-    let keys: Vec<String> = (0..n)
-        .map(|_| format!("bench/{}", switchyard::new_id()))
-        .collect();
+    let ids: Vec<String> = (0..n).map(|_| switchyard::new_id()).collect();
     let store = MemoryStore::new(n as usize + 1);
     let (lease, retention) = (Duration::from_secs(300), Duration::from_secs(3600));
     let start = std::time::Instant::now();
-    for key in &keys {
+    for id in &ids {
+        let key = MarkKey { group: "bench", id };
         let Some(Ok((Begin::Started, note))) = store.try_begin_noted(key, lease) else {
             panic!("a fresh id starts");
         };
@@ -120,6 +120,21 @@ impl IdempotencyStore for Forgetful {
         Some(Ok(()))
     }
     fn try_abandon(&self, _: &str) -> Option<switchyard::Result<()>> {
+        Some(Ok(()))
+    }
+    fn try_begin_noted(
+        &self,
+        _: MarkKey<'_>,
+        _: Duration,
+    ) -> Option<switchyard::Result<(Begin, MarkNote)>> {
+        Some(Ok((Begin::Started, MarkNote::default())))
+    }
+    fn try_complete_noted(
+        &self,
+        _: MarkKey<'_>,
+        _: MarkNote,
+        _: Duration,
+    ) -> Option<switchyard::Result<()>> {
         Some(Ok(()))
     }
 }

@@ -12,7 +12,7 @@ use pin_project_lite::pin_project;
 use switchyard_core::{Delivery, HandlerError};
 use tower::{Layer, Service};
 
-use super::{Begin, IdempotencyStore, MarkNote};
+use super::{Begin, IdempotencyStore, MarkKey, MarkNote};
 use crate::recover::Caught;
 
 /// Runs each message id at most once per group (see the [module docs](super)).
@@ -79,45 +79,11 @@ fn store_error(e: switchyard_core::Error) -> HandlerError {
     HandlerError::transient(format!("idempotency store: {e}"))
 }
 
-/// A mark's key: `<group>/<message id>`, kept inline when short (a group name and a
-/// UUID fit), so the common case allocates nothing.
-enum MarkKey {
-    Inline { len: u8, bytes: [u8; INLINE_KEY] },
-    Heap(String),
-}
-
-/// Room for a 40-byte group name, the slash and a hyphenated UUID.
-const INLINE_KEY: usize = 77;
-
-impl MarkKey {
-    fn new(group: &str, id: &str) -> Self {
-        let len = group.len() + 1 + id.len();
-        if len <= INLINE_KEY {
-            let mut bytes = [0u8; INLINE_KEY];
-            bytes[..group.len()].copy_from_slice(group.as_bytes());
-            bytes[group.len()] = b'/';
-            bytes[group.len() + 1..len].copy_from_slice(id.as_bytes());
-            return MarkKey::Inline {
-                len: len as u8,
-                bytes,
-            };
-        }
-        let mut key = String::with_capacity(len);
-        key.push_str(group);
-        key.push('/');
-        key.push_str(id);
-        MarkKey::Heap(key)
-    }
-
-    fn as_str(&self) -> &str {
-        match self {
-            // Two `&str`s and an ASCII slash joined: valid UTF-8 by construction, and
-            // checking it again is a few nanoseconds over 40 bytes.
-            MarkKey::Inline { len, bytes } => {
-                std::str::from_utf8(&bytes[..usize::from(*len)]).expect("joined from two strs")
-            }
-            MarkKey::Heap(key) => key,
-        }
+/// The key of `delivery`'s mark.
+fn key_of(delivery: &Delivery) -> MarkKey<'_> {
+    MarkKey {
+        group: delivery.group(),
+        id: delivery.id(),
     }
 }
 
@@ -158,17 +124,16 @@ where
     }
 
     fn call(&mut self, delivery: Delivery) -> Self::Future {
-        let key = MarkKey::new(delivery.group(), delivery.id());
         let first = self
             .config
             .store
-            .try_begin_noted(key.as_str(), self.config.lease);
+            .try_begin_noted(key_of(&delivery), self.config.lease);
         if let Some(Ok((Begin::Started, note))) = first {
             // Decided without waiting (the common case with an in-process store): call
             // the handler right away, with no clone of the inner service and no box.
             let mark = Mark {
                 config: self.config.clone(),
-                key,
+                delivery: delivery.clone(),
                 note,
                 held: true,
             };
@@ -187,12 +152,13 @@ where
         IdempotencyFuture {
             state: IdempotencyState::Waiting {
                 waiting: Box::pin(async move {
+                    let key = key_of(&delivery).joined();
                     let mut answer = first.map(|begun| begun.map(|(begin, _)| begin));
                     let mut waited_since = None;
                     loop {
                         let begun = match answer.take() {
                             Some(begun) => begun,
-                            None => config.begin(key.as_str()).await,
+                            None => config.begin(&key).await,
                         };
                         match begun.map_err(store_error)? {
                             Begin::Completed => {
@@ -223,7 +189,7 @@ where
                     }
                     let mark = Mark {
                         config,
-                        key,
+                        delivery: delivery.clone(),
                         note: MarkNote::default(),
                         held: true,
                     };
@@ -298,7 +264,9 @@ where
 /// so the redelivery does not wait out the lease.
 struct Mark {
     config: Arc<IdempotencyLayer>,
-    key: MarkKey,
+    /// Whose mark it is: its group and id are the key (one reference count, where a
+    /// copy of the key cost more).
+    delivery: Delivery,
     /// Where the store put it, so finishing does not look the key up again.
     note: MarkNote,
     held: bool,
@@ -312,14 +280,14 @@ impl Mark {
         result: &Result<(), HandlerError>,
     ) -> Option<Result<(), HandlerError>> {
         let store = &self.config.store;
-        let key = self.key.as_str();
+        let key = key_of(&self.delivery);
         let done = match result {
             Ok(()) => store
                 .try_complete_noted(key, self.note, self.config.retention)?
                 .map_err(store_error),
             Err(_) => {
                 if let Err(e) = store.try_abandon_noted(key, self.note)? {
-                    tracing::warn!(key, error = %e, "could not release idempotency mark");
+                    tracing::warn!(%key, error = %e, "could not release idempotency mark");
                 }
                 Ok(())
             }
@@ -332,13 +300,13 @@ impl Mark {
     /// the store's (the delivery is then nacked, and redelivered).
     async fn finish(mut self, result: &Result<(), HandlerError>) -> Result<(), HandlerError> {
         self.held = false;
-        let key = self.key.as_str();
+        let key = key_of(&self.delivery).joined();
         match result {
-            Ok(()) => self.config.complete(key).await.map_err(store_error),
+            Ok(()) => self.config.complete(&key).await.map_err(store_error),
             Err(_) => {
-                if let Err(e) = self.config.abandon(key).await {
+                if let Err(e) = self.config.abandon(&key).await {
                     // The lease expires anyway; the redelivery then runs.
-                    tracing::warn!(key, error = %e, "could not release idempotency mark");
+                    tracing::warn!(%key, error = %e, "could not release idempotency mark");
                 }
                 Ok(())
             }
@@ -352,7 +320,7 @@ impl Drop for Mark {
             let _ = self
                 .config
                 .store
-                .try_abandon_noted(self.key.as_str(), self.note);
+                .try_abandon_noted(key_of(&self.delivery), self.note);
         }
     }
 }

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use hashbrown::HashTable;
 use switchyard_core::Result;
 
-use super::{Begin, IdempotencyStore, MarkNote};
+use super::{Begin, IdempotencyStore, MarkKey, MarkNote};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -18,12 +18,21 @@ enum State {
     Completed,
 }
 
-/// A key's 128-bit fingerprint: SipHash-1-3 with 128-bit output under this store's
-/// random key. Storing it instead of the key string saves two allocations per message;
-/// a collision among a million marks has odds around 10^-26. Two words rather than a
-/// `u128`, whose 16-byte alignment would pad each ring entry from 24 bytes to 32.
+/// A key as the store files it.
+///
+/// - `id`: for a message id that is a lower-case hyphenated UUIDv7 (switchyard's own
+///   ids), the UUID's 128 bits: exact, and read rather than hashed. Any other id gets
+///   a SipHash-1-3-128 fingerprint under this store's random key, with the four bits
+///   where a UUID keeps its version cleared, so no fingerprint equals a UUIDv7's bits
+///   (a collision among a million fingerprinted ids has odds around 10^-25).
+/// - `group`: the group name's 64-bit keyed hash (a store sees a handful of groups).
+///
+/// Words rather than a `u128`, whose 16-byte alignment would pad each entry.
 #[derive(Clone, Copy, PartialEq, Eq)]
-struct Fingerprint([u64; 2]);
+struct Fingerprint {
+    id: [u64; 2],
+    group: u64,
+}
 
 /// A mark's state and expiry in one word: the expiry in milliseconds since the store
 /// was created, shifted left by one, and the low bit set once completed.
@@ -48,49 +57,93 @@ impl Mark {
     }
 }
 
-/// A key as the store files it: its fingerprint, and the time in its id when the id
-/// is a UUIDv7 (switchyard's own ids are), in milliseconds since the Unix epoch.
+/// A key as the store files it: its fingerprint, the hash its tables use, and the
+/// time in its id when the id is a UUIDv7, in milliseconds since the Unix epoch.
 #[derive(Clone, Copy)]
 struct Key {
     fingerprint: Fingerprint,
+    hash: u64,
     time: Option<u64>,
 }
 
 /// Where a mark is: valid while its generation lives (generations never lose marks
-/// one by one, and never grow, so bucket numbers hold), or while the ring holds that
+/// one by one, and never grow, so entry numbers hold), or while the ring holds that
 /// position (positions are never reused, short of 2^32 marks).
 #[derive(Clone, Copy)]
 enum Place {
-    Generation { began: u64, bucket: usize },
+    Generation { began: u64, entry: usize },
     Rest { at: u32 },
 }
 
-/// A key's length and last eight bytes in one word: not a hash, just enough to tell a
-/// note given for one key from a note handed back with another (ids end in random
-/// digits), for a nanosecond.
-fn sketch(key: &str) -> u64 {
-    let bytes = key.as_bytes();
+/// The canonical parts of a key given as one string: the group is what precedes the
+/// first `/` (group names have none), the id the rest; a key with no `/` is all id.
+fn split(key: &str) -> MarkKey<'_> {
+    match key.split_once('/') {
+        Some((group, id)) => MarkKey { group, id },
+        None => MarkKey { group: "", id: key },
+    }
+}
+
+/// A key's lengths and its id's last eight bytes in one word: not a hash, just enough
+/// to tell a note given for one key from a note handed back with another (ids end in
+/// random digits), for a nanosecond.
+fn sketch(key: MarkKey<'_>) -> u64 {
+    let bytes = key.id.as_bytes();
     let mut tail = [0u8; 8];
     let n = bytes.len().min(8);
     tail[..n].copy_from_slice(&bytes[bytes.len() - n..]);
-    u64::from_le_bytes(tail) ^ (bytes.len() as u64).rotate_left(56)
+    u64::from_le_bytes(tail)
+        ^ (bytes.len() as u64).rotate_left(56)
+        ^ (key.group.len() as u64).rotate_left(44)
 }
 
-/// The millisecond time of a key ending in a hyphenated UUIDv7 (`<group>/<id>`).
-/// It only decides where a mark is filed; the fingerprint decides whether two keys
-/// are the same, so an id whose time is wrong or made up is still deduplicated.
-fn id_time(key: &[u8]) -> Option<u64> {
-    let uuid = key.get(key.len().checked_sub(36)?..)?;
-    if uuid[8] != b'-' || uuid[13] != b'-' || uuid[14] != b'7' || uuid[18] != b'-' {
+/// Each ASCII byte's value as a lower-case hex digit, or 0xff.
+const HEX: [u8; 256] = {
+    let mut table = [0xff; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
+
+/// The bits of `id` if it is a lower-case hyphenated UUID of version 7, as (high,
+/// low) words. Only the lower-case form: an id in capitals is another string, so
+/// another message, and is fingerprinted like any other id.
+fn uuid_v7(id: &[u8]) -> Option<[u64; 2]> {
+    if id.len() != 36 || id[8] != b'-' || id[13] != b'-' || id[14] != b'7' {
         return None;
     }
-    uuid[..8]
-        .iter()
-        .chain(&uuid[9..13])
-        .try_fold(0u64, |t, &c| {
-            let digit = (c as char).to_digit(16)?;
-            Some(t << 4 | u64::from(digit))
-        })
+    if id[18] != b'-' || id[23] != b'-' {
+        return None;
+    }
+    let (mut bits, mut bad) = (0u128, 0u8);
+    for digits in [&id[..8], &id[9..13], &id[14..18], &id[19..23], &id[24..]] {
+        for &c in digits {
+            let digit = HEX[usize::from(c)];
+            bad |= digit;
+            bits = bits << 4 | u128::from(digit & 0xf);
+        }
+    }
+    (bad & 0xf0 == 0).then_some([(bits >> 64) as u64, bits as u64])
+}
+
+/// The millisecond time of a UUIDv7 given as its bits.
+fn uuid_time(bits: [u64; 2]) -> u64 {
+    bits[0] >> 16
+}
+
+/// A folded multiply (foldhash's and ahash's mixing step): the 128-bit product's two
+/// halves, xored.
+fn fold(a: u64, b: u64) -> u64 {
+    let product = u128::from(a) * u128::from(b);
+    (product as u64) ^ (product >> 64) as u64
 }
 
 /// The marks.
@@ -102,8 +155,10 @@ fn id_time(key: &[u8]) -> Option<u64> {
 /// - **Generations.** Each holds up to `generation` marks of ids whose times fall in
 ///   its own span; spans do not overlap and grow with each generation. New ids go to
 ///   the newest generation, small enough to stay in the CPU's cache, and a fresh id
-///   is looked up there only. The oldest generation is dropped whole when the store
-///   is full (so the store then forgets up to one generation's worth at once).
+///   is looked up there only. A generation keeps its marks in arrival order, so a
+///   fresh mark is written next to the last one, with a table of 4-byte positions to
+///   find them (the layout of `indexmap`). The oldest generation is dropped whole when
+///   the store is full (so the store then forgets up to one generation's worth at once).
 /// - **The rest** (ids that are not UUIDv7, UUIDv7 ids older than the newest
 ///   generation's span, like a replay or a message from a lagging partition, and ids
 ///   from the future): a ring in insertion order plus a table of positions in it,
@@ -126,6 +181,11 @@ struct Marks {
     /// The wall-clock time (ms since the Unix epoch) when the store was made: with the
     /// store's own clock, it tells ids from the future.
     wall_at_epoch: u64,
+    /// The tables' hash key.
+    secret: (u64, u64),
+    /// The last group hashed, and its hash: a store sees the same few groups over and
+    /// over, and comparing a short name costs less than hashing it.
+    last_group: (String, u64),
 }
 
 /// How far ahead of this machine's clock an id's time may be and still be filed in a
@@ -136,7 +196,10 @@ const FUTURE_TOLERANCE_MS: u64 = 100;
 
 /// Marks for ids with times in `[floor, next generation's floor]`.
 struct Generation {
-    table: HashTable<(Fingerprint, Mark)>,
+    /// Positions in `entries`, by hash.
+    table: HashTable<u32>,
+    /// The marks in the order they were filed.
+    entries: Vec<(Fingerprint, Mark)>,
     floor: u64,
     /// The newest id time in it or in any older generation (it starts at `floor`).
     newest: u64,
@@ -145,67 +208,77 @@ struct Generation {
 }
 
 /// The marks for other keys: a ring in insertion order and a hash table of positions
-/// in the ring (4 bytes each, where a whole mark takes 24).
+/// in the ring (4 bytes each, where a whole mark takes 40).
 struct Rest {
     table: HashTable<u32>,
     ring: VecDeque<(Fingerprint, Mark, u64)>,
     /// The position of `ring[0]`, counted since the store began (wrapping at 2^32;
     /// the ring never holds that many).
     head: u32,
-    /// A Bloom filter of the ring's fingerprints: at least 16 bits per mark, three set
-    /// in one word per fingerprint (one memory access per question).
+    /// A Bloom filter of the ring's keys: at least 16 bits per mark, three set in one
+    /// word per key (one memory access per question).
     filter: Vec<u64>,
     /// Marks evicted since the filter was built: their bits are still set.
     stale: usize,
 }
 
 impl Rest {
-    /// The filter word and bits of `fingerprint`: from its second word, independent of
-    /// the first (the table's hash).
-    fn bits(&self, fingerprint: &Fingerprint) -> (usize, u64) {
-        let h = fingerprint.0[1];
+    /// The filter word and bits of a key with table hash `hash`: remixed, so they do
+    /// not follow the table's bits.
+    fn bits(&self, hash: u64) -> (usize, u64) {
+        let h = fold(hash, 0x9e37_79b9_7f4a_7c15);
         let word = (h as usize) & (self.filter.len() - 1);
         let bits = 1u64 << ((h >> 40) & 63) | 1u64 << ((h >> 46) & 63) | 1u64 << ((h >> 52) & 63);
         (word, bits)
     }
 
-    /// False only if the ring does not hold `fingerprint`.
-    fn may_hold(&self, fingerprint: &Fingerprint) -> bool {
+    /// False only if the ring does not hold the key with table hash `hash`.
+    fn may_hold(&self, hash: u64) -> bool {
         if self.ring.is_empty() {
             return false;
         }
-        let (word, bits) = self.bits(fingerprint);
+        let (word, bits) = self.bits(hash);
         self.filter[word] & bits == bits
     }
 
-    fn note(&mut self, fingerprint: &Fingerprint) {
+    fn note(&mut self, hash: u64, secret: (u64, u64)) {
         if self.ring.len() > self.filter.len() * 4 {
-            self.rebuild();
+            self.rebuild(secret);
         } else {
-            let (word, bits) = self.bits(fingerprint);
+            let (word, bits) = self.bits(hash);
             self.filter[word] |= bits;
         }
     }
 
     /// A filter sized for the ring (four marks per word), from the ring.
-    fn rebuild(&mut self) {
+    fn rebuild(&mut self, secret: (u64, u64)) {
         let words = self.ring.len().div_ceil(4).next_power_of_two().max(64);
         self.filter.clear();
         self.filter.resize(words, 0);
         for i in 0..self.ring.len() {
-            let (word, bits) = self.bits(&self.ring[i].0);
+            let (word, bits) = self.bits(table_hash(secret, &self.ring[i].0));
             self.filter[word] |= bits;
         }
         self.stale = 0;
     }
 }
 
-/// The largest generation: 14,336 marks fill a 16,384-slot table (384 KiB), which
-/// stays in a core's cache.
+/// The hash the tables file `fingerprint` under: its words folded with the store's
+/// secret (a UUID's low word is random already; the secret keeps chosen ids from
+/// piling into one slot).
+fn table_hash(secret: (u64, u64), fingerprint: &Fingerprint) -> u64 {
+    fold(
+        fingerprint.id[1] ^ secret.0,
+        fingerprint.id[0] ^ fingerprint.group ^ secret.1,
+    )
+}
+
+/// The largest generation: 14,336 marks fill a 16,384-slot table of positions (64 KiB)
+/// and 448 KiB of entries, written in order.
 const GENERATION: usize = 14_336;
 
 impl Marks {
-    fn new(capacity: usize) -> Self {
+    fn new(capacity: usize, secret: (u64, u64)) -> Self {
         let presize = capacity.min(4096);
         Self {
             generations: VecDeque::new(),
@@ -225,6 +298,8 @@ impl Marks {
             wall_at_epoch: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
+            secret,
+            last_group: (String::new(), 0),
         }
     }
 
@@ -232,10 +307,40 @@ impl Marks {
         self.len
     }
 
+    /// How `key` is filed; `sip` is the store's fingerprint key.
+    fn key(&mut self, key: MarkKey<'_>, sip: (u64, u64)) -> Key {
+        if key.group.contains('/') {
+            // Not a group name; the `&str` methods would split the joined key at its
+            // first `/`, so file it the same way.
+            let joined = key.joined();
+            return self.key(split(&joined), sip);
+        }
+        if self.last_group.0 != key.group {
+            self.last_group = (
+                key.group.to_string(),
+                sip128::<1, 3>(sip, key.group.as_bytes())[0],
+            );
+        }
+        let group = self.last_group.1;
+        let (id, time) = match uuid_v7(key.id.as_bytes()) {
+            Some(bits) => (bits, Some(uuid_time(bits))),
+            None => {
+                let [high, low] = sip128::<1, 3>(sip, key.id.as_bytes());
+                ([high & !0xf000, low], None)
+            }
+        };
+        let fingerprint = Fingerprint { id, group };
+        Key {
+            fingerprint,
+            hash: table_hash(self.secret, &fingerprint),
+            time,
+        }
+    }
+
     /// Where the mark for `key` is.
     fn find(&self, key: &Key) -> Option<Place> {
         let fingerprint = key.fingerprint;
-        let hash = fingerprint.0[0];
+        let hash = key.hash;
         // Newest first: that is where fresh ids are. Only generations whose span holds
         // `time` can hold it, and spans are in order.
         if let Some(time) = key.time {
@@ -246,13 +351,14 @@ impl Marks {
                     break;
                 }
                 if time >= generation.floor {
-                    if let Some(bucket) = generation
+                    let entries = &generation.entries;
+                    if let Some(&entry) = generation
                         .table
-                        .find_bucket_index(hash, |(held, _)| *held == fingerprint)
+                        .find(hash, |&at| entries[at as usize].0 == fingerprint)
                     {
                         return Some(Place::Generation {
                             began: generation.began,
-                            bucket,
+                            entry: entry as usize,
                         });
                     }
                 }
@@ -260,7 +366,7 @@ impl Marks {
         }
         // Any key may be with the rest (an id from the future, a late one, another
         // kind of key); the filter answers for most that are not.
-        if !self.rest.may_hold(&fingerprint) {
+        if !self.rest.may_hold(hash) {
             return None;
         }
         let rest = &self.rest;
@@ -275,9 +381,9 @@ impl Marks {
     /// The mark at `place`, with its fingerprint, if it is still there.
     fn at(&mut self, place: Place) -> Option<(Fingerprint, &mut Mark)> {
         match place {
-            Place::Generation { began, bucket } => {
+            Place::Generation { began, entry } => {
                 let i = self.generations.iter().rposition(|g| g.began == began)?;
-                let (fingerprint, mark) = self.generations[i].table.get_bucket_mut(bucket)?;
+                let (fingerprint, mark) = self.generations[i].entries.get_mut(entry)?;
                 Some((*fingerprint, mark))
             }
             Place::Rest { at } => {
@@ -304,30 +410,32 @@ impl Marks {
         if let (Some(time), Some(newest)) = (key.time, self.generations.back_mut()) {
             if time > newest.floor
                 && time <= latest
-                && newest.table.len() < self.generation
-                && !self.rest.may_hold(&fingerprint)
+                && newest.entries.len() < self.generation
+                && !self.rest.may_hold(key.hash)
             {
                 let began = newest.began;
-                let entry = newest.table.entry(
-                    fingerprint.0[0],
-                    |(held, _)| *held == fingerprint,
-                    |(held, _)| held.0[0],
+                let secret = self.secret;
+                let Generation { table, entries, .. } = newest;
+                let found = table.entry(
+                    key.hash,
+                    |&at| entries[at as usize].0 == fingerprint,
+                    |&at| table_hash(secret, &entries[at as usize].0),
                 );
-                let (answer, bucket) = match entry {
-                    hashbrown::hash_table::Entry::Occupied(mut held) => {
-                        let bucket = held.bucket_index();
-                        (Self::take(&mut held.get_mut().1, now, until), bucket)
+                let (answer, entry) = match found {
+                    hashbrown::hash_table::Entry::Occupied(held) => {
+                        let entry = *held.get() as usize;
+                        (Self::take(&mut entries[entry].1, now, until), entry)
                     }
                     hashbrown::hash_table::Entry::Vacant(free) => {
+                        let entry = entries.len();
+                        free.insert(entry as u32);
+                        entries.push((fingerprint, Mark::new(State::InFlight, until)));
                         newest.newest = newest.newest.max(time);
-                        let bucket = free
-                            .insert((fingerprint, Mark::new(State::InFlight, until)))
-                            .bucket_index();
                         self.added_one(capacity);
-                        (Begin::Started, bucket)
+                        (Begin::Started, entry)
                     }
                 };
-                return (answer, Place::Generation { began, bucket });
+                return (answer, Place::Generation { began, entry });
             }
         }
         match self.find(key) {
@@ -359,14 +467,13 @@ impl Marks {
     /// says where it put it. `now` is the store's clock (ms since it was made).
     fn push(&mut self, key: &Key, mark: Mark, capacity: usize, now: u64) -> Place {
         let fingerprint = key.fingerprint;
-        let hash = fingerprint.0[0];
         let latest = self.wall_at_epoch + now + FUTURE_TOLERANCE_MS;
         let place = match key.time {
             Some(time) if time >= self.floor && time <= latest => {
                 let full = self
                     .generations
                     .back()
-                    .is_none_or(|newest| newest.table.len() >= self.generation);
+                    .is_none_or(|newest| newest.entries.len() >= self.generation);
                 if full {
                     // The next span starts where the last one's ids ended.
                     if let Some(newest) = self.generations.back() {
@@ -374,6 +481,7 @@ impl Marks {
                     }
                     self.generations.push_back(Generation {
                         table: HashTable::with_capacity(self.generation),
+                        entries: Vec::with_capacity(self.generation),
                         floor: self.floor,
                         newest: self.floor,
                         began: self.added,
@@ -382,22 +490,24 @@ impl Marks {
                 let newest = self.generations.back_mut().expect("one was just made");
                 if time < newest.floor {
                     // Older than the span the new generation just took: the rest.
-                    self.push_rest(fingerprint, mark)
+                    self.push_rest(key, mark)
                 } else {
                     newest.newest = newest.newest.max(time);
-                    // Never grows: made with room for a whole generation, so bucket
+                    // Never grows: made with room for a whole generation, so entry
                     // numbers stay valid for the generation's life.
-                    let bucket = newest
-                        .table
-                        .insert_unique(hash, (fingerprint, mark), |(held, _)| held.0[0])
-                        .bucket_index();
+                    let entry = newest.entries.len();
+                    newest.entries.push((fingerprint, mark));
+                    let (secret, entries) = (self.secret, &newest.entries);
+                    newest.table.insert_unique(key.hash, entry as u32, |&at| {
+                        table_hash(secret, &entries[at as usize].0)
+                    });
                     Place::Generation {
                         began: newest.began,
-                        bucket,
+                        entry,
                     }
                 }
             }
-            _ => self.push_rest(fingerprint, mark),
+            _ => self.push_rest(key, mark),
         };
         self.added_one(capacity);
         place
@@ -412,16 +522,16 @@ impl Marks {
         }
     }
 
-    fn push_rest(&mut self, fingerprint: Fingerprint, mark: Mark) -> Place {
+    fn push_rest(&mut self, key: &Key, mark: Mark) -> Place {
+        let secret = self.secret;
         let rest = &mut self.rest;
         let at = rest.head.wrapping_add(rest.ring.len() as u32);
-        rest.ring.push_back((fingerprint, mark, self.added));
+        rest.ring.push_back((key.fingerprint, mark, self.added));
         let (ring, head) = (&rest.ring, rest.head);
-        // Fingerprints are uniformly random already: their first word is the hash.
-        rest.table.insert_unique(fingerprint.0[0], at, |&at| {
-            ring[at.wrapping_sub(head) as usize].0 .0[0]
+        rest.table.insert_unique(key.hash, at, |&at| {
+            table_hash(secret, &ring[at.wrapping_sub(head) as usize].0)
         });
-        rest.note(&fingerprint);
+        rest.note(key.hash, secret);
         Place::Rest { at }
     }
 
@@ -440,20 +550,22 @@ impl Marks {
         };
         if generation_first {
             let dropped = self.generations.pop_front().expect("checked");
-            self.len -= dropped.table.len();
+            self.len -= dropped.entries.len();
         } else {
+            let secret = self.secret;
             let rest = &mut self.rest;
             let (oldest, _, _) = rest.ring.pop_front().expect("checked");
             let at = rest.head;
             rest.head = rest.head.wrapping_add(1);
-            if let Ok(entry) = rest.table.find_entry(oldest.0[0], |&held| held == at) {
+            let hash = table_hash(secret, &oldest);
+            if let Ok(entry) = rest.table.find_entry(hash, |&held| held == at) {
                 entry.remove();
             }
             rest.stale += 1;
             // Once as many stale bits as live ones, rebuild (amortized: one mark
             // each per eviction).
             if rest.stale > rest.ring.len().max(1024) {
-                rest.rebuild();
+                rest.rebuild(secret);
             }
             self.len -= 1;
         }
@@ -464,7 +576,7 @@ impl Marks {
 /// consumers in the same process. At most `capacity` marks (default 1,000,000); when
 /// full, the oldest marks go first: one at a time for keys whose ids are not UUIDv7,
 /// and for UUIDv7 ids (switchyard's own) a generation at a time, at most an eighth of
-/// `capacity` (and 14,336 marks) at once. About 30 bytes per mark.
+/// `capacity` (and 14,336 marks) at once. About 40 bytes per mark.
 ///
 /// Marks of UUIDv7 ids are filed by the time in the id, so a fresh id is looked up in
 /// a small, recent table rather than at a random place among a million marks (see
@@ -472,8 +584,9 @@ impl Marks {
 pub struct MemoryStore {
     inner: Mutex<Marks>,
     capacity: usize,
+    /// The key of the SipHash fingerprints.
     key: (u64, u64),
-    /// Tells stores apart in the per-thread fingerprint cache.
+    /// Tells this store's notes from another's.
     id: u64,
     /// Expiries count milliseconds from here. A coarse clock (the kernel's tick, a few
     /// milliseconds): it costs a few nanoseconds where the precise one costs 25, twice
@@ -494,36 +607,29 @@ impl MemoryStore {
     pub fn new(capacity: usize) -> Self {
         // Ring positions are 32-bit.
         let capacity = capacity.clamp(1, u32::MAX as usize / 2);
+        // std's per-process random SipHash keys, hashed: 256 secret bits.
+        let random = RandomState::new();
+        let mut word = (0x5eed_u64..).map(|i| random.hash_one(i));
+        let mut pair = || (word.next().expect("endless"), word.next().expect("endless"));
+        let (key, secret) = (pair(), pair());
         Self {
-            inner: Mutex::new(Marks::new(capacity)),
+            inner: Mutex::new(Marks::new(capacity, secret)),
             capacity,
-            key: {
-                // std's per-process random SipHash keys, hashed: 128 secret bits.
-                let random = RandomState::new();
-                (random.hash_one(0x5eed_u64), random.hash_one(0xfee1_u64))
-            },
+            key,
             id: NEXT_STORE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             epoch: coarsetime::Instant::now_without_cache_update(),
         }
     }
 
-    fn key(&self, key: &str) -> Key {
-        let key = key.as_bytes();
-        Key {
-            fingerprint: sip128::<1, 3>(self.key, key),
-            time: id_time(key),
-        }
-    }
-
     /// A note of `place` for the caller to hand back (see [`MarkNote`]).
-    fn note(&self, place: Place, fingerprint: &Fingerprint, key: &str) -> MarkNote {
-        let check = fingerprint.0[1] & 0xffff_ffff;
+    fn note(&self, place: Place, fingerprint: &Fingerprint, key: MarkKey<'_>) -> MarkNote {
+        let check = fingerprint.id[1] & 0xffff_ffff;
         let key = sketch(key);
         match place {
-            Place::Generation { began, bucket } => MarkNote {
+            Place::Generation { began, entry } => MarkNote {
                 store: self.id,
                 at: began,
-                check: (bucket as u64) << 32 | check,
+                check: (entry as u64) << 32 | check,
                 key,
             },
             Place::Rest { at } => MarkNote {
@@ -537,7 +643,12 @@ impl MemoryStore {
 
     /// The mark a note of this store's points to, if the note was given for `key`
     /// (by its sketch) and the mark is still there (by 32 bits of its fingerprint).
-    fn noted<'a>(&self, marks: &'a mut Marks, note: MarkNote, key: &str) -> Option<&'a mut Mark> {
+    fn noted<'a>(
+        &self,
+        marks: &'a mut Marks,
+        note: MarkNote,
+        key: MarkKey<'_>,
+    ) -> Option<&'a mut Mark> {
         if note.store != self.id || note.key != sketch(key) {
             return None;
         }
@@ -546,11 +657,11 @@ impl MemoryStore {
         } else {
             Place::Generation {
                 began: note.at,
-                bucket: (note.check >> 32) as usize,
+                entry: (note.check >> 32) as usize,
             }
         };
         let (fingerprint, mark) = marks.at(place)?;
-        (fingerprint.0[1] & 0xffff_ffff == note.check & 0xffff_ffff).then_some(mark)
+        (fingerprint.id[1] & 0xffff_ffff == note.check & 0xffff_ffff).then_some(mark)
     }
 
     /// Milliseconds since the store was created, now and after `later`.
@@ -576,6 +687,32 @@ impl MemoryStore {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    fn complete_key(&self, key: MarkKey<'_>, retention: Duration) {
+        let (now, until) = self.now_ms(retention);
+        let mut marks = self.lock();
+        let filed = marks.key(key, self.key);
+        let done = Mark::new(State::Completed, until);
+        match marks.get_mut(&filed) {
+            Some(mark) => *mark = done,
+            // Evicted while in flight: remember it again.
+            None => {
+                marks.push(&filed, done, self.capacity, now);
+            }
+        }
+    }
+
+    fn abandon_key(&self, key: MarkKey<'_>) {
+        let mut marks = self.lock();
+        let filed = marks.key(key, self.key);
+        if let Some(mark) = marks.get_mut(&filed) {
+            if mark.state() == State::InFlight {
+                // Expired at once: the next begin takes it. It keeps its slot until
+                // evicted, like any expired mark.
+                *mark = Mark::new(State::InFlight, 0);
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -595,20 +732,26 @@ impl IdempotencyStore for MemoryStore {
     }
 
     fn try_begin(&self, key: &str, lease: Duration) -> Option<Result<Begin>> {
-        self.try_begin_noted(key, lease)
+        self.try_begin_noted(split(key), lease)
             .map(|begun| begun.map(|(begin, _)| begin))
     }
 
-    fn try_begin_noted(&self, key: &str, lease: Duration) -> Option<Result<(Begin, MarkNote)>> {
-        let filed = self.key(key);
+    fn try_begin_noted(
+        &self,
+        key: MarkKey<'_>,
+        lease: Duration,
+    ) -> Option<Result<(Begin, MarkNote)>> {
         let (now, until) = self.now_ms(lease);
-        let (begin, place) = self.lock().begin(&filed, now, until, self.capacity);
+        let mut marks = self.lock();
+        let filed = marks.key(key, self.key);
+        let (begin, place) = marks.begin(&filed, now, until, self.capacity);
+        drop(marks);
         Some(Ok((begin, self.note(place, &filed.fingerprint, key))))
     }
 
     fn try_complete_noted(
         &self,
-        key: &str,
+        key: MarkKey<'_>,
         note: MarkNote,
         retention: Duration,
     ) -> Option<Result<()>> {
@@ -618,44 +761,28 @@ impl IdempotencyStore for MemoryStore {
             return Some(Ok(()));
         }
         // Evicted meanwhile, or not a note of ours: by the key.
-        self.try_complete(key, retention)
+        self.complete_key(key, retention);
+        Some(Ok(()))
     }
 
-    fn try_abandon_noted(&self, key: &str, note: MarkNote) -> Option<Result<()>> {
+    fn try_abandon_noted(&self, key: MarkKey<'_>, note: MarkNote) -> Option<Result<()>> {
         if let Some(mark) = self.noted(&mut self.lock(), note, key) {
             if mark.state() == State::InFlight {
                 *mark = Mark::new(State::InFlight, 0);
             }
             return Some(Ok(()));
         }
-        self.try_abandon(key)
+        self.abandon_key(key);
+        Some(Ok(()))
     }
 
     fn try_complete(&self, key: &str, retention: Duration) -> Option<Result<()>> {
-        let key = self.key(key);
-        let (now, until) = self.now_ms(retention);
-        let mut marks = self.lock();
-        let done = Mark::new(State::Completed, until);
-        match marks.get_mut(&key) {
-            Some(mark) => *mark = done,
-            // Evicted while in flight: remember it again.
-            None => {
-                marks.push(&key, done, self.capacity, now);
-            }
-        }
+        self.complete_key(split(key), retention);
         Some(Ok(()))
     }
 
     fn try_abandon(&self, key: &str) -> Option<Result<()>> {
-        let key = self.key(key);
-        let mut marks = self.lock();
-        if let Some(mark) = marks.get_mut(&key) {
-            if mark.state() == State::InFlight {
-                // Expired at once: the next begin takes it. It keeps its slot until
-                // evicted, like any expired mark.
-                *mark = Mark::new(State::InFlight, 0);
-            }
-        }
+        self.abandon_key(split(key));
         Some(Ok(()))
     }
 }
@@ -663,7 +790,7 @@ impl IdempotencyStore for MemoryStore {
 /// SipHash-C-D with a 128-bit output (the reference algorithm's 128-bit mode): one
 /// pass over the input gives the whole fingerprint, where two 64-bit std hashes took
 /// two. C = 1, D = 3 is the variant std's `HashMap` uses.
-fn sip128<const C: usize, const D: usize>(key: (u64, u64), data: &[u8]) -> Fingerprint {
+fn sip128<const C: usize, const D: usize>(key: (u64, u64), data: &[u8]) -> [u64; 2] {
     struct State([u64; 4]);
     impl State {
         #[inline(always)]
@@ -714,7 +841,7 @@ fn sip128<const C: usize, const D: usize>(key: (u64, u64), data: &[u8]) -> Finge
     s.0[1] ^= 0xdd;
     s.rounds(D);
     let high = s.out();
-    Fingerprint([low, high])
+    [low, high]
 }
 
 #[cfg(test)]
@@ -739,7 +866,7 @@ mod tests {
             (16, "6ee2a4ca67b054bbfd3315bf85230577"),
         ];
         for (len, hex) in expect {
-            let Fingerprint([low, high]) = sip128::<2, 4>(key, &message[..len]);
+            let [low, high] = sip128::<2, 4>(key, &message[..len]);
             let got: String = low
                 .to_le_bytes()
                 .iter()
@@ -858,6 +985,12 @@ mod tests {
         }
     }
 
+    /// The time in a key's id, if the id is a lower-case UUIDv7.
+    fn id_time(key: &[u8]) -> Option<u64> {
+        let key = std::str::from_utf8(key).unwrap();
+        uuid_v7(split(key).id.as_bytes()).map(uuid_time)
+    }
+
     #[test]
     fn the_time_is_read_from_uuidv7_ids_only() {
         let id = switchyard_core::new_id();
@@ -879,6 +1012,12 @@ mod tests {
             Some(0x0192_f0c4_5d1e)
         );
         assert_eq!(id_time(b"g/0192f0cx-5d1e-7b5a-9c3e-2f1a0b9c8d7e"), None);
+        // Capitals: another string, so another id; fingerprinted, not read.
+        assert_eq!(id_time(b"g/0192F0C4-5D1E-7B5A-9C3E-2F1A0B9C8D7E"), None);
+        assert_eq!(
+            uuid_v7(b"0192f0c4-5d1e-7b5a-9c3e-2f1a0b9c8d7e"),
+            Some([0x0192_f0c4_5d1e_7b5a, 0x9c3e_2f1a_0b9c_8d7e])
+        );
     }
 
     #[test]
@@ -919,6 +1058,8 @@ mod tests {
                     6 | 7 => timed(clock - next() % 50_000, step),
                     // Ahead of this machine's clock: filed with the rest.
                     8 => timed(wall + 10_000 + next() % 50_000, step),
+                    // The same UUID in capitals: a different id.
+                    9 if step % 2 == 0 => timed(clock, step).to_uppercase().replacen("G/", "g/", 1),
                     _ => format!("g/order-{step}"),
                 };
                 keys.push(key.clone());
@@ -933,7 +1074,16 @@ mod tests {
             };
             match (r >> 16) % 3 {
                 0 => {
-                    let (got, note) = store.try_begin_noted(&key, lease).unwrap().unwrap();
+                    // By parts or by the joined key: the same mark.
+                    let (got, note) = if r >> 30 & 1 == 0 {
+                        store.try_begin_noted(split(&key), lease)
+                    } else {
+                        store
+                            .try_begin(&key, lease)
+                            .map(|begun| begun.map(|begin| (begin, MarkNote::default())))
+                    }
+                    .unwrap()
+                    .unwrap();
                     notes.insert(key.clone(), note);
                     let want = match model.get(&key) {
                         Some(State::Completed) => Begin::Completed,
@@ -947,7 +1097,7 @@ mod tests {
                 }
                 1 => {
                     match note {
-                        Some(note) => store.try_complete_noted(&key, note, lease),
+                        Some(note) => store.try_complete_noted(split(&key), note, lease),
                         None => store.try_complete(&key, lease),
                     }
                     .unwrap()
@@ -956,7 +1106,7 @@ mod tests {
                 }
                 _ => {
                     match note {
-                        Some(note) => store.try_abandon_noted(&key, note),
+                        Some(note) => store.try_abandon_noted(split(&key), note),
                         None => store.try_abandon(&key),
                     }
                     .unwrap()
@@ -1026,18 +1176,60 @@ mod tests {
                 .unwrap()
                 .unwrap();
         }
-        let marks = store.lock();
+        let mut marks = store.lock();
         assert_eq!(marks.rest.ring.len(), 100_000);
         let through = (0..100_000)
             .filter(|i| {
-                let key = store.key(&format!("g/fresh-{i}"));
-                marks.rest.may_hold(&key.fingerprint)
+                let key = marks.key(split(&format!("g/fresh-{i}")), store.key);
+                marks.rest.may_hold(key.hash)
             })
             .count();
         // Measured: 0.44% (here about 21 bits per mark, three set in one word; at the
         // 16 bits per mark before the filter doubles, more).
         assert!(through < 3_000, "{through} of 100,000 fresh ids");
         eprintln!("filter false positives: {through} of 100,000");
+    }
+
+    #[test]
+    fn a_key_by_parts_is_the_mark_of_its_joined_form() {
+        let store = MemoryStore::new(100);
+        let lease = Duration::from_secs(60);
+        let id = switchyard_core::new_id();
+        for key in [
+            MarkKey {
+                group: "orders",
+                id: &id,
+            },
+            MarkKey {
+                group: "orders",
+                id: "order-7",
+            },
+            // Not a group name, but the mark must still be the joined key's.
+            MarkKey {
+                group: "a/b",
+                id: "c",
+            },
+            MarkKey {
+                group: "",
+                id: "no-group",
+            },
+        ] {
+            let (begun, _) = store.try_begin_noted(key, lease).unwrap().unwrap();
+            assert_eq!(begun, Begin::Started, "{key}");
+            let joined = key.joined();
+            let again = store.try_begin(&joined, lease).unwrap().unwrap();
+            assert_eq!(again, Begin::InFlight, "{joined}");
+            store.try_complete(&joined, lease).unwrap().unwrap();
+            let (done, _) = store.try_begin_noted(key, lease).unwrap().unwrap();
+            assert_eq!(done, Begin::Completed, "{key}");
+        }
+        // The same id in another group is another mark.
+        let other = MarkKey {
+            group: "billing",
+            id: &id,
+        };
+        let (begun, _) = store.try_begin_noted(other, lease).unwrap().unwrap();
+        assert_eq!(begun, Begin::Started);
     }
 
     #[tokio::test]

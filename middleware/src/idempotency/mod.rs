@@ -37,6 +37,35 @@ pub enum Begin {
     Completed,
 }
 
+/// A mark's key in its two parts: the consumer group and the message id. Joined,
+/// `<group>/<id>` is the key the `&str` methods take, and the same mark: the layer
+/// hands the parts to the `_noted` methods, so an in-process store can file a key
+/// without joining it into a new string per message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarkKey<'a> {
+    /// The consumer group (its name has no `/`).
+    pub group: &'a str,
+    /// The message id.
+    pub id: &'a str,
+}
+
+impl MarkKey<'_> {
+    /// `<group>/<id>`: the key as the `&str` methods take it.
+    pub fn joined(&self) -> String {
+        let mut key = String::with_capacity(self.group.len() + 1 + self.id.len());
+        key.push_str(self.group);
+        key.push('/');
+        key.push_str(self.id);
+        key
+    }
+}
+
+impl std::fmt::Display for MarkKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.group, self.id)
+    }
+}
+
 /// Where a store put a mark: returned with the answer of
 /// [`IdempotencyStore::try_begin_noted`] and handed back to
 /// [`try_complete_noted`](IdempotencyStore::try_complete_noted) or
@@ -89,10 +118,15 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         None
     }
 
-    /// [`try_begin`](IdempotencyStore::try_begin), and a note of where the mark is for
-    /// the calls that finish it. The default gives an empty note.
-    fn try_begin_noted(&self, key: &str, lease: Duration) -> Option<Result<(Begin, MarkNote)>> {
-        self.try_begin(key, lease)
+    /// [`try_begin`](IdempotencyStore::try_begin) for `key`'s joined form, and a note
+    /// of where the mark is for the calls that finish it. The default joins the key
+    /// and gives an empty note.
+    fn try_begin_noted(
+        &self,
+        key: MarkKey<'_>,
+        lease: Duration,
+    ) -> Option<Result<(Begin, MarkNote)>> {
+        self.try_begin(&key.joined(), lease)
             .map(|begun| begun.map(|begin| (begin, MarkNote::default())))
     }
 
@@ -101,19 +135,19 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// default ignores the note.
     fn try_complete_noted(
         &self,
-        key: &str,
+        key: MarkKey<'_>,
         note: MarkNote,
         retention: Duration,
     ) -> Option<Result<()>> {
         let _ = note;
-        self.try_complete(key, retention)
+        self.try_complete(&key.joined(), retention)
     }
 
     /// [`try_abandon`](IdempotencyStore::try_abandon) with the note
     /// [`try_begin_noted`](IdempotencyStore::try_begin_noted) gave for `key`. The
     /// default ignores the note.
-    fn try_abandon_noted(&self, key: &str, note: MarkNote) -> Option<Result<()>> {
+    fn try_abandon_noted(&self, key: MarkKey<'_>, note: MarkNote) -> Option<Result<()>> {
         let _ = note;
-        self.try_abandon(key)
+        self.try_abandon(&key.joined())
     }
 }
