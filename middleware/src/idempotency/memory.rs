@@ -97,41 +97,42 @@ fn sketch(key: MarkKey<'_>) -> u64 {
         ^ (key.group.len() as u64).rotate_left(44)
 }
 
-/// Each ASCII byte's value as a lower-case hex digit, or 0xff.
-const HEX: [u8; 256] = {
-    let mut table = [0xff; 256];
-    let mut i = 0;
-    while i < 10 {
-        table[b'0' as usize + i] = i as u8;
-        i += 1;
-    }
-    let mut i = 0;
-    while i < 6 {
-        table[b'a' as usize + i] = 10 + i as u8;
-        i += 1;
-    }
-    table
-};
-
 /// The bits of `id` if it is a lower-case hyphenated UUID of version 7, as (high,
 /// low) words. Only the lower-case form: an id in capitals is another string, so
 /// another message, and is fingerprinted like any other id.
 fn uuid_v7(id: &[u8]) -> Option<[u64; 2]> {
-    if id.len() != 36 || id[8] != b'-' || id[13] != b'-' || id[14] != b'7' {
+    let id: &[u8; 36] = id.try_into().ok()?;
+    if id[8] != b'-' || id[13] != b'-' || id[14] != b'7' || id[18] != b'-' || id[23] != b'-' {
         return None;
     }
-    if id[18] != b'-' || id[23] != b'-' {
+    let word = |at: usize| u64::from_le_bytes(id[at..at + 8].try_into().expect("8 bytes"));
+    let half = |at: usize| u64::from(u32::from_le_bytes(id[at..at + 4].try_into().expect("4")));
+    let high = (hex8(word(0))?) << 32 | hex8(half(9) | half(14) << 32)?;
+    let low = (hex8(half(19) | half(24) << 32)?) << 32 | hex8(word(28))?;
+    Some([high, low])
+}
+
+/// Eight lower-case hex digits (the first in the lowest byte) as their 32-bit value,
+/// eight at a time rather than one after another.
+#[inline(always)]
+fn hex8(chars: u64) -> Option<u64> {
+    const LOW: u64 = 0x0f0f_0f0f_0f0f_0f0f;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    // '0'..='9' keep their low nibble; 'a'..='f' (bit 6 set) add 9 to theirs.
+    let digits = (chars & LOW) + ((chars >> 6) & ONES) * 9;
+    if digits & 0xf0f0_f0f0_f0f0_f0f0 != 0 {
         return None;
     }
-    let (mut bits, mut bad) = (0u128, 0u8);
-    for digits in [&id[..8], &id[9..13], &id[14..18], &id[19..23], &id[24..]] {
-        for &c in digits {
-            let digit = HEX[usize::from(c)];
-            bad |= digit;
-            bits = bits << 4 | u128::from(digit & 0xf);
-        }
+    // Written back as lower-case hex, the digits must give the same characters: only
+    // '0'..='9' and 'a'..='f' do.
+    let letters = ((digits + 0x7676_7676_7676_7676) >> 7) & ONES;
+    if digits + 0x3030_3030_3030_3030 + letters * 0x27 != chars {
+        return None;
     }
-    (bad & 0xf0 == 0).then_some([(bits >> 64) as u64, bits as u64])
+    // Pack the eight nibbles, first digit most significant.
+    let pairs = (digits & 0x000f_000f_000f_000f) << 4 | (digits & 0x0f00_0f00_0f00_0f00) >> 8;
+    let quads = (pairs & 0x0000_00ff_0000_00ff) << 8 | (pairs & 0x00ff_0000_00ff_0000) >> 16;
+    Some((quads & 0x0000_0000_0000_ffff) << 16 | (quads & 0x0000_ffff_0000_0000) >> 32)
 }
 
 /// The millisecond time of a UUIDv7 given as its bits.
@@ -308,13 +309,25 @@ impl Marks {
     }
 
     /// How `key` is filed; `sip` is the store's fingerprint key.
+    #[inline(always)]
     fn key(&mut self, key: MarkKey<'_>, sip: (u64, u64)) -> Key {
         if key.group.contains('/') {
-            // Not a group name; the `&str` methods would split the joined key at its
-            // first `/`, so file it the same way.
-            let joined = key.joined();
-            return self.key(split(&joined), sip);
+            return self.joined_key(key, sip);
         }
+        self.split_key(key, sip)
+    }
+
+    /// Not a group name: the `&str` methods would split the joined key at its first
+    /// `/`, so file it the same way.
+    #[cold]
+    fn joined_key(&mut self, key: MarkKey<'_>, sip: (u64, u64)) -> Key {
+        let joined = key.joined();
+        self.split_key(split(&joined), sip)
+    }
+
+    /// [`Marks::key`] for a key whose group has no `/`.
+    #[inline(always)]
+    fn split_key(&mut self, key: MarkKey<'_>, sip: (u64, u64)) -> Key {
         if self.last_group.0 != key.group {
             self.last_group = (
                 key.group.to_string(),
@@ -1012,6 +1025,7 @@ mod tests {
             Some(0x0192_f0c4_5d1e)
         );
         assert_eq!(id_time(b"g/0192f0cx-5d1e-7b5a-9c3e-2f1a0b9c8d7e"), None);
+        assert_eq!(id_time(b"g/0192f0c4-5d1e-7b5a-9c3e-2f1a0b9c8d7"), None);
         // Capitals: another string, so another id; fingerprinted, not read.
         assert_eq!(id_time(b"g/0192F0C4-5D1E-7B5A-9C3E-2F1A0B9C8D7E"), None);
         assert_eq!(
@@ -1188,6 +1202,35 @@ mod tests {
         // 16 bits per mark before the filter doubles, more).
         assert!(through < 3_000, "{through} of 100,000 fresh ids");
         eprintln!("filter false positives: {through} of 100,000");
+    }
+
+    #[test]
+    fn uuid_digits_are_read_exactly_and_nothing_else_is_read() {
+        // Against a digit-by-digit reading, over random ids and ids with one
+        // character changed to every other byte.
+        fn reference(id: &[u8]) -> Option<[u64; 2]> {
+            let text = std::str::from_utf8(id).ok()?;
+            let shape = text.len() == 36
+                && text.char_indices().all(|(i, c)| match i {
+                    8 | 13 | 18 | 23 => c == '-',
+                    14 => c == '7',
+                    _ => matches!(c, '0'..='9' | 'a'..='f'),
+                });
+            let bits = u128::from_str_radix(&text.replace('-', ""), 16).ok()?;
+            shape.then_some([(bits >> 64) as u64, bits as u64])
+        }
+        let mut next = rng(42);
+        for _ in 0..2_000 {
+            let id = switchyard_core::new_id().into_bytes();
+            assert_eq!(uuid_v7(&id), reference(&id));
+            assert!(uuid_v7(&id).is_some());
+            let at = (next() % 36) as usize;
+            let mut changed = id.clone();
+            for byte in 0..=255u8 {
+                changed[at] = byte;
+                assert_eq!(uuid_v7(&changed), reference(&changed), "{byte} at {at}");
+            }
+        }
     }
 
     #[test]
