@@ -184,10 +184,14 @@ struct Marks {
     wall_at_epoch: u64,
     /// The tables' hash key.
     secret: (u64, u64),
-    /// The last group hashed, and its hash: a store sees the same few groups over and
-    /// over, and comparing a short name costs less than hashing it.
-    last_group: (String, u64),
+    /// Groups hashed lately, with their hashes, most recent first: a store sees the
+    /// same few groups over and over, and comparing a short name costs less than
+    /// hashing it.
+    groups: Vec<(Box<str>, u64)>,
 }
+
+/// How many recent group names a store keeps hashed.
+const GROUPS: usize = 16;
 
 /// How far ahead of this machine's clock an id's time may be and still be filed in a
 /// generation. Further ahead (a producer whose clock is fast) it goes to the rest:
@@ -300,7 +304,7 @@ impl Marks {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             secret,
-            last_group: (String::new(), 0),
+            groups: Vec::with_capacity(GROUPS),
         }
     }
 
@@ -328,13 +332,7 @@ impl Marks {
     /// [`Marks::key`] for a key whose group has no `/`.
     #[inline(always)]
     fn split_key(&mut self, key: MarkKey<'_>, sip: (u64, u64)) -> Key {
-        if self.last_group.0 != key.group {
-            self.last_group = (
-                key.group.to_string(),
-                sip128::<1, 3>(sip, key.group.as_bytes())[0],
-            );
-        }
-        let group = self.last_group.1;
+        let group = self.group_hash(key.group, sip);
         let (id, time) = match uuid_v7(key.id.as_bytes()) {
             Some(bits) => (bits, Some(uuid_time(bits))),
             None => {
@@ -348,6 +346,31 @@ impl Marks {
             hash: table_hash(self.secret, &fingerprint),
             time,
         }
+    }
+
+    /// The keyed hash of a group name, from the recent ones when it is there.
+    #[inline(always)]
+    fn group_hash(&mut self, group: &str, sip: (u64, u64)) -> u64 {
+        match self.groups.first() {
+            Some((name, hash)) if **name == *group => *hash,
+            _ => self.other_group_hash(group, sip),
+        }
+    }
+
+    /// [`Marks::group_hash`] when the group is not the most recent one: moves it to
+    /// the front, hashing it if it is not among the recent ones.
+    fn other_group_hash(&mut self, group: &str, sip: (u64, u64)) -> u64 {
+        match self.groups.iter().position(|(name, _)| **name == *group) {
+            Some(i) => self.groups[..=i].rotate_right(1),
+            None => {
+                let hash = sip128::<1, 3>(sip, group.as_bytes())[0];
+                if self.groups.len() == GROUPS {
+                    self.groups.pop();
+                }
+                self.groups.insert(0, (group.into(), hash));
+            }
+        }
+        self.groups[0].1
     }
 
     /// Where the mark for `key` is.
@@ -1273,6 +1296,32 @@ mod tests {
         };
         let (begun, _) = store.try_begin_noted(other, lease).unwrap().unwrap();
         assert_eq!(begun, Begin::Started);
+    }
+
+    #[test]
+    fn many_groups_in_turn_keep_their_own_marks() {
+        // More groups than the store keeps hashed, in turn, so their hashes are
+        // dropped and made again: each group's mark stays its own.
+        let store = MemoryStore::new(10_000);
+        let lease = Duration::from_secs(60);
+        let ids: Vec<String> = (0..5).map(|_| switchyard_core::new_id()).collect();
+        let groups: Vec<String> = (0..GROUPS * 2).map(|g| format!("group-{g}")).collect();
+        for round in 0..3 {
+            for id in &ids {
+                for group in &groups {
+                    let key = MarkKey { group, id };
+                    let (begun, _) = store.try_begin_noted(key, lease).unwrap().unwrap();
+                    let want = if round == 0 {
+                        Begin::Started
+                    } else {
+                        Begin::InFlight
+                    };
+                    assert_eq!(begun, want, "round {round}: {key}");
+                }
+            }
+        }
+        assert_eq!(store.len(), ids.len() * groups.len());
+        assert!(store.lock().groups.len() <= GROUPS);
     }
 
     #[tokio::test]
