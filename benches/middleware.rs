@@ -106,7 +106,7 @@ fn main() {
     });
 }
 
-/// What the operations no shared store or layer can skip cost here, one thread: a
+/// What the operations every shared store or layer needs cost here, one thread: a
 /// lock taken and released (a store shared by consumers, twice per message), a
 /// reference count taken and dropped (each layer that acts after the handler keeps
 /// the delivery), and a read of the store's coarse clock.
