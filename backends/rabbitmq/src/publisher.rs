@@ -1,5 +1,7 @@
 //! Publishing: one connection and one confirm-mode channel per broker handle, rebuilt
-//! after a connection loss.
+//! after a connection loss. A publish rides out a loss: what the broker did not confirm
+//! goes out again on the next connection, until the broker confirms nothing for
+//! `confirm_timeout`.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,14 +10,15 @@ use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
-use lapin::{Channel, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use lapin::{Confirmation, PublisherConfirm};
 use switchyard_core::{validate_name, Error, Message, Receipt, Result};
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 use crate::codec::properties;
 use crate::config::RabbitConfig;
-use crate::connection::connect_with_retry;
+use crate::connection::{connect_once, Backoff};
 use crate::topology::{
     declare_delay, declare_exchange, key_hash, map_err, slot_routing_keys, GroupNames, SLOTS,
 };
@@ -35,11 +38,20 @@ struct Live {
 }
 
 /// What a publish needs declared before it goes out.
+#[derive(Clone, Copy)]
 enum Needs<'a> {
     /// The topic's exchange.
     Topic(&'a str),
     /// A group's hold queue for one delay, and what it dead-letters into.
     Hold { names: &'a GroupNames, ms: u64 },
+}
+
+/// A message ready to send. Properties and routing key are fixed once, so a retry sends
+/// exactly what the first attempt sent (same id, same partition).
+struct Outgoing<'a> {
+    message: &'a Message,
+    props: BasicProperties,
+    routing_key: ShortString,
 }
 
 pub(crate) struct PublisherCore {
@@ -111,7 +123,8 @@ impl PublisherCore {
             if let Some(old) = live.take() {
                 let _ = old.conn.close(200, "reconnecting".into()).await;
             }
-            let conn = connect_with_retry(&self.config, "publisher").await?;
+            // One attempt: the caller's retry loop owns the backoff and the deadline.
+            let conn = connect_once(&self.config, "publisher").await?;
             let channel = conn
                 .create_channel()
                 .await
@@ -174,60 +187,160 @@ impl PublisherCore {
         Ok(())
     }
 
+    fn outgoing<'a>(&self, message: &'a Message) -> Result<Outgoing<'a>> {
+        self.check(message)?;
+        Ok(Outgoing {
+            message,
+            props: properties(message)?,
+            routing_key: self.routing_key(message),
+        })
+    }
+
+    /// Publishes `messages` to `topic` and returns once the broker confirmed all of them.
+    ///
+    /// A connection or channel lost mid-publish is ridden out: the messages not yet
+    /// confirmed go out again, with the same ids, on a new connection (reconnecting with
+    /// a jittered backoff), as long as the broker confirmed something within the last
+    /// `confirm_timeout`. A message the broker received but whose confirm died with the
+    /// connection is then sent twice: dropping such duplicates by message id is the
+    /// idempotency layer's job. A broker that stays unreachable past `confirm_timeout`
+    /// fails the call with a transient error naming the last cause. An unroutable
+    /// message (no group queue took it) is a permanent error at once, never retried.
     pub(crate) async fn publish(
         &self,
         topic: &str,
         messages: Vec<Message>,
     ) -> Result<Vec<Receipt>> {
         validate_name("topic", topic)?;
-        let mut prepared = Vec::with_capacity(messages.len());
-        for m in &messages {
-            self.check(m)?;
-            prepared.push((properties(m)?, self.routing_key(m)));
-        }
-        let channel = self.channel_for(Needs::Topic(topic)).await?;
-        let exchange = ShortString::from(topic);
-        let mut pending: VecDeque<(usize, PublisherConfirm)> = VecDeque::new();
-        let result = async {
-            for (i, (m, (props, rk))) in messages.iter().zip(prepared).enumerate() {
-                if pending.len() >= CONFIRM_WINDOW {
-                    let (j, confirm) = pending.pop_front().expect("non-empty");
-                    self.await_confirm(topic, &messages[j], confirm).await?;
-                }
-                let confirm = channel
-                    .basic_publish(
-                        exchange.clone(),
-                        rk,
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..Default::default()
-                        },
-                        &m.payload,
-                        props,
-                    )
-                    .await
-                    .map_err(|e| map_err("publishing", e))?;
-                pending.push_back((i, confirm));
-            }
-            while let Some((j, confirm)) = pending.pop_front() {
-                self.await_confirm(topic, &messages[j], confirm).await?;
-            }
-            Ok::<_, Error>(())
-        }
-        .await;
-        // A dead channel is noticed and rebuilt by the next publish.
-        result?;
+        let outgoing = messages
+            .iter()
+            .map(|m| self.outgoing(m))
+            .collect::<Result<Vec<_>>>()?;
+        self.send(Needs::Topic(topic), topic, topic, &outgoing)
+            .await?;
+        drop(outgoing);
         Ok(messages
             .into_iter()
             .map(|m| Receipt::new(m.id, None, None))
             .collect())
     }
 
+    /// Sends `outgoing` to `exchange` until the broker confirmed every message,
+    /// retrying what is unconfirmed after a transient failure (see [`Self::publish`]).
+    async fn send(
+        &self,
+        needs: Needs<'_>,
+        exchange: &str,
+        topic: &str,
+        outgoing: &[Outgoing<'_>],
+    ) -> Result<()> {
+        let mut confirmed = vec![false; outgoing.len()];
+        let mut deadline = Instant::now() + self.config.confirm_timeout;
+        let mut backoff = Backoff::new();
+        loop {
+            let err = match self
+                .attempt(
+                    needs,
+                    exchange,
+                    topic,
+                    outgoing,
+                    &mut confirmed,
+                    &mut deadline,
+                )
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            // `Closed` is transient for callers in general, but this client is done.
+            if !err.is_transient() || matches!(err, Error::Closed { .. }) {
+                return Err(err);
+            }
+            let unconfirmed = confirmed.iter().filter(|c| !**c).count();
+            let pause = backoff.next_pause();
+            if Instant::now() + pause >= deadline {
+                return Err(Error::transient(
+                    BACKEND,
+                    format!(
+                        "gave up publishing {unconfirmed} of {} messages to {exchange:?}: the \
+                         broker confirmed none of them for {:?} (confirm_timeout), reconnecting \
+                         as needed; last error: {err}",
+                        outgoing.len(),
+                        self.config.confirm_timeout
+                    ),
+                ));
+            }
+            tracing::warn!(
+                error = %err,
+                exchange,
+                unconfirmed,
+                ?pause,
+                "publish interrupted; sending the unconfirmed messages again"
+            );
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// One try at sending the messages not yet `confirmed`, on the current channel (or a
+    /// new one). Every confirm received pushes `deadline` to `confirm_timeout` from now.
+    async fn attempt(
+        &self,
+        needs: Needs<'_>,
+        exchange: &str,
+        topic: &str,
+        outgoing: &[Outgoing<'_>],
+        confirmed: &mut [bool],
+        deadline: &mut Instant,
+    ) -> Result<()> {
+        let channel = tokio::time::timeout_at(*deadline, self.channel_for(needs))
+            .await
+            .map_err(|_| Error::Timeout {
+                after: self.config.confirm_timeout,
+                what: format!("a publish channel to {}", self.config.redacted_url),
+            })??;
+        let exchange = ShortString::from(exchange);
+        let todo: Vec<usize> = (0..outgoing.len()).filter(|&i| !confirmed[i]).collect();
+        let mut pending: VecDeque<(usize, PublisherConfirm)> = VecDeque::new();
+        for i in todo {
+            if pending.len() >= CONFIRM_WINDOW {
+                let (j, confirm) = pending.pop_front().expect("non-empty");
+                self.await_confirm(topic, outgoing[j].message, confirm, *deadline)
+                    .await?;
+                confirmed[j] = true;
+                *deadline = Instant::now() + self.config.confirm_timeout;
+            }
+            let o = &outgoing[i];
+            let confirm = channel
+                .basic_publish(
+                    exchange.clone(),
+                    o.routing_key.clone(),
+                    BasicPublishOptions {
+                        // A message no queue takes comes back: an error, not a loss.
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &o.message.payload,
+                    o.props.clone(),
+                )
+                .await
+                .map_err(|e| map_err("publishing", e))?;
+            pending.push_back((i, confirm));
+        }
+        while let Some((j, confirm)) = pending.pop_front() {
+            self.await_confirm(topic, outgoing[j].message, confirm, *deadline)
+                .await?;
+            confirmed[j] = true;
+            *deadline = Instant::now() + self.config.confirm_timeout;
+        }
+        Ok(())
+    }
+
     /// Puts `message` in `group`'s hold queue for `delay` (rounded up to whole
     /// milliseconds, so it is never early), with the routing key a publish to `topic`
     /// would have; returns once the broker confirmed it, so the caller may ack the
     /// original. On expiry RabbitMQ dead-letters it into the group's partition queue of
-    /// its key (see [`declare_delay`]).
+    /// its key (see [`declare_delay`]). Rides out a connection loss as
+    /// [`Self::publish`] does.
     pub(crate) async fn redeliver_after(
         &self,
         topic: &str,
@@ -237,29 +350,18 @@ impl PublisherCore {
     ) -> Result<()> {
         validate_name("topic", topic)?;
         validate_name("group", group)?;
-        self.check(&message)?;
         let ms = delay_ms(delay)?;
-        let props = properties(&message)?;
-        let rk = self.routing_key(&message);
+        let outgoing = self.outgoing(&message)?;
         let names = GroupNames::new(topic, group);
-        let channel = self.channel_for(Needs::Hold { names: &names, ms }).await?;
-        let hold = names.hold(ms);
-        let confirm = channel
-            .basic_publish(
-                hold.as_str().into(),
-                rk,
-                BasicPublishOptions {
-                    // The hold queue is bound to its exchange; a return means it was
-                    // deleted behind our back, and the caller must not ack the original.
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &message.payload,
-                props,
-            )
-            .await
-            .map_err(|e| map_err("publishing a delayed redelivery", e))?;
-        self.await_confirm(topic, &message, confirm).await
+        // The hold queue is bound to its exchange; a return means it was deleted behind
+        // our back, and the caller must not ack the original.
+        self.send(
+            Needs::Hold { names: &names, ms },
+            &names.hold(ms),
+            topic,
+            &[outgoing],
+        )
+        .await
     }
 
     async fn await_confirm(
@@ -267,12 +369,12 @@ impl PublisherCore {
         topic: &str,
         message: &Message,
         confirm: PublisherConfirm,
+        deadline: Instant,
     ) -> Result<()> {
-        let after = self.config.confirm_timeout;
-        let confirmation = match tokio::time::timeout(after, confirm).await {
+        let confirmation = match tokio::time::timeout_at(deadline, confirm).await {
             Err(_) => {
                 return Err(Error::Timeout {
-                    after,
+                    after: self.config.confirm_timeout,
                     what: format!("the broker to confirm message {}", message.id),
                 })
             }
