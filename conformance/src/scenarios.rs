@@ -24,6 +24,8 @@ use tower::ServiceBuilder;
 
 use crate::kit::{ensure, Check, Ctx, OrFail, Outcome, ScenarioFn};
 
+mod forged;
+
 /// Every scenario, in the order they run.
 pub(crate) const SCENARIOS: &[(&str, ScenarioFn)] = &[
     ("roundtrip_bytes_exact", |c| {
@@ -77,6 +79,12 @@ pub(crate) const SCENARIOS: &[(&str, ScenarioFn)] = &[
     ),
     ("retry_tier_delay_honoured_and_non_blocking", |c| {
         Box::pin(retry_tiers(c))
+    }),
+    ("reserved_headers_refused_on_publish", |c| {
+        Box::pin(forged::reserved_headers_refused(c))
+    }),
+    ("forged_retry_headers_ignored", |c| {
+        Box::pin(forged::forged_retry_headers_ignored(c))
     }),
     ("subscribe_close_cycles_lose_nothing", |c| {
         Box::pin(subscribe_close_cycles(c))

@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::delivery::Delivery;
 use crate::error::Result;
 use crate::message::{Message, Receipt};
-use crate::names::validate_name;
+use crate::names::{validate_name, MAX_NAME_LEN};
 
 /// Sends messages to topics.
 #[async_trait]
@@ -124,10 +124,25 @@ impl SubscribeOptions {
         self
     }
 
-    /// Checks names and numbers; backends call it before subscribing.
+    /// Checks names and numbers; backends call it before subscribing. A consumed topic
+    /// leaves room for its dead-letter topic, `<topic>.dlq`, within the name limit.
     pub fn validate(&self) -> Result<()> {
         validate_name("topic", &self.topic)?;
         validate_name("group", &self.group)?;
+        // A consumer's failures go to `<topic>.dlq`: a name that cannot exist would make
+        // a poison message loop instead of being dead-lettered, so say so at the start.
+        let dlq = format!("{}.dlq", self.topic);
+        if dlq.len() > MAX_NAME_LEN {
+            return Err(crate::Error::InvalidName {
+                what: "topic",
+                name: self.topic.clone(),
+                reason: format!(
+                    "its dead-letter topic {dlq:?} would be {} bytes, over the {MAX_NAME_LEN}-byte limit on names; a topic that is consumed may have at most {} bytes",
+                    dlq.len(),
+                    MAX_NAME_LEN - ".dlq".len()
+                ),
+            });
+        }
         if self.prefetch == 0 {
             return Err(crate::Error::config(
                 "prefetch",

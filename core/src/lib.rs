@@ -68,7 +68,9 @@ pub use codec::{Codec, JsonCodec, CONTENT_TYPE_HEADER};
 pub use delivery::{Acker, Delivery, Nack, Origin};
 pub use error::{BoxError, Error, FailureKind, HandlerError, Result};
 pub use handler::{handler_fn, FromDelivery, Handler, HandlerFuture, HandlerService, Json};
-pub use message::{new_id, Headers, Message, Receipt};
+pub use message::{
+    check_headers, is_reserved_header, new_id, Headers, Message, Receipt, RESERVED_HEADER_PREFIXES,
+};
 pub use names::{validate_name, MAX_NAME_LEN};
 pub use observe::{Instrumented, TraceContext, TRACEPARENT};
 pub use runtime::{shutdown_on_signal, App, Consumer, ConsumerReport, RunningApp, RunningConsumer};

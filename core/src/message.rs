@@ -12,6 +12,34 @@ use crate::error::Result;
 /// Message headers: a sorted string map, carried byte for byte by every backend.
 pub type Headers = BTreeMap<String, String>;
 
+/// The prefixes of header names reserved for backends' own fields (the message id on
+/// Kafka, the key on RabbitMQ): `switchyard-` and `x-switchyard-`, in any letter case.
+pub const RESERVED_HEADER_PREFIXES: [&str; 2] = ["switchyard-", "x-switchyard-"];
+
+/// Whether `name` is reserved (see [`RESERVED_HEADER_PREFIXES`]). Backends drop such
+/// headers from what other clients wrote, and refuse them on publish, so no header can
+/// override a message's id or key.
+pub fn is_reserved_header(name: &str) -> bool {
+    RESERVED_HEADER_PREFIXES.iter().any(|prefix| {
+        name.len() >= prefix.len()
+            && name.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    })
+}
+
+/// A configuration error if `message` carries a reserved header; every backend calls
+/// this before it publishes.
+pub fn check_headers(message: &Message) -> Result<()> {
+    match message.headers.keys().find(|name| is_reserved_header(name)) {
+        None => Ok(()),
+        Some(name) => Err(crate::error::Error::config(
+            "headers",
+            format!(
+                "the header name {name:?} is reserved (names starting with \"switchyard-\" or \"x-switchyard-\" carry the message's id and key); set the id with Message::with_id and the key with Message::with_key, or rename the header"
+            ),
+        )),
+    }
+}
+
 /// A message: what a producer publishes and a consumer receives.
 ///
 /// ```
@@ -186,6 +214,19 @@ mod tests {
     use super::*;
     use std::collections::HashSet;
     use std::time::Duration;
+
+    #[test]
+    fn reserved_header_names_are_refused_in_any_case() {
+        for name in ["switchyard-id", "X-Switchyard-Key", "SWITCHYARD-anything"] {
+            assert!(is_reserved_header(name), "{name}");
+            let e = check_headers(&Message::new("x").with_header(name, "v")).unwrap_err();
+            assert!(e.to_string().contains(name), "{e}");
+        }
+        for name in ["switchyard", "x-switchyar", "my-switchyard-id", "", "ü"] {
+            assert!(!is_reserved_header(name), "{name}");
+        }
+        assert!(check_headers(&Message::new("x").with_header("source", "web")).is_ok());
+    }
 
     #[test]
     fn ids_are_uuid_v7_with_the_timestamp() {

@@ -14,7 +14,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use switchyard_core::{
-    validate_name, Broker, Capabilities, Error, Message, Publisher, Receipt, Result,
+    check_headers, validate_name, Broker, Capabilities, Error, Message, Publisher, Receipt, Result,
     SubscribeOptions, Subscriber, Subscription, TopicInfo,
 };
 
@@ -453,6 +453,7 @@ impl KafkaBroker {
     async fn publish_inner(&self, topic: &str, messages: &[Message]) -> Result<Vec<Receipt>> {
         self.check_open()?;
         validate_name("topic", topic)?;
+        messages.iter().try_for_each(check_headers)?;
         self.ensure_topic(topic).await?;
         // Enqueue everything first, then await the acknowledgements: librdkafka batches
         // the records into few produce requests, and the idempotent producer keeps them

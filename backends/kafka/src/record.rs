@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
 use rdkafka::Message as _;
-use switchyard_core::{Bytes, Headers, Message};
+use switchyard_core::{is_reserved_header, Bytes, Headers, Message};
 
 /// The record header carrying the switchyard message id. Every other application
 /// header travels as a record header of the same name (the `content-type` header
@@ -39,36 +39,155 @@ pub(crate) fn foreign_id(topic: &str, partition: i32, offset: i64) -> String {
     format!("kafka:{topic}:{partition}:{offset}")
 }
 
-/// A consumed record as a switchyard message. Records from other clients (no id
-/// header, non-UTF-8 key or header values) are accepted: ids are derived from the
-/// record's position and bytes are decoded lossily.
+/// A consumed record as a switchyard message. Total: records from other clients are
+/// accepted whatever they hold. Bytes that are not UTF-8 (key, header values) are decoded
+/// lossily; a header without a value becomes an empty string; other reserved headers
+/// (`switchyard-*`, `x-switchyard-*`) are dropped; a timestamp the clock cannot hold is
+/// left at the time of receipt.
+///
+/// The id is the one `switchyard-id` header. A record with none, an empty one, or more
+/// than one (a forged or careless producer) gets an id derived from its position
+/// instead, which no other record shares.
 pub(crate) fn to_message(record: &BorrowedMessage<'_>) -> Message {
-    let mut id = None;
+    let headers = record.headers();
+    decode(Record {
+        topic: record.topic(),
+        partition: record.partition(),
+        offset: record.offset(),
+        key: record.key(),
+        headers: headers
+            .iter()
+            .flat_map(|h| h.iter())
+            .map(|h| (h.key, h.value)),
+        payload: record.payload(),
+        timestamp_ms: record.timestamp().to_millis(),
+    })
+}
+
+/// A record's parts, as the client library hands them over.
+pub(crate) struct Record<'a, H> {
+    pub(crate) topic: &'a str,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) key: Option<&'a [u8]>,
+    pub(crate) headers: H,
+    pub(crate) payload: Option<&'a [u8]>,
+    pub(crate) timestamp_ms: Option<i64>,
+}
+
+/// [`to_message`] on a record's parts.
+pub(crate) fn decode<'a, H>(record: Record<'a, H>) -> Message
+where
+    H: Iterator<Item = (&'a str, Option<&'a [u8]>)>,
+{
+    let mut ids = Vec::new();
     let mut hdrs = Headers::new();
-    if let Some(h) = record.headers() {
-        for header in h.iter() {
-            let value = header
-                .value
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default();
-            if header.key == ID_HEADER {
-                id = Some(value);
-            } else {
-                hdrs.insert(header.key.to_string(), value);
+    for (name, value) in record.headers {
+        let value = value
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
+        if name == ID_HEADER {
+            ids.push(value);
+        } else if !is_reserved_header(name) {
+            hdrs.insert(name.to_string(), value);
+        }
+    }
+    let id = match <[String; 1]>::try_from(ids) {
+        Ok([id]) if !id.is_empty() => id,
+        _ => foreign_id(record.topic, record.partition, record.offset),
+    };
+    let mut m =
+        Message::new(Bytes::copy_from_slice(record.payload.unwrap_or_default())).with_id(id);
+    m.key = record.key.map(|k| String::from_utf8_lossy(k).into_owned());
+    m.headers = hdrs;
+    if let Some(at) = record
+        .timestamp_ms
+        .and_then(|ms| u64::try_from(ms).ok())
+        .and_then(|ms| UNIX_EPOCH.checked_add(Duration::from_millis(ms)))
+    {
+        m.timestamp = at;
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record<'a>(
+        headers: &'a [(&'a str, Option<&'a [u8]>)],
+        timestamp_ms: Option<i64>,
+    ) -> Message {
+        decode(Record {
+            topic: "t",
+            partition: 3,
+            offset: 42,
+            key: Some(&[0xff, b'k']),
+            headers: headers.iter().copied(),
+            payload: None,
+            timestamp_ms,
+        })
+    }
+
+    #[test]
+    fn one_id_header_is_the_id() {
+        let m = record(&[("switchyard-id", Some(b"abc")), ("h", None)], Some(5));
+        assert_eq!(m.id, "abc");
+        assert_eq!(m.headers["h"], "");
+        assert_eq!(m.key.as_deref(), Some("\u{fffd}k"));
+        assert_eq!(m.timestamp, UNIX_EPOCH + Duration::from_millis(5));
+        assert!(m.payload.is_empty());
+    }
+
+    #[test]
+    fn duplicate_empty_or_missing_ids_give_the_position_id() {
+        let position = foreign_id("t", 3, 42);
+        for headers in [
+            &[
+                ("switchyard-id", Some(&b"real"[..])),
+                ("switchyard-id", Some(b"forged")),
+            ][..],
+            &[("switchyard-id", Some(b""))],
+            &[("switchyard-id", None)],
+            &[],
+        ] {
+            assert_eq!(record(headers, None).id, position, "{headers:?}");
+        }
+    }
+
+    #[test]
+    fn reserved_headers_are_dropped_and_odd_timestamps_ignored() {
+        let before = std::time::SystemTime::now();
+        for ts in [Some(-1), Some(i64::MIN), Some(i64::MAX), None] {
+            let m = record(
+                &[
+                    ("x-switchyard-key", Some(b"k")),
+                    ("Switchyard-Id", Some(b"x")),
+                ],
+                ts,
+            );
+            assert!(m.headers.is_empty(), "{:?}", m.headers);
+            if ts != Some(i64::MAX) {
+                assert!(m.timestamp >= before);
             }
         }
     }
-    let id = id.unwrap_or_else(|| foreign_id(record.topic(), record.partition(), record.offset()));
-    let mut m =
-        Message::new(Bytes::copy_from_slice(record.payload().unwrap_or_default())).with_id(id);
-    m.key = record
-        .key()
-        .map(|k| String::from_utf8_lossy(k).into_owned());
-    m.headers = hdrs;
-    if let Some(ms) = record.timestamp().to_millis() {
-        if ms >= 0 {
-            m.timestamp = UNIX_EPOCH + Duration::from_millis(ms as u64);
-        }
+
+    #[test]
+    fn headers_round_trip_with_the_id_first() {
+        let m = Message::new("p").with_id("id-1").with_header("a", "b");
+        let h = headers(&m);
+        let pairs: Vec<(&str, Option<&[u8]>)> = h.iter().map(|h| (h.key, h.value)).collect();
+        let back = decode(Record {
+            topic: "t",
+            partition: 0,
+            offset: 0,
+            key: None,
+            headers: pairs.into_iter(),
+            payload: Some(b"p"),
+            timestamp_ms: Some(millis(m.timestamp)),
+        });
+        assert_eq!(back.id, "id-1");
+        assert_eq!(back.headers, m.headers);
     }
-    m
 }

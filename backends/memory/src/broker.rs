@@ -10,9 +10,9 @@ use futures::future::BoxFuture;
 use tokio::sync::Notify;
 
 use switchyard_core::{
-    validate_name, Acker, Broker, BrokerUrl, Capabilities, Delivery, Error, GroupInfo, Message,
-    Nack, Publisher, Receipt, Result, StartFrom, SubscribeOptions, Subscriber, Subscription,
-    TopicInfo,
+    check_headers, validate_name, Acker, Broker, BrokerUrl, Capabilities, Delivery, Error,
+    GroupInfo, Message, Nack, Publisher, Receipt, Result, StartFrom, SubscribeOptions, Subscriber,
+    Subscription, TopicInfo,
 };
 
 use crate::group::{AckQueue, Entry, Group, Settled};
@@ -435,6 +435,7 @@ impl MemoryBroker {
 
     async fn append(&self, topic: &str, messages: Vec<Message>) -> Result<Vec<Receipt>> {
         for m in &messages {
+            check_headers(m)?;
             self.check_size(m)?;
         }
         let failing = &self.inner.faults.failing_publishes;

@@ -10,6 +10,14 @@
 //!   run): a duplicate never runs at the same time as the original;
 //! - otherwise mark in flight, run the handler, then mark completed on success or release
 //!   the mark on failure, so the redelivery can run.
+//!
+//! The layer trusts the producer's id: two messages published with the same id are one
+//! message to it, and the second is skipped. switchyard's publishers give each message a
+//! fresh UUIDv7 unless you set one, and no header can override it (names starting with
+//! `switchyard-` or `x-switchyard-` are refused on publish). Other clients choose their
+//! own ids: on RabbitMQ the id is the AMQP `message_id` property by design, on Kafka the
+//! one `switchyard-id` record header (a record with none, an empty one or several gets
+//! an id from its topic, partition and offset, which no other record shares).
 
 mod layer;
 mod memory;
