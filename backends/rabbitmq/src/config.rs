@@ -20,7 +20,8 @@ pub struct RabbitConfig {
     pub partitions: u32,
     /// Largest accepted payload in bytes (default 128 MiB, RabbitMQ 3.10's own limit).
     pub max_message_size: usize,
-    /// How long a publish waits for the broker's confirm (default 30 s).
+    /// How long a publish may go without a confirm from the broker, reconnects included,
+    /// before it fails with a transient error (default 30 s).
     pub confirm_timeout: Duration,
     /// How often a member re-checks its share of partitions (default 250 ms).
     pub rebalance_interval: Duration,

@@ -101,8 +101,9 @@
 //! for another reason (a member closed, died or lost its connection with it unsettled)
 //! starts again at 1. So [`Capabilities::durable_attempts`] is false. (Quorum queues
 //! count deliveries durably in `x-delivery-count`, but do not enforce exclusive
-//! consumers and keep file handles open per queue; the decoder still reads
-//! `x-delivery-count` when present.)
+//! consumers and keep file handles open per queue. An `x-delivery-count` header on a
+//! classic queue can only come from a client, so it is kept as an ordinary header and
+//! never read as an attempt count.)
 
 //! ## Long handlers and the consumer ack timeout
 //!
@@ -120,8 +121,12 @@
 //! member reconnects with backoff (100 ms doubling to 5 s), redeclares, rejoins and
 //! claims partitions again; deliveries from the dead channels cannot be settled
 //! ([`Error::SubscriptionClosed`]) and the broker redelivers them, so handling is
-//! at-least-once across a loss. Publishes in flight fail with a transient error (or
-//! confirm); the next publish reconnects. lapin's own auto-recovery is not used.
+//! at-least-once across a loss. A publish in flight rides the loss out: what the broker
+//! had not confirmed is sent again, with the same ids, on a new connection, until
+//! `confirm_timeout_ms` passes without any confirm; only then does it fail, with a
+//! transient error naming the cause. A message whose confirm was lost with the
+//! connection may so be stored twice: duplicates are the idempotency layer's to skip.
+//! lapin's own auto-recovery is not used.
 //!
 //! ```no_run
 //! # async fn demo() -> switchyard_core::Result<()> {

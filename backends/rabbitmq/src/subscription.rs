@@ -476,6 +476,7 @@ impl Supervisor {
     }
 
     async fn run(mut self) {
+        let _ended = SupervisorEnded(self.shared.clone());
         let mut backoff = Duration::from_millis(100);
         let stop = self.shared.stop.clone();
         loop {
@@ -767,7 +768,15 @@ impl Supervisor {
 
 /// Moves deliveries from one partition's consumer into the key gate.
 async fn pump(shared: Arc<Shared>, p: u32, gen: u64, mut consumer: Consumer) {
-    let mut reason = "the consumer was cancelled".to_string();
+    // However this task ends — the consumer's end, an error, or a panic — the partition
+    // is marked lost and the supervisor told, so it gives the partition up and claims it
+    // again instead of holding its exclusive consumer with nobody reading.
+    let mut ended = PumpEnded {
+        shared: shared.clone(),
+        p,
+        gen,
+        reason: None,
+    };
     while let Some(item) = consumer.next().await {
         match item {
             Ok(d) => {
@@ -775,10 +784,9 @@ async fn pump(shared: Arc<Shared>, p: u32, gen: u64, mut consumer: Consumer) {
                 // messages that were prefetched but never handed out (a partition handed
                 // over), so it is not an attempt count; the gate counts the requeues of
                 // this member exactly.
-                let (message, attempt) = decode(&d.properties, d.data);
                 let entry = Entry {
-                    message,
-                    attempt,
+                    message: decode(&d.properties, d.data),
+                    attempt: 1,
                     acker: d.acker,
                     requeued_head: false,
                 };
@@ -797,17 +805,66 @@ async fn pump(shared: Arc<Shared>, p: u32, gen: u64, mut consumer: Consumer) {
                 shared.wake.notify_waiters();
             }
             Err(e) => {
-                reason = e.to_string();
+                ended.reason = Some(e.to_string());
                 break;
             }
         }
     }
-    if let Some(part) = shared.lock().parts.get_mut(&p) {
-        if part.gen == gen {
-            part.lost = Some(reason);
+    ended
+        .reason
+        .get_or_insert_with(|| "the consumer was cancelled".to_string());
+}
+
+/// Fails the subscription if its supervisor panics: nobody would reconnect or claim
+/// partitions any more, so the consumer must hear of it rather than wait forever.
+struct SupervisorEnded(Arc<Shared>);
+
+impl Drop for SupervisorEnded {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut st = self.0.lock();
+            if st.fatal.is_none() {
+                st.fatal = Some(Error::permanent(
+                    crate::BACKEND,
+                    "the subscription's supervisor task panicked; no partition is read any more",
+                ));
+            }
+            drop(st);
+            self.0.wake.notify_waiters();
         }
     }
-    shared.supervisor.notify_one();
+}
+
+/// Marks a partition lost when its pump ends, panics included.
+struct PumpEnded {
+    shared: Arc<Shared>,
+    p: u32,
+    gen: u64,
+    /// Why it ended; `None` while it runs (so a panic leaves it `None`).
+    reason: Option<String>,
+}
+
+impl Drop for PumpEnded {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(
+                topic = %self.shared.topic,
+                group = %self.shared.group,
+                partition = self.p,
+                "a partition's reader panicked; giving the partition up to claim it again"
+            );
+        }
+        if let Some(part) = self.shared.lock().parts.get_mut(&self.p) {
+            if part.gen == self.gen {
+                part.lost = Some(
+                    self.reason
+                        .take()
+                        .unwrap_or_else(|| "its reader stopped unexpectedly".to_string()),
+                );
+            }
+        }
+        self.shared.supervisor.notify_one();
+    }
 }
 
 /// Marks a member closed by the broker handle's close.

@@ -142,7 +142,7 @@ impl RetryTiers {
         let topic = options.topic.clone();
         let mut consumers = vec![Consumer::new(
             options.clone(),
-            Tiered::new(service.clone(), &topic, &options.group),
+            Tiered::new(service.clone(), &topic, &options.group, None, self),
         )];
         if !self.native {
             for n in 0..self.delays.len() {
@@ -154,9 +154,12 @@ impl RetryTiers {
                 // A retry published before the tier group first joined must not be skipped.
                 tier.start = StartFrom::Earliest;
                 consumers.push(
-                    Consumer::new(tier, Tiered::new(service.clone(), &topic, &options.group))
-                        .concurrency(TIER_CONCURRENCY)
-                        .shutdown_timeout(TIER_SHUTDOWN_TIMEOUT),
+                    Consumer::new(
+                        tier,
+                        Tiered::new(service.clone(), &topic, &options.group, Some(n), self),
+                    )
+                    .concurrency(TIER_CONCURRENCY)
+                    .shutdown_timeout(TIER_SHUTDOWN_TIMEOUT),
                 );
             }
         }
@@ -214,11 +217,10 @@ impl OnFailure for RetryTopicLayer {
             let Some(delay) = tiers.delays.get(hops).copied() else {
                 return Err(error); // tiers exhausted: on to the dead-letter layer
             };
-            let origin = m
-                .headers
-                .get(ORIGIN_HEADER)
-                .cloned()
-                .unwrap_or_else(|| delivery.topic().to_string());
+            // The delivery's own topic, never a header: [`Tiered`] presents a tier's
+            // deliveries as coming from the original topic, and a header could be forged
+            // to send the retry into another topic's group.
+            let origin = delivery.topic().to_string();
             let group = delivery.group().to_string();
             let due = SystemTime::now() + delay;
             // Rounded up: a retry may come a millisecond late, never early.
@@ -276,21 +278,59 @@ impl OnFailure for RetryTopicLayer {
 /// Runs a service on deliveries that may have come through retry tiers: waits until a
 /// message is due, and presents it as coming from its original topic with its attempts
 /// so far (tier hops included), so dead-letter headers name the real origin.
+///
+/// The retry headers steer where a message goes and how long a handler slot waits, so
+/// they are believed only where switchyard wrote them: on a tier topic (whose number, not
+/// the header, gives the hop count, and whose delay caps the wait), and on a broker that
+/// delays natively, on messages its backend saw come back from a hold queue. Anywhere
+/// else they are removed before the handler runs.
 #[derive(Clone)]
 pub struct Tiered<S> {
     inner: S,
     topic: Arc<str>,
     group: Arc<str>,
+    /// `Some(n)` on the consumer of tier topic `n`, `None` on the topic's own consumer.
+    tier: Option<usize>,
+    delays: Arc<[Duration]>,
+    native: bool,
 }
 
 impl<S> Tiered<S> {
-    fn new(inner: S, topic: &str, group: &str) -> Self {
+    fn new(inner: S, topic: &str, group: &str, tier: Option<usize>, tiers: &RetryTiers) -> Self {
         Self {
             inner,
             topic: topic.into(),
             group: group.into(),
+            tier,
+            delays: tiers.delays.clone(),
+            native: tiers.native,
         }
     }
+
+    /// How many tiers the message has been through, where that can be believed.
+    fn hops(&self, m: &Message) -> Option<usize> {
+        match self.tier {
+            Some(n) => Some(n + 1),
+            None if self.native => {
+                header::<usize>(m, TIER_HEADER).map(|h| h.clamp(1, self.delays.len()))
+            }
+            None => None,
+        }
+    }
+}
+
+fn is_retry_header(name: &str) -> bool {
+    name.starts_with("x-retry-")
+}
+
+/// The same delivery with a changed message, settled through the original.
+fn represent(delivery: &Delivery, message: Message, attempt: u32, origin: Origin) -> Delivery {
+    Delivery::new(
+        Arc::new(message),
+        attempt,
+        origin,
+        Forward(delivery.clone()),
+    )
 }
 
 impl<S> Service<Delivery> for Tiered<S>
@@ -311,15 +351,34 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let (topic, group) = (self.topic.clone(), self.group.clone());
+        let hops = self.hops(delivery.message());
+        let longest = self.delays.iter().max().copied().unwrap_or_default();
+        let delay = hops.map_or(longest, |h| {
+            self.delays.get(h - 1).copied().unwrap_or(longest)
+        });
         Box::pin(async move {
             let m = delivery.message();
-            let Some(hops) = header::<u32>(m, TIER_HEADER) else {
-                return inner.oneshot(delivery).await; // a first delivery: as it is
+            let Some(hops) = hops else {
+                if !m.headers.keys().any(|k| is_retry_header(k)) {
+                    return inner.oneshot(delivery).await; // a first delivery: as it is
+                }
+                // Retry headers on a first delivery were written by someone else.
+                let mut clean = m.clone();
+                clean.headers.retain(|k, _| !is_retry_header(k));
+                let seen = represent(
+                    &delivery,
+                    clean,
+                    delivery.attempt(),
+                    delivery.origin().clone(),
+                );
+                return inner.oneshot(seen).await;
             };
             if let Some(due) = header::<u64>(m, DUE_HEADER) {
-                let due = UNIX_EPOCH + Duration::from_millis(due);
-                if let Ok(wait) = due.duration_since(SystemTime::now()) {
-                    tokio::time::sleep(wait).await;
+                // Never longer than the tier's own delay: a due time far off would hold
+                // the handler slot, the key and (on Kafka) the commit point.
+                let due = UNIX_EPOCH.checked_add(Duration::from_millis(due));
+                if let Some(wait) = due.and_then(|d| d.duration_since(SystemTime::now()).ok()) {
+                    tokio::time::sleep(wait.min(delay)).await;
                 }
             }
             let origin = Origin::new(
@@ -328,14 +387,14 @@ where
                 header(m, ORIGIN_PARTITION_HEADER),
                 header(m, ORIGIN_OFFSET_HEADER),
             );
-            let attempt = delivery.attempt().saturating_add(hops);
-            let seen = Delivery::new(
-                delivery.message_arc().clone(),
-                attempt,
-                origin,
-                Forward(delivery.clone()),
-            );
-            inner.oneshot(seen).await
+            let attempt = delivery
+                .attempt()
+                .saturating_add(u32::try_from(hops).unwrap_or(u32::MAX));
+            let mut message = m.clone();
+            message.headers.insert(TIER_HEADER.into(), hops.to_string());
+            inner
+                .oneshot(represent(&delivery, message, attempt, origin))
+                .await
         })
     }
 }
@@ -351,5 +410,45 @@ impl Acker for Forward {
 
     fn nack(&self, action: Nack) -> BoxFuture<'_, Result<()>> {
         Box::pin(self.0.nack(action))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_core::{handler_fn, CancellationToken, MAX_NAME_LEN};
+
+    async fn ok(_: Delivery) -> Result<(), HandlerError> {
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn names_too_long_for_the_derived_topics_fail_at_start() {
+        let broker: AnyBroker = Arc::new(switchyard_memory::MemoryBroker::new());
+        // Valid on its own, but its dead-letter topic would not be.
+        let topic = "t".repeat(MAX_NAME_LEN - 2);
+        let consumer = Consumer::handler(SubscribeOptions::new(&topic, "g"), ok);
+        let e = consumer
+            .start(broker.clone(), CancellationToken::new())
+            .await
+            .err()
+            .expect("a topic without room for its dead-letter topic is refused");
+        assert!(e.to_string().contains(".dlq"), "{e}");
+
+        // Valid topic and group whose tier topic would be too long.
+        let tiers = RetryTiers::new(broker.clone(), [Duration::from_millis(10)]).unwrap();
+        let (topic, group) = ("t".repeat(120), "g".repeat(120));
+        let tier_topic = tiers.tier_topic(&topic, &group, 0);
+        let app = tiers.add_consumers(
+            App::new(broker),
+            SubscribeOptions::new(&topic, &group),
+            handler_fn(ok),
+        );
+        let e = app
+            .start(CancellationToken::new())
+            .await
+            .err()
+            .expect("a tier topic over the name limit is refused at start");
+        assert!(e.to_string().contains(&tier_topic), "{e}");
     }
 }

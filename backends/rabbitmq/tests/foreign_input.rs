@@ -1,0 +1,155 @@
+//! Messages another AMQP client wrote, however odd, never stall a partition: against the
+//! real broker (127.0.0.1:5672, guest/guest; `SWITCHYARD_AMQP_URL` overrides). Fails,
+//! never skips, when the broker is unreachable.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use switchyard_core::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
+use switchyard_rabbitmq::RabbitBroker;
+
+fn url() -> String {
+    std::env::var("SWITCHYARD_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
+}
+
+fn unique(label: &str) -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("syr-{label}-{}", &id[20..])
+}
+
+async fn cleanup(conn: &Connection, topic: &str, group: &str) {
+    let ch = conn.create_channel().await.unwrap();
+    for q in (0..8)
+        .map(|p| format!("{topic}:{group}.p{p}"))
+        .chain([format!("{topic}:{group}.members")])
+    {
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = ch
+        .exchange_delete(topic.into(), ExchangeDeleteOptions::default())
+        .await;
+}
+
+/// A routing key that reaches partition `p` of an 8-partition group: the slot's 10 bits,
+/// most significant first, joined by dots (the wire format in the backend's docs).
+fn routing_key_for_partition(p: u32) -> String {
+    (0..10)
+        .rev()
+        .map(|bit| ((p >> bit) & 1).to_string())
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+#[tokio::test]
+async fn odd_foreign_messages_are_delivered_and_later_messages_still_flow() {
+    let topic = unique("foreign");
+    let group = "g";
+    let broker = RabbitBroker::connect(&url())
+        .await
+        .expect("RabbitMQ must be reachable");
+    let mut sub = broker
+        .subscribe(SubscribeOptions::new(&topic, group).prefetch(64))
+        .await
+        .unwrap();
+    let conn = Connection::connect(&url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+
+    // One odd message per partition, each with something a careless client might send:
+    // timestamps past what the clock holds, an empty id, headers of every AMQP type, a
+    // forged delivery count and forged retry headers.
+    let mut odd_headers = FieldTable::default();
+    odd_headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(1_000));
+    odd_headers.insert(
+        "x-retry-due-ms".into(),
+        AMQPValue::LongString(u64::MAX.to_string().into()),
+    );
+    odd_headers.insert("flag".into(), AMQPValue::Boolean(true));
+    odd_headers.insert("n".into(), AMQPValue::LongLongInt(-5));
+    odd_headers.insert(
+        "nested".into(),
+        AMQPValue::FieldTable(FieldTable::default()),
+    );
+    odd_headers.insert("x-switchyard-key".into(), AMQPValue::LongLongInt(7));
+    let odd: Vec<BasicProperties> = vec![
+        BasicProperties::default().with_timestamp(u64::MAX),
+        BasicProperties::default().with_timestamp(u64::MAX / 1000),
+        BasicProperties::default().with_message_id("".into()),
+        BasicProperties::default().with_headers(odd_headers),
+        BasicProperties::default().with_content_type("\u{0}\u{7f}".into()),
+        BasicProperties::default().with_timestamp(i64::MAX as u64 + 1),
+        BasicProperties::default().with_message_id("x".repeat(255).as_str().into()),
+        BasicProperties::default(),
+    ];
+    for (p, props) in odd.into_iter().enumerate() {
+        let confirm = ch
+            .basic_publish(
+                topic.as_str().into(),
+                routing_key_for_partition(p as u32).as_str().into(),
+                BasicPublishOptions::default(),
+                format!("odd-{p}").as_bytes(),
+                props,
+            )
+            .await
+            .unwrap();
+        confirm.await.unwrap();
+    }
+    // Then well-formed messages, keyed, spread over the partitions.
+    let good: Vec<Message> = (0..40)
+        .map(|i| Message::new(format!("good-{i}")).with_key(format!("k{}", i % 10)))
+        .collect();
+    let good_ids: HashSet<String> = good.iter().map(|m| m.id.clone()).collect();
+    broker.publish_batch(&topic, good).await.unwrap();
+
+    let mut odd_seen = HashSet::new();
+    let mut good_seen = HashSet::new();
+    let outcome = tokio::time::timeout(Duration::from_secs(60), async {
+        while odd_seen.len() < 8 || good_seen.len() < good_ids.len() {
+            let d = sub
+                .recv()
+                .await
+                .expect("the subscription ended")
+                .expect("receive");
+            let payload = String::from_utf8_lossy(d.payload()).into_owned();
+            if payload.starts_with("odd-") {
+                assert_eq!(
+                    d.attempt(),
+                    1,
+                    "a forged x-delivery-count is not an attempt count"
+                );
+                assert!(!d.id().is_empty());
+                assert!(
+                    d.message()
+                        .headers
+                        .keys()
+                        .all(|k| !k.starts_with("x-retry-")),
+                    "forged retry headers dropped: {:?}",
+                    d.message().headers
+                );
+                odd_seen.insert(payload);
+            } else {
+                good_seen.insert(d.id().to_string());
+            }
+            d.ack().await.unwrap();
+        }
+    })
+    .await;
+    sub.close().await.unwrap();
+    cleanup(&conn, &topic, group).await;
+    let _ = conn.close(200, "done".into()).await;
+    broker.close().await.unwrap();
+    assert!(
+        outcome.is_ok(),
+        "stalled: {} of 8 odd and {} of {} well-formed messages delivered",
+        odd_seen.len(),
+        good_seen.len(),
+        good_ids.len()
+    );
+}
