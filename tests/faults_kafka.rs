@@ -1,7 +1,8 @@
 //! Kafka broker faults: the broker (tansu with `sqlite://` storage, so data survives) is
 //! killed with SIGKILL mid-run and restarted 10 s later. Nothing whose publish was acknowledged may
 //! be lost. The test runs its own tansu on 127.0.0.1:19092 so it can kill it without
-//! disturbing other tests; `tansu` must be on PATH (`scripts/test` installs it).
+//! disturbing other tests; `tansu` must be on PATH (`scripts/test` installs it). At the
+//! end the broker stays down, and a publish must fail with a transient error in time.
 
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
@@ -135,6 +136,28 @@ async fn broker_killed_and_restarted_loses_nothing_acknowledged() {
     token.cancel();
     running.join().await.unwrap();
     broker.close().await.unwrap();
+
+    // A broker that stays down: publishing fails within publish_timeout_ms with a
+    // transient error that names the broker, never a hang.
+    let short = switchyard::connect(&format!("kafka://{ADDR}?publish_timeout_ms=3000"))
+        .await
+        .expect("connect to our tansu");
+    short
+        .publish(&topic, Message::new("before"))
+        .await
+        .expect("publish while the broker is up");
+    tansu.kill();
+    let down = tokio::time::timeout(
+        Duration::from_secs(30),
+        short.publish(&topic, Message::new("down")),
+    )
+    .await
+    .expect("a publish to a dead broker must end within its timeout");
+    let e = down.expect_err("a publish to a dead broker must fail");
+    assert!(e.is_transient(), "retryable: {e}");
+    assert!(e.to_string().contains(ADDR), "names the broker: {e}");
+    let _ = short.close().await;
+
     assert!(
         acknowledged.len() >= 600,
         "most publishes should succeed: {} acknowledged, {failed} failed",
