@@ -13,6 +13,10 @@
 //! Shutdown: on cancellation a member stops taking messages, lets in-flight handlers
 //! finish (up to `shutdown_timeout`), settles them, then closes its subscription;
 //! whatever was still running at the deadline is left unacked and so is redelivered.
+//!
+//! Readiness: a handler service that is not ready (a tower concurrency or rate limit)
+//! holds back the next delivery while the running handlers go on; shutdown does not wait
+//! for it, and the deliveries not yet started go back to the broker.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -329,7 +333,13 @@ where
                         recv_errors = 0;
                         let mut acked = 0;
                         for delivery in buf.drain(..) {
-                            let started = start(&mut service, delivery, &mut spare, &settings, &stats).await;
+                            // Shutting down with the service not ready: the deliveries not
+                            // started are dropped unsettled, which hands them back.
+                            let waited = wait_ready(&mut service, &mut in_flight, &shutdown).await;
+                            let Some(ready) = waited else { break };
+                            let started =
+                                start(&mut service, ready, delivery, &mut spare, &settings, &stats)
+                                    .await;
                             match started {
                                 Started::Acked => acked += 1,
                                 Started::Done => {}
@@ -459,11 +469,36 @@ enum Started<F> {
     Running(F),
 }
 
-/// Calls the handler for one delivery and polls it once. Handlers that finish without
-/// waiting are settled right here, skipping the in-flight set (a large share of the
-/// per-message cost); otherwise returns the future that finishes and settles it.
+/// Waits until `service` is ready for another delivery, or `None` if shutdown comes
+/// first. Meanwhile it drives the in-flight handlers: a service limiting concurrency
+/// (tower's `ConcurrencyLimit`) becomes ready only when one of them finishes.
+async fn wait_ready<S, F>(
+    service: &mut S,
+    in_flight: &mut FuturesUnordered<F>,
+    shutdown: &CancellationToken,
+) -> Option<Result<(), HandlerError>>
+where
+    S: Service<Delivery, Response = (), Error = HandlerError>,
+    F: Future<Output = ()>,
+{
+    loop {
+        tokio::select! {
+            biased;
+            ready = futures::future::poll_fn(|cx| service.poll_ready(cx)) => return Some(ready),
+            _ = shutdown.cancelled() => return None,
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+        }
+    }
+}
+
+/// Calls the handler for one delivery once `service` is ready (`ready` is what
+/// [`wait_ready`] returned: an error fails this delivery) and polls it once. Handlers
+/// that finish without waiting are settled right here, skipping the in-flight set (a
+/// large share of the per-message cost); otherwise returns the future that finishes and
+/// settles it.
 async fn start<S>(
     service: &mut S,
+    ready: Result<(), HandlerError>,
     delivery: Delivery,
     spare: &mut Option<Slot<S::Future>>,
     settings: &Arc<MemberSettings>,
@@ -475,7 +510,7 @@ where
 {
     let observed = Observed::new(&delivery);
     let mut slot = spare.take().unwrap_or_else(|| Box::pin(None));
-    let first = match futures::future::poll_fn(|cx| service.poll_ready(cx)).await {
+    let first = match ready {
         Err(e) => Some(Err(e)),
         Ok(()) => match observed.within(|| {
             std::panic::catch_unwind(AssertUnwindSafe(|| service.call(delivery.clone())))
