@@ -6,6 +6,7 @@
 //! wait must not block a runtime worker, or the handlers it waits for could starve.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -32,7 +33,9 @@ const POLL_WAIT: Duration = Duration::from_millis(100);
 const POLL_BATCH: usize = 512;
 /// Timeout of the blocking calls made inside a rebalance (committed offsets, watermarks).
 const META_TIMEOUT: Duration = Duration::from_secs(10);
-/// Payload bytes a member buffers (received, not yet handed out) before it pauses fetching.
+/// Payload bytes a member buffers (received, not yet handed out) before it pauses
+/// fetching, unless `queued.max.messages.kbytes` (librdkafka's bound on its own prefetch
+/// queue, 64 MiB by default too) says otherwise.
 const MAX_BUFFERED_BYTES: usize = 64 << 20;
 
 type Key = Arc<str>;
@@ -96,6 +99,9 @@ struct State {
     finished: bool,
     /// A permanent consumer error to report from `recv_many`.
     error: Option<Error>,
+    /// Why the poll thread ended without being asked to: every later `recv_many` fails
+    /// with it, so a dead member is an error rather than a silent stall.
+    died: Option<String>,
     /// Partitions this member held until its last revocation: getting them back needs
     /// no assign delay, since nobody else can have been reading them.
     owned_before: HashSet<i32>,
@@ -223,6 +229,7 @@ pub(crate) struct Shared {
     group: Arc<str>,
     prefetch: usize,
     buffer_limit: usize,
+    max_buffered_bytes: usize,
     commit: CommitStrategy,
     revoke_timeout: Duration,
     assign_delay: Duration,
@@ -242,6 +249,23 @@ pub(crate) struct Shared {
     /// Counts rebalance callbacks, so the poll thread can drop records it polled under
     /// the previous assignment.
     rebalances: AtomicU64,
+    /// librdkafka's side of back-pressure; only the poll thread uses it (rebalance
+    /// callbacks run inside its `poll`), so the lock is never contended.
+    fetching: Mutex<Fetching>,
+}
+
+/// What the poll thread told librdkafka about fetching.
+#[derive(Default)]
+struct Fetching {
+    /// The member is back-pressured: every assigned partition must be paused.
+    paused: bool,
+    /// Partitions paused by us and not resumed since. librdkafka keeps this flag across
+    /// unassign and assign, and resuming a partition that is not paused restarts its
+    /// fetch from where it began (re-reading what was handed out), so we track it.
+    app_paused: HashSet<i32>,
+    /// Partitions assigned or revoked since the poll thread last looked: records it
+    /// polled from them before that belong to the previous assignment.
+    touched: HashSet<i32>,
 }
 
 impl Shared {
@@ -448,6 +472,124 @@ impl Shared {
         Ok(())
     }
 
+    fn partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
+        tpl.elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect()
+    }
+
+    fn tpl(&self, partitions: impl IntoIterator<Item = i32>) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition(&self.topic, p);
+        }
+        tpl
+    }
+
+    /// Pauses or resumes fetching of these partitions; `false` if librdkafka refused.
+    fn pause_resume(
+        &self,
+        consumer: &BaseConsumer<MemberContext>,
+        partitions: &[i32],
+        pause: bool,
+    ) -> bool {
+        if partitions.is_empty() {
+            return true;
+        }
+        let tpl = self.tpl(partitions.iter().copied());
+        let r = if pause {
+            consumer.pause(&tpl)
+        } else {
+            consumer.resume(&tpl)
+        };
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(topic = %self.topic, group = %self.group, ?partitions, pause, error = %e, "pausing or resuming partitions failed; retrying");
+                false
+            }
+        }
+    }
+
+    /// Rebalance callback, right after librdkafka took the new partitions: give them the
+    /// member's back-pressure state. librdkafka would otherwise apply whatever pause flag
+    /// it kept from an earlier assignment of the same partition.
+    fn fetch_assigned(&self, consumer: &BaseConsumer<MemberContext>, partitions: &[i32]) {
+        let mut f = lock(&self.fetching);
+        f.touched.extend(partitions.iter().copied());
+        // Nothing of them has been handed out yet, so resuming (which restarts a fetch
+        // at its start position) re-reads nothing.
+        if self.pause_resume(consumer, partitions, f.paused) {
+            for p in partitions {
+                if f.paused {
+                    f.app_paused.insert(*p);
+                } else {
+                    f.app_paused.remove(p);
+                }
+            }
+        }
+    }
+
+    /// Rebalance callback, before librdkafka lets these partitions go: clear our pause
+    /// flag on them, so a later assignment of one of them starts fetching cleanly.
+    fn fetch_revoked(&self, consumer: &BaseConsumer<MemberContext>, partitions: &[i32]) {
+        let mut f = lock(&self.fetching);
+        f.touched.extend(partitions.iter().copied());
+        let paused: Vec<i32> = partitions
+            .iter()
+            .copied()
+            .filter(|p| f.app_paused.contains(p))
+            .collect();
+        if self.pause_resume(consumer, &paused, false) {
+            for p in &paused {
+                f.app_paused.remove(p);
+            }
+        }
+    }
+
+    /// Back-pressure, from the poll loop: pause every assigned partition while the
+    /// buffer is full (a slow handler or a stuck key), resume them once it drained to
+    /// half. The member keeps polling while paused, so rebalances and heartbeats are
+    /// served. Failed calls are retried on the next turn.
+    fn apply_back_pressure(
+        &self,
+        consumer: &BaseConsumer<MemberContext>,
+        buffered: usize,
+        bytes: usize,
+    ) {
+        let mut f = lock(&self.fetching);
+        f.paused = if f.paused {
+            buffered >= self.buffer_limit / 2 || bytes >= self.max_buffered_bytes / 2
+        } else {
+            buffered >= self.buffer_limit || bytes >= self.max_buffered_bytes
+        };
+        if f.paused {
+            let Ok(assigned) = consumer.assignment() else {
+                return;
+            };
+            let missing: Vec<i32> = self
+                .partitions(&assigned)
+                .into_iter()
+                .filter(|p| !f.app_paused.contains(p))
+                .collect();
+            if self.pause_resume(consumer, &missing, true) {
+                f.app_paused.extend(missing);
+            }
+        } else if !f.app_paused.is_empty() {
+            // Only partitions we paused: resuming a running one restarts its fetch.
+            let paused: Vec<i32> = f.app_paused.iter().copied().collect();
+            if self.pause_resume(consumer, &paused, false) {
+                f.app_paused.clear();
+            }
+        }
+    }
+
+    /// The partitions assigned or revoked since the last call.
+    fn take_touched(&self) -> HashSet<i32> {
+        std::mem::take(&mut lock(&self.fetching).touched)
+    }
+
     /// `commit=sync`: commit the partition's watermark before the ack returns.
     async fn commit_sync(&self, partition: i32) -> Result<()> {
         let _serial = self.sync_commit.lock().await;
@@ -496,6 +638,8 @@ impl ConsumerContext for MemberContext {
             consumer.rebalance_protocol(),
             RebalanceProtocol::Cooperative
         );
+        // Before anything else, so the poll loop knows its earlier records are stale.
+        self.shared.rebalances.fetch_add(1, Ordering::AcqRel);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 // Record the partitions before librdkafka starts fetching them.
@@ -505,12 +649,17 @@ impl ConsumerContext for MemberContext {
                 } else {
                     consumer.assign(tpl)
                 };
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "assigning partitions failed");
+                match r {
+                    Ok(()) => self
+                        .shared
+                        .fetch_assigned(consumer, &self.shared.partitions(tpl)),
+                    Err(e) => tracing::error!(error = %e, "assigning partitions failed"),
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.shared.on_revoke(consumer, tpl);
+                self.shared
+                    .fetch_revoked(consumer, &self.shared.partitions(tpl));
                 let r = if cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {
@@ -525,6 +674,8 @@ impl ConsumerContext for MemberContext {
                 tracing::error!(error = %code, "rebalance failed; releasing partitions");
                 let all = consumer.assignment().unwrap_or_default();
                 self.shared.on_revoke(consumer, &all);
+                self.shared
+                    .fetch_revoked(consumer, &self.shared.partitions(&all));
                 let _ = consumer.unassign();
             }
         }
@@ -542,6 +693,8 @@ impl KafkaSubscription {
     /// Creates the consumer, joins the group, and returns once the first assignment
     /// (possibly empty) arrived, so a `Latest` member sees everything published after.
     pub(crate) async fn start(config: &KafkaConfig, options: SubscribeOptions) -> Result<Self> {
+        let earliest = !matches!(options.start, StartFrom::Latest);
+        let client = config.consumer(&options.group, earliest);
         let shared = Arc::new(Shared {
             topic: options.topic.as_str().into(),
             group: options.group.as_str().into(),
@@ -550,6 +703,10 @@ impl KafkaSubscription {
             // drop what it prefetched and fetch it again), small enough to bound memory
             // when handlers are slow or one key is stuck.
             buffer_limit: (options.prefetch * 8).max(50_000),
+            max_buffered_bytes: client
+                .get("queued.max.messages.kbytes")
+                .and_then(|kb| kb.parse::<usize>().ok())
+                .map_or(MAX_BUFFERED_BYTES, |kb| kb.saturating_mul(1024)),
             commit: config.commit,
             revoke_timeout: config.revoke_timeout,
             assign_delay: config.assign_delay,
@@ -561,10 +718,9 @@ impl KafkaSubscription {
             consumer: Mutex::new(None),
             sync_commit: tokio::sync::Mutex::new(()),
             rebalances: AtomicU64::new(0),
+            fetching: Mutex::new(Fetching::default()),
         });
-        let earliest = !matches!(options.start, StartFrom::Latest);
-        let consumer: BaseConsumer<MemberContext> = config
-            .consumer(&options.group, earliest)
+        let consumer: BaseConsumer<MemberContext> = client
             .create_with_context(MemberContext {
                 shared: shared.clone(),
             })
@@ -581,10 +737,10 @@ impl KafkaSubscription {
         *lock(&shared.consumer) = Some(consumer.clone());
         let commit_interval = config.commit_interval;
         let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("sy-kafka-{}", options.topic))
-            .spawn(move || poll_loop(thread_shared, consumer, commit_interval))
-            .map_err(|e| Error::permanent(BACKEND, format!("starting the consumer thread: {e}")))?;
+        let thread = spawn_member(shared.clone(), move || {
+            poll_loop(thread_shared, consumer, commit_interval)
+        })
+        .map_err(|e| Error::permanent(BACKEND, format!("starting the consumer thread: {e}")))?;
         let mut sub = Self {
             shared,
             thread: Some(thread),
@@ -595,13 +751,22 @@ impl KafkaSubscription {
                 let joined = sub.shared.joined.notified();
                 tokio::pin!(joined);
                 joined.as_mut().enable();
-                if sub.shared.state().assigned {
+                let done = {
+                    let st = sub.shared.state();
+                    st.assigned || st.finished
+                };
+                if done {
                     return;
                 }
                 joined.await;
             }
         })
         .await;
+        let died = sub.shared.state().died.clone();
+        if let Some(why) = died {
+            sub.closed = true;
+            return Err(Error::permanent(BACKEND, why));
+        }
         if waited.is_err() {
             sub.stop();
             sub.closed = true;
@@ -639,9 +804,69 @@ impl KafkaSubscription {
     }
 }
 
+/// Runs the member's poll loop on its own thread. However the loop ends, the member is
+/// marked finished and `recv_many` woken; if it ends without being asked to (a panic),
+/// `recv_many` fails from then on instead of waiting forever.
+fn spawn_member(
+    shared: Arc<Shared>,
+    body: impl FnOnce() + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("sy-kafka-{}", shared.topic))
+        .spawn(move || {
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(body));
+            let why = match &outcome {
+                Ok(()) => None,
+                Err(panic) => Some(
+                    panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into()),
+                ),
+            };
+            shared.member_ended(why);
+            if let Err(panic) = outcome {
+                std::panic::resume_unwind(panic);
+            }
+        })
+}
+
+impl Shared {
+    fn member_ended(&self, panicked: Option<String>) {
+        let mut st = self.state();
+        let died = match panicked {
+            Some(why) => Some(format!("the consumer thread panicked: {why}")),
+            None if !st.stopping => Some("the consumer thread ended unexpectedly".to_string()),
+            None => None,
+        };
+        if let Some(why) = died {
+            tracing::error!(topic = %self.topic, group = %self.group, %why, "consumer member died");
+            st.died = Some(format!(
+                "consuming {} in group {}: {why}",
+                self.topic, self.group
+            ));
+        }
+        // Forget everything before the consumer closes: a revocation it runs then must
+        // neither wait nor commit from state the panic may have left half-updated.
+        st.stopping = true;
+        st.finished = true;
+        st.parts.clear();
+        st.inflight.clear();
+        st.ready.clear();
+        st.blocked.clear();
+        st.blocked_len = 0;
+        st.buffered_bytes = 0;
+        drop(st);
+        lock(&self.consumer).take();
+        self.settled.notify_all();
+        self.wake.notify_waiters();
+        self.joined.notify_waiters();
+    }
+}
+
 fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<MemberContext>>, interval: Duration) {
     let mut batch: Vec<Entry> = Vec::with_capacity(POLL_BATCH);
-    let mut paused = false;
     let mut next_commit = Instant::now() + interval;
     loop {
         let (stopping, buffered, bytes) = {
@@ -651,25 +876,17 @@ fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<MemberContext>>, in
         if stopping {
             break;
         }
-        // Back-pressure: stop fetching while the buffer is full (a slow handler or a
-        // stuck key), but keep polling so rebalances and heartbeats are served.
-        if !paused && (buffered >= shared.buffer_limit || bytes >= MAX_BUFFERED_BYTES) {
-            if let Ok(a) = consumer.assignment() {
-                paused = consumer.pause(&a).is_ok();
-            }
-        } else if paused && buffered < shared.buffer_limit / 2 && bytes < MAX_BUFFERED_BYTES / 2 {
-            if let Ok(a) = consumer.assignment() {
-                paused = consumer.resume(&a).is_err();
-            }
-        }
+        shared.apply_back_pressure(&consumer, buffered, bytes);
         let mut wait = POLL_WAIT;
         while batch.len() < POLL_BATCH {
             let before = shared.rebalances.load(Ordering::Acquire);
             let polled = consumer.poll(wait);
             if shared.rebalances.load(Ordering::Acquire) != before {
-                // A rebalance ran inside this poll: what we polled earlier belongs to the
-                // old assignment and will be fetched again from the committed offset.
-                batch.clear();
+                // A rebalance ran inside this poll: what we polled earlier from the
+                // partitions it moved belongs to the old assignment, and will be fetched
+                // again from the committed offset if the partition comes back.
+                let touched = shared.take_touched();
+                batch.retain(|e| !touched.contains(&e.partition));
             }
             match polled {
                 None => break,
@@ -713,16 +930,6 @@ fn poll_loop(shared: Arc<Shared>, consumer: Arc<BaseConsumer<MemberContext>>, in
     lock(&shared.consumer).take();
     consumer.unsubscribe();
     drop(consumer);
-    let mut st = shared.state();
-    st.finished = true;
-    st.parts.clear();
-    st.inflight.clear();
-    st.ready.clear();
-    st.blocked.clear();
-    st.blocked_len = 0;
-    st.buffered_bytes = 0;
-    drop(st);
-    shared.wake.notify_waiters();
 }
 
 fn on_poll_error(shared: &Shared, e: KafkaError) {
@@ -764,6 +971,9 @@ impl Subscription for KafkaSubscription {
                 let mut st = self.shared.state();
                 if let Some(e) = st.error.take() {
                     return Err(e);
+                }
+                if let Some(why) = &st.died {
+                    return Err(Error::permanent(BACKEND, why.clone()));
                 }
                 if st.stopping || st.finished {
                     return Ok(0);
@@ -858,5 +1068,88 @@ impl Acker for KafkaAcker {
         let _ = self
             .shared
             .settle(self.partition, self.offset, self.epoch, Some(Nack::Requeue));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Arc<Shared> {
+        Arc::new(Shared {
+            topic: "t".into(),
+            group: "g".into(),
+            prefetch: 8,
+            buffer_limit: 50_000,
+            max_buffered_bytes: MAX_BUFFERED_BYTES,
+            commit: CommitStrategy::Periodic,
+            revoke_timeout: Duration::from_secs(1),
+            assign_delay: Duration::ZERO,
+            start: StartFrom::Earliest,
+            state: Mutex::new(State::default()),
+            wake: tokio::sync::Notify::new(),
+            settled: Condvar::new(),
+            joined: tokio::sync::Notify::new(),
+            consumer: Mutex::new(None),
+            sync_commit: tokio::sync::Mutex::new(()),
+            rebalances: AtomicU64::new(0),
+            fetching: Mutex::new(Fetching::default()),
+        })
+    }
+
+    /// The subscription of a member whose poll thread runs `body`.
+    fn member(shared: Arc<Shared>, body: impl FnOnce() + Send + 'static) -> KafkaSubscription {
+        let thread = spawn_member(shared.clone(), body).unwrap();
+        KafkaSubscription {
+            shared,
+            thread: Some(thread),
+            closed: false,
+        }
+    }
+
+    async fn recv_error(sub: &mut KafkaSubscription) -> Error {
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), sub.recv_many(&mut buf, 10))
+            .await
+            .expect("recv_many noticed the poll thread is gone")
+            .expect_err("recv_many fails once the poll thread is gone")
+    }
+
+    #[tokio::test]
+    async fn a_poll_thread_that_panics_makes_recv_fail_for_good() {
+        let mut sub = member(shared(), || panic!("record decoding blew up"));
+        for _ in 0..2 {
+            let err = recv_error(&mut sub).await;
+            assert!(!err.is_transient(), "{err}");
+            assert!(err.to_string().contains("record decoding blew up"), "{err}");
+        }
+        let closed = Box::new(sub).close().await;
+        assert!(closed.is_err(), "close reports the panic too: {closed:?}");
+    }
+
+    #[tokio::test]
+    async fn a_poll_thread_that_returns_unasked_makes_recv_fail() {
+        let mut sub = member(shared(), || ());
+        let err = recv_error(&mut sub).await;
+        assert!(!err.is_transient(), "{err}");
+        assert!(err.to_string().contains("ended unexpectedly"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_poll_thread_that_stops_when_asked_ends_recv_quietly() {
+        let shared = shared();
+        let asked = shared.clone();
+        let mut sub = member(shared, move || {
+            while !asked.state().stopping {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        sub.stop();
+        let mut buf = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(10), sub.recv_many(&mut buf, 10))
+            .await
+            .expect("recv_many returns");
+        assert_eq!(n.unwrap(), 0);
+        Box::new(sub).close().await.unwrap();
     }
 }
