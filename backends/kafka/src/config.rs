@@ -57,7 +57,9 @@ pub enum DeliveryGuarantee {
 /// Any other setting whose name contains a dot is handed to librdkafka unchanged
 /// (`security.protocol`, `sasl.mechanism`, `sasl.username`, `ssl.ca.location`,
 /// `session.timeout.ms`, `linger.ms`, ...), so TLS and SASL need no code. Any other
-/// name is an [`Error::Config`] naming it.
+/// name is an [`Error::Config`] naming it. `queued.max.messages.kbytes` also bounds
+/// what a member buffers itself (received, not yet handed out) before it pauses fetching
+/// (default 64 MiB).
 ///
 /// `assign_delay_ms` exists for brokers whose group coordinator hands a partition to its
 /// new owner before the old owner has revoked it (tansu 0.6 does: it completes a
