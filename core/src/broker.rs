@@ -90,11 +90,43 @@ pub struct SubscribeOptions {
     pub start: StartFrom,
     /// How many unsettled deliveries this subscriber may hold at once (its in-flight window).
     pub prefetch: usize,
+    /// Whether the group's broker state goes away after its last member leaves, instead
+    /// of staying to collect every later message for a member that may never come back
+    /// (a group made for one look at a topic, as `switchyard consume` does). Messages
+    /// the group has not finished when it goes away are gone for it. Per backend:
+    ///
+    /// - **memory**: the group (read position, held-back messages) is dropped when its
+    ///   last member closes or is dropped; a later subscribe starts a new group at
+    ///   [`start`](Self::start()).
+    /// - **RabbitMQ**: the group's queues (`T:G.p<i>`, `T:G.members`) are declared with
+    ///   `x-expires` = [`ephemeral_expiry`](Self::ephemeral_expiry()): the broker deletes
+    ///   each one, with the messages in it, once it has had no consumer for that long. A
+    ///   member that reconnects within it keeps the group. The topic's exchange stays
+    ///   (it is the topic's, not the group's), and so do hold queues a delayed
+    ///   redelivery made for the group.
+    /// - **Kafka**: nothing to remove client-side: a group holds no copies of messages,
+    ///   only committed offsets, which the broker itself drops once the group has been
+    ///   empty for `offsets.retention.minutes` (7 days by default). Offsets are still
+    ///   committed, so members that join and leave hand over without re-reading.
+    ///
+    /// Every member of a group must agree: RabbitMQ refuses a member whose setting
+    /// differs from the existing queues' (a `DeclareConflict`), memory refuses one whose
+    /// setting differs from the live group's.
+    pub ephemeral: bool,
+    /// How long an ephemeral group's broker state outlives its last member where the
+    /// broker expires it on a timer (RabbitMQ's `x-expires`; at least 1 ms). Default
+    /// [`DEFAULT_EPHEMERAL_EXPIRY`](Self::DEFAULT_EPHEMERAL_EXPIRY). Ignored unless
+    /// [`ephemeral`](Self::ephemeral()) is set.
+    pub ephemeral_expiry: Duration,
 }
 
 impl SubscribeOptions {
     /// Default in-flight window of a subscription.
     pub const DEFAULT_PREFETCH: usize = 256;
+
+    /// Default [`ephemeral_expiry`](Self::ephemeral_expiry()): long enough for a member
+    /// to ride out a reconnection, short enough that a finished look leaves nothing.
+    pub const DEFAULT_EPHEMERAL_EXPIRY: Duration = Duration::from_secs(60);
 
     /// Subscribe `group` to `topic`.
     pub fn new(topic: impl Into<String>, group: impl Into<String>) -> Self {
@@ -103,6 +135,8 @@ impl SubscribeOptions {
             group: group.into(),
             start: StartFrom::Earliest,
             prefetch: Self::DEFAULT_PREFETCH,
+            ephemeral: false,
+            ephemeral_expiry: Self::DEFAULT_EPHEMERAL_EXPIRY,
         }
     }
 
@@ -121,6 +155,20 @@ impl SubscribeOptions {
     /// The in-flight window.
     pub fn prefetch(mut self, prefetch: usize) -> Self {
         self.prefetch = prefetch;
+        self
+    }
+
+    /// Whether the group's broker state goes away after its last member leaves; the
+    /// `ephemeral` field says what that means on each backend.
+    pub fn ephemeral(mut self, ephemeral: bool) -> Self {
+        self.ephemeral = ephemeral;
+        self
+    }
+
+    /// How long an ephemeral group outlives its last member where the broker expires it
+    /// on a timer (RabbitMQ's `x-expires`; the `ephemeral_expiry` field).
+    pub fn ephemeral_expiry(mut self, expiry: Duration) -> Self {
+        self.ephemeral_expiry = expiry;
         self
     }
 
@@ -147,6 +195,12 @@ impl SubscribeOptions {
             return Err(crate::Error::config(
                 "prefetch",
                 "must be at least 1: it is how many messages a subscriber may hold unacked",
+            ));
+        }
+        if self.ephemeral && self.ephemeral_expiry < Duration::from_millis(1) {
+            return Err(crate::Error::config(
+                "ephemeral_expiry",
+                "must be at least 1 ms: it is how long an ephemeral group outlives its last member",
             ));
         }
         Ok(())
