@@ -146,7 +146,8 @@ impl<S> Consumer<S> {
         self
     }
 
-    /// How long shutdown waits for in-flight handlers (default 30 s).
+    /// How long shutdown waits for in-flight handlers (default 30 s). A timeout too
+    /// long to reach (`Duration::MAX`) waits for them as long as they take.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
         self
@@ -315,11 +316,13 @@ where
     let mut spare: Option<Slot<S::Future>> = None;
     let mut ended = false;
     let mut recv_errors = 0u32;
-    let mut deadline: Option<Instant> = None;
+    // Set once stopping starts; `Some(None)` means no deadline: a timeout too long to
+    // add to now (such as `Duration::MAX`) waits for the handlers as long as they take.
+    let mut deadline: Option<Option<Instant>> = None;
     loop {
         let stopping = ended || shutdown.is_cancelled();
         if stopping && deadline.is_none() {
-            deadline = Some(Instant::now() + settings.shutdown_timeout);
+            deadline = Some(Instant::now().checked_add(settings.shutdown_timeout));
         }
         let free = settings.concurrency - in_flight.len();
         if !stopping && free > 0 {
@@ -371,6 +374,10 @@ where
         } else if in_flight.is_empty() {
             break;
         } else if let Some(deadline) = deadline {
+            let Some(deadline) = deadline else {
+                in_flight.next().await;
+                continue;
+            };
             if tokio::time::timeout_at(deadline, in_flight.next())
                 .await
                 .is_err()
@@ -839,4 +846,79 @@ pub fn shutdown_on_signal() -> CancellationToken {
         trigger.cancel();
     });
     token
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::{Acker, Origin};
+    use crate::message::Message;
+    use async_trait::async_trait;
+
+    struct Noop;
+
+    impl Acker for Noop {
+        fn ack(&self) -> BoxFuture<'_, Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn nack(&self, _: Nack) -> BoxFuture<'_, Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// Hands out one delivery, then waits forever.
+    struct One(Option<Delivery>);
+
+    #[async_trait]
+    impl Subscription for One {
+        async fn recv_many(&mut self, buf: &mut Vec<Delivery>, _: usize) -> Result<usize> {
+            match self.0.take() {
+                Some(d) => {
+                    buf.push(d);
+                    Ok(1)
+                }
+                None => std::future::pending().await,
+            }
+        }
+        async fn close(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Source;
+
+    #[async_trait]
+    impl Subscriber for Source {
+        async fn subscribe(&self, _: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+            let origin = Origin::new("t".into(), "g".into(), None, None);
+            let d = Delivery::new(Arc::new(Message::new("x")), 1, origin, Noop);
+            Ok(Box::new(One(Some(d))))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_shutdown_timeout_waits_for_the_handler_without_panicking() {
+        let (started, mut is_started) = tokio::sync::mpsc::channel::<()>(1);
+        let consumer = Consumer::handler(SubscribeOptions::new("t", "g"), move |_: Delivery| {
+            let started = started.clone();
+            async move {
+                let _ = started.send(()).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .shutdown_timeout(Duration::MAX);
+        let token = CancellationToken::new();
+        let running = consumer
+            .start(Arc::new(Source), token.clone())
+            .await
+            .unwrap();
+        is_started.recv().await.unwrap();
+        token.cancel();
+        let report = tokio::time::timeout(Duration::from_secs(10), running.join())
+            .await
+            .expect("the consumer stops once its handler is done")
+            .expect("no member panicked");
+        assert_eq!((report.acked, report.abandoned), (1, 0), "{report:?}");
+    }
 }
