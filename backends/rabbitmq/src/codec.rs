@@ -19,9 +19,10 @@
 //!   `"0.1.1.1.1.1.0.0.0.1"`). Partition `i` of a group with `n` partitions binds
 //!   `#.<low log2(n) bits of i>`, so any 10-bit key reaches exactly one partition of
 //!   every group; a message without a key may use any slot. Put the key in the header
-//!   `x-switchyard-key` (long string), the id in `message_id` (without one, switchyard
-//!   makes a new id for each delivery, so set it), your headers in the `headers` table
-//!   as strings (other types are ignored on receipt).
+//!   `x-switchyard-key` (long string), the id in `message_id`, your headers in the
+//!   `headers` table as strings (other types are ignored on receipt). Without a
+//!   `message_id`, switchyard derives the id from the message's content and properties
+//!   (see `decode`), so two identical publishes share an id: set one.
 //! - **Consume** what switchyard publishes by binding your own queue to exchange `T`
 //!   (`#` for everything, or a partition pattern); read the id from `message_id`, the
 //!   key from `x-switchyard-key`, headers from the `headers` table, the payload as is.
@@ -130,9 +131,10 @@ fn as_text(v: &AMQPValue) -> Option<String> {
 pub(crate) const RETRY_HEADER_PREFIX: &str = "x-retry-";
 
 /// A received message. Total: whatever another client wrote, the answer is a message.
-/// A missing or empty `message_id` gets a new id (per delivery: set one to get
-/// redeliveries recognised); a timestamp beyond what the system clock can hold becomes
-/// the time of receipt; header values of any type are kept as text where they have one.
+/// A missing or empty `message_id` gets an id derived from the message (see
+/// [`derived_id`]), the same on every delivery, so a requeued message is recognised when
+/// it comes back; a timestamp beyond what the system clock can hold becomes the time of
+/// receipt; header values of any type are kept as text where they have one.
 ///
 /// `x-delivery-count` is not read as an attempt count: partition queues are classic
 /// queues, where the broker never sets it, so any such header came from a client. The
@@ -158,14 +160,16 @@ pub(crate) fn decode(props: &BasicProperties, data: Vec<u8>) -> Arc<Message> {
             headers.insert(CONTENT_TYPE_HEADER.to_string(), ct.as_str().to_string());
         }
     }
-    let mut message = Message::new(Bytes::from(data));
-    if let Some(id) = props
+    let id = match props
         .message_id()
         .as_ref()
         .filter(|id| !id.as_str().is_empty())
     {
-        message.id = id.as_str().to_string();
-    }
+        Some(id) => id.as_str().to_string(),
+        None => derived_id(props, &data),
+    };
+    let mut message = Message::new(Bytes::from(data));
+    message.id = id;
     message.key = key;
     message.headers = headers;
     message.timestamp = props
@@ -173,6 +177,92 @@ pub(crate) fn decode(props: &BasicProperties, data: Vec<u8>) -> Arc<Message> {
         .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs)))
         .unwrap_or_else(SystemTime::now);
     Arc::new(message)
+}
+
+/// FNV-1a 128, for ids derived from content: stable across processes and versions.
+struct Fnv128(u128);
+
+impl Fnv128 {
+    fn new() -> Self {
+        Self(0x6c62_272e_07bb_0142_62b8_2175_6295_c58d)
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u128::from(*b);
+            self.0 = self
+                .0
+                .wrapping_mul(0x0000_0000_0100_0000_0000_0000_0000_013b);
+        }
+    }
+
+    /// A field, length first, so ("ab", "c") and ("a", "bc") hash apart; an absent
+    /// field differs from an empty one.
+    fn field(&mut self, value: Option<&[u8]>) {
+        match value {
+            None => self.bytes(&[0]),
+            Some(v) => {
+                self.bytes(&[1]);
+                self.bytes(&(v.len() as u64).to_be_bytes());
+                self.bytes(v);
+            }
+        }
+    }
+}
+
+/// The id of a message that came without a `message_id`: `amqp-` and 32 hex digits of
+/// FNV-1a 128 over its payload, its whole headers table (key included) and the AMQP
+/// properties a publisher sets: `timestamp`, `correlation_id`, `app_id`, `user_id`,
+/// `type`, `reply_to`, `expiration`, `priority`, `delivery_mode`, `content_type` and
+/// `content_encoding`. A requeue or a redelivery after a lost channel changes none of
+/// them, so the same message keeps its id: the key gate recognises it coming back,
+/// attempts are counted, and an idempotency layer sees a duplicate as one.
+///
+/// Two publishes get the same id exactly when all of those are equal: the same payload
+/// and headers sent twice without a timestamp (or within the same second, AMQP's
+/// timestamp resolution) and without a distinguishing `correlation_id`. Switchyard then
+/// takes them for one message: the second may get the first's attempt number, and an
+/// idempotency layer skips it as a duplicate. Set `message_id` (or a timestamp or
+/// `correlation_id` that differs) to keep such messages apart.
+pub(crate) fn derived_id(props: &BasicProperties, data: &[u8]) -> String {
+    let mut h = Fnv128::new();
+    h.field(Some(data));
+    match props.headers() {
+        None => h.field(None),
+        Some(table) => {
+            h.field(Some(&(table.inner().len() as u64).to_be_bytes()));
+            // A BTreeMap: entries come in name order, whatever order they were sent in.
+            for (name, value) in table.inner() {
+                h.field(Some(name.as_str().as_bytes()));
+                let text = as_text(value).unwrap_or_else(|| format!("{value:?}"));
+                // Tell a header's type apart where the text alone would not.
+                h.field(Some(format!("{:?}", value.get_type()).as_bytes()));
+                h.field(Some(text.as_bytes()));
+            }
+        }
+    }
+    let short = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().as_bytes().to_vec());
+    h.field(
+        props
+            .timestamp()
+            .map(|t| t.to_be_bytes().to_vec())
+            .as_deref(),
+    );
+    for s in [
+        props.correlation_id(),
+        props.app_id(),
+        props.user_id(),
+        props.kind(),
+        props.reply_to(),
+        props.expiration(),
+        props.content_type(),
+        props.content_encoding(),
+    ] {
+        h.field(short(s).as_deref());
+    }
+    h.field(props.priority().map(|p| vec![p]).as_deref());
+    h.field(props.delivery_mode().map(|m| vec![m]).as_deref());
+    format!("amqp-{:032x}", h.0)
 }
 
 /// Removes the string headers RabbitMQ adds when a delayed redelivery's hold queue
@@ -308,12 +398,42 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_or_empty_message_id_gets_a_fresh_one() {
-        let empty = BasicProperties::default().with_message_id("".into());
-        let a = decode(&empty, Vec::new());
-        let b = decode(&BasicProperties::default(), Vec::new());
-        assert!(!a.id.is_empty() && !b.id.is_empty());
-        assert_ne!(a.id, b.id);
+    fn a_missing_or_empty_message_id_is_derived_the_same_on_every_delivery() {
+        let keyed = |key: &str| {
+            BasicProperties::default()
+                .with_headers(table(vec![(KEY_HEADER, AMQPValue::LongString(key.into()))]))
+        };
+        let empty = keyed("k").with_message_id("".into());
+        let a = decode(&empty, b"x".to_vec());
+        assert_eq!(a.id, decode(&empty, b"x".to_vec()).id, "stable");
+        assert_eq!(
+            a.id,
+            decode(&keyed("k"), b"x".to_vec()).id,
+            "empty is absent"
+        );
+        assert!(a.id.starts_with("amqp-") && a.id.len() == 37, "{}", a.id);
+        // Anything the publisher set tells two publishes apart.
+        let others = [
+            decode(&keyed("k"), b"y".to_vec()),
+            decode(&keyed("j"), b"x".to_vec()),
+            decode(&keyed("k").with_timestamp(1), b"x".to_vec()),
+            decode(&keyed("k").with_correlation_id("c".into()), b"x".to_vec()),
+            decode(&BasicProperties::default(), b"x".to_vec()),
+            decode(
+                &BasicProperties::default().with_headers(table(vec![(
+                    KEY_HEADER,
+                    AMQPValue::ShortString("k".into()),
+                )])),
+                b"x".to_vec(),
+            ),
+        ];
+        let mut ids: Vec<&str> = others.iter().map(|m| m.id.as_str()).collect();
+        ids.push(&a.id);
+        let distinct: std::collections::HashSet<&str> = ids.iter().copied().collect();
+        assert_eq!(distinct.len(), ids.len(), "{ids:?}");
+        // A message id, when there is one, is used as it is.
+        let with_id = keyed("k").with_message_id("given".into());
+        assert_eq!(decode(&with_id, b"x".to_vec()).id, "given");
     }
 
     #[test]

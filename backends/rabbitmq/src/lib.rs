@@ -56,7 +56,10 @@
 //! for groups that already exist, so subscribe before publishing). The message id is
 //! the AMQP `message_id`, the key the `x-switchyard-key` header, the headers the
 //! `headers` table (strings), `content-type` also the `content_type` property, and the
-//! timestamp the `timestamp` property (seconds).
+//! timestamp the `timestamp` property (seconds). A message another client published
+//! without a `message_id` gets an id derived from its payload, headers and properties,
+//! the same on every delivery (so requeues and duplicates are recognised); two
+//! publishes equal in all of those share it.
 //!
 //! ## Delayed redelivery
 //!
