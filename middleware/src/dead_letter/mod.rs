@@ -27,7 +27,7 @@ mod layer;
 mod replay;
 
 pub use layer::{DeadLetter, DeadLetterLayer};
-pub use replay::{DeadLetterRecord, DeadLetters, Replayed, Selection};
+pub use replay::{DeadLetterRecord, DeadLetters, ReplayTo, Replayed, Selection};
 
 /// Header names written to dead letters.
 pub mod headers {

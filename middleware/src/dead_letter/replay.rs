@@ -1,9 +1,11 @@
 //! Reading dead letters and sending them back to where they came from.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
-use switchyard_core::{AnyBroker, Delivery, Message, Result, SubscribeOptions, Subscription};
+use switchyard_core::{
+    AnyBroker, Delivery, Error, Message, Result, SubscribeOptions, Subscription,
+};
 
 use super::headers;
 
@@ -38,12 +40,26 @@ pub struct DeadLetterRecord {
     pub original_key: Option<String>,
     /// The last failure.
     pub failed_at: Option<SystemTime>,
+    /// The dead letter's own partition in the dead-letter topic, where there is one.
+    pub partition: Option<i32>,
+    /// The dead letter's own offset in the dead-letter topic, where there is one.
+    pub offset: Option<i64>,
 }
 
 impl DeadLetterRecord {
+    fn from_delivery(d: &Delivery) -> Self {
+        let origin = d.origin();
+        let mut record = Self::from_message(d.message().clone());
+        record.partition = origin.partition;
+        record.offset = origin.offset;
+        record
+    }
+
     fn from_message(message: Message) -> Self {
         let get = |k: &str| message.headers.get(k).cloned();
         Self {
+            partition: None,
+            offset: None,
             error: get(headers::ERROR).unwrap_or_default(),
             kind: get(headers::ERROR_KIND).unwrap_or_default(),
             attempts: get(headers::ATTEMPTS)
@@ -84,10 +100,35 @@ impl DeadLetterRecord {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Replayed {
-    /// Ids republished to their original topic (and removed from the dead-letter topic).
+    /// Ids sent back to their original group or topic (and removed from the
+    /// dead-letter topic), in the order they were read.
     pub replayed: Vec<String>,
-    /// Dead letters left where they were.
+    /// Dead letters left in the dead-letter topic.
     pub kept: usize,
+    /// Of the kept ones, those published again to the dead-letter topic so the reading
+    /// group's log position could move past them (see [`DeadLetters`]).
+    pub moved: usize,
+    /// Ids selected but kept because they lack the header naming where they go
+    /// (`x-dlq-original-topic`, and `x-dlq-original-group` when replaying to the group).
+    pub unroutable: Vec<String>,
+    /// Why the replay stopped early, if it did; the letters it had not reached are kept.
+    pub error: Option<String>,
+}
+
+/// Where replayed dead letters go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReplayTo {
+    /// To the group that failed (`x-dlq-original-group`) only: the topic's other groups
+    /// handled the message already. Uses the broker's per-group redelivery
+    /// ([`Broker::redeliver_after`](switchyard_core::Broker::redeliver_after) with no
+    /// delay): RabbitMQ has one. A Kafka or memory topic cannot address one of its
+    /// groups, so there a replay to the group is
+    /// [`Error::Unsupported`](switchyard_core::Error::Unsupported); replay to the topic.
+    #[default]
+    Group,
+    /// Republished to the original topic: every group of the topic gets it again.
+    Topic,
 }
 
 /// Lists and replays dead letters through a broker.
@@ -96,12 +137,43 @@ pub struct Replayed {
 /// acks what it only lists, so listing is repeatable. On brokers without replay
 /// (RabbitMQ), call [`DeadLetters::prepare`] once at start-up so that group exists before
 /// the first message is dead-lettered.
+///
+/// A dead letter is known by its message id and the group that failed: a message that
+/// failed in two groups has two dead letters, each replayed to its own group.
+///
+/// A replay settles every dead letter it reads, so no letter is replayed twice: the
+/// selected ones are acked once their original group (or topic) has them again, and a
+/// kept one that sits in a log below a settled one (Kafka, memory) is first published
+/// again to the dead-letter topic, then acked. A log's group position cannot pass an
+/// unsettled record, so a kept letter left behind would hold it there and the letters
+/// replayed after it would be read, and replayed, again. Readers of the dead-letter
+/// topic other than this group see the moved letters again.
+///
+/// Duplicates remain possible where a replay is cut short between two steps: a crash
+/// (or a failed ack or offset commit) after a letter was sent back and before it was
+/// acked leaves it in the dead-letter topic, and the next replay sends it again; a
+/// crash after a kept letter was moved and before its old copy was acked leaves it
+/// twice in the dead-letter topic (listing shows it once; a replay settles both).
 #[derive(Clone)]
 pub struct DeadLetters {
     broker: AnyBroker,
     group: String,
     idle: Duration,
     max: usize,
+    to: ReplayTo,
+}
+
+/// What a replay does with one delivery of the dead-letter topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plan {
+    /// Send it back, then ack it.
+    Replay,
+    /// Leave it unsettled: the broker keeps it.
+    Keep,
+    /// Publish it again to the dead-letter topic, then ack the old copy.
+    Move,
+    /// Another copy of the letter read earlier (index): ack it once that one is settled.
+    Copy(usize),
 }
 
 impl DeadLetters {
@@ -112,6 +184,7 @@ impl DeadLetters {
             group: "switchyard-dlq".into(),
             idle: Duration::from_secs(2),
             max: 10_000,
+            to: ReplayTo::Group,
         }
     }
 
@@ -133,6 +206,12 @@ impl DeadLetters {
         self
     }
 
+    /// Where [`Self::replay`] sends dead letters (default [`ReplayTo::Group`]).
+    pub fn to(mut self, to: ReplayTo) -> Self {
+        self.to = to;
+        self
+    }
+
     /// Makes sure the reading group exists on `dlq_topic`.
     pub async fn prepare(&self, dlq_topic: &str) -> Result<()> {
         self.subscribe(dlq_topic).await?.close().await
@@ -144,16 +223,26 @@ impl DeadLetters {
         let read = self.read_all(&mut sub).await;
         // Unsettled, so the broker keeps them for the next reader.
         sub.close().await?;
+        let mut seen = HashSet::new();
         Ok(read?
-            .into_iter()
-            .map(|d| DeadLetterRecord::from_message(d.message().clone()))
+            .iter()
+            .filter(|d| seen.insert(letter_key(d)))
+            .map(DeadLetterRecord::from_delivery)
             .collect())
     }
 
-    /// Republishes the selected dead letters to their original topics, keeping their
-    /// ids, then removes them from `dlq_topic`. A dead letter without an original topic
-    /// header is kept.
+    /// Sends the selected dead letters back to their original group (or topic, see
+    /// [`Self::to`]) with their ids and keys, then removes them from `dlq_topic`; every
+    /// other letter read stays there. Each letter is replayed once: see [`DeadLetters`]
+    /// for how kept letters are settled too, and where a duplicate can still occur.
+    ///
+    /// It stops at the first failure to send or settle a letter, leaving the letters
+    /// not reached yet in place, and reports it in [`Replayed::error`] (an `Err` if
+    /// nothing was replayed).
     pub async fn replay(&self, dlq_topic: &str, selection: &Selection) -> Result<Replayed> {
+        if self.to == ReplayTo::Group && !self.broker.capabilities().delayed_delivery {
+            return Err(self.group_unsupported());
+        }
         let mut sub = self.subscribe(dlq_topic).await?;
         let read = match self.read_all(&mut sub).await {
             Ok(r) => r,
@@ -162,43 +251,175 @@ impl DeadLetters {
                 return Err(e);
             }
         };
+        let records: Vec<DeadLetterRecord> =
+            read.iter().map(DeadLetterRecord::from_delivery).collect();
+        let plan = self.plan(&read, &records, selection);
         let mut outcome = Replayed::default();
+        let mut settled = vec![false; read.len()];
         let mut first_error = None;
-        for delivery in &read {
-            let record = DeadLetterRecord::from_message(delivery.message().clone());
-            let Some(topic) = record
-                .original_topic
-                .clone()
-                .filter(|_| record.selected(selection))
-            else {
-                outcome.kept += 1;
-                continue;
+        for (i, (delivery, record)) in read.iter().zip(&records).enumerate() {
+            let step = match plan[i] {
+                Plan::Keep => continue,
+                Plan::Copy(first) if !settled[first] => continue,
+                Plan::Copy(_) => delivery.ack().await,
+                Plan::Move => self.move_forward(dlq_topic, delivery).await,
+                Plan::Replay => self.send_back(record).await,
             };
-            match self.broker.publish(&topic, record.original()).await {
-                // Ack only after the original topic has it again: a crash in between
-                // leaves a duplicate, never a loss.
-                Ok(_) => match delivery.ack().await {
-                    Ok(()) => outcome.replayed.push(record.message.id.clone()),
-                    Err(e) => {
-                        first_error.get_or_insert(e);
+            // Ack only after the letter is safe elsewhere: a crash in between leaves a
+            // duplicate, never a loss.
+            let step = match (step, plan[i]) {
+                (Ok(()), Plan::Replay | Plan::Move) => delivery.ack().await,
+                (other, _) => other,
+            };
+            match step {
+                Err(e) if matches!(plan[i], Plan::Copy(_)) => {
+                    // The same record handed out twice may refuse a second ack; the
+                    // letter itself is settled already.
+                    tracing::debug!(id = %record.message.id, error = %e, "acking a second copy failed");
+                }
+                Ok(()) => {
+                    settled[i] = true;
+                    match plan[i] {
+                        Plan::Replay => outcome.replayed.push(record.message.id.clone()),
+                        Plan::Move => outcome.moved += 1,
+                        _ => {}
                     }
-                },
+                }
                 Err(e) => {
-                    outcome.kept += 1;
-                    first_error.get_or_insert(e);
+                    // Later letters of the same log sit above this unsettled one: replaying
+                    // them now would have them read, and replayed, again.
+                    tracing::warn!(id = %record.message.id, error = %e, "replay stopped");
+                    first_error = Some(e);
+                    break;
                 }
             }
         }
-        sub.close().await?;
+        let close = sub.close().await;
         drop(read);
+        for (i, record) in records.iter().enumerate() {
+            if !settled[i] && !matches!(plan[i], Plan::Copy(_)) {
+                outcome.kept += 1;
+                if plan[i] == Plan::Keep
+                    && record.selected(selection)
+                    && self.target(record).is_none()
+                {
+                    outcome.unroutable.push(record.message.id.clone());
+                }
+            }
+        }
+        if let Err(e) = close {
+            // On a log the acks take effect with the position committed at close: the
+            // letters replayed may be read, and replayed, again.
+            tracing::error!(error = %e, replayed = ?outcome.replayed, "closing the dead-letter reader failed");
+            first_error.get_or_insert(e);
+        }
         match first_error {
             Some(e) if outcome.replayed.is_empty() => Err(e),
             Some(e) => {
                 tracing::warn!(error = %e, replayed = outcome.replayed.len(), "replay partly failed");
+                outcome.error = Some(e.to_string());
                 Ok(outcome)
             }
             None => Ok(outcome),
         }
+    }
+
+    fn group_unsupported(&self) -> Error {
+        Error::Unsupported {
+            backend: self.broker.backend(),
+            what: "replaying dead letters to the failing group only (its topic cannot address one group); replay them to the whole topic instead (ReplayTo::Topic, `switchyard dlq replay --to-topic`)".into(),
+        }
+    }
+
+    /// Where a record goes: (topic, group), the group only when replaying to it.
+    fn target<'a>(&self, record: &'a DeadLetterRecord) -> Option<(&'a str, Option<&'a str>)> {
+        let topic = record.original_topic.as_deref()?;
+        match self.to {
+            ReplayTo::Topic => Some((topic, None)),
+            ReplayTo::Group => Some((topic, Some(record.original_group.as_deref()?))),
+        }
+    }
+
+    /// Decides each delivery's fate before anything is sent, so the letters kept below a
+    /// settled one in the same log are known.
+    fn plan(
+        &self,
+        read: &[Delivery],
+        records: &[DeadLetterRecord],
+        selection: &Selection,
+    ) -> Vec<Plan> {
+        let mut first: HashMap<(String, Option<String>), usize> = HashMap::new();
+        let mut plan: Vec<Plan> = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let key = (r.message.id.clone(), r.original_group.clone());
+                if let Some(&at) = first.get(&key) {
+                    return Plan::Copy(at);
+                }
+                first.insert(key, i);
+                if r.selected(selection) && self.target(r).is_some() {
+                    Plan::Replay
+                } else {
+                    Plan::Keep
+                }
+            })
+            .collect();
+        // A kept letter read twice is moved, so both copies can be settled.
+        for i in 0..plan.len() {
+            if let Plan::Copy(at) = plan[i] {
+                if plan[at] == Plan::Keep {
+                    plan[at] = Plan::Move;
+                }
+            }
+        }
+        // The highest offset settled in each partition: kept letters below it are moved.
+        let mut frontier: HashMap<Option<i32>, i64> = HashMap::new();
+        for (d, p) in read.iter().zip(&plan) {
+            if let (true, Some(offset)) = (*p != Plan::Keep, d.origin().offset) {
+                let f = frontier.entry(d.origin().partition).or_insert(offset);
+                *f = (*f).max(offset);
+            }
+        }
+        for (d, p) in read.iter().zip(plan.iter_mut()) {
+            let origin = d.origin();
+            let below = origin
+                .offset
+                .zip(frontier.get(&origin.partition))
+                .is_some_and(|(o, f)| o < *f);
+            if *p == Plan::Keep && below {
+                *p = Plan::Move;
+            }
+        }
+        plan
+    }
+
+    async fn send_back(&self, record: &DeadLetterRecord) -> Result<()> {
+        match self.target(record) {
+            Some((topic, None)) => self
+                .broker
+                .publish(topic, record.original())
+                .await
+                .map(drop),
+            Some((topic, Some(group))) => {
+                let sent = self
+                    .broker
+                    .redeliver_after(topic, group, record.original(), Duration::ZERO)
+                    .await;
+                match sent {
+                    Err(Error::Unsupported { .. }) => Err(self.group_unsupported()),
+                    other => other,
+                }
+            }
+            None => Err(Error::config("dead letter", "no original topic")),
+        }
+    }
+
+    async fn move_forward(&self, dlq_topic: &str, delivery: &Delivery) -> Result<()> {
+        self.broker
+            .publish(dlq_topic, delivery.message().clone())
+            .await
+            .map(drop)
     }
 
     async fn subscribe(&self, dlq_topic: &str) -> Result<Box<dyn Subscription>> {
@@ -219,10 +440,9 @@ impl DeadLetters {
                 Ok(Err(e)) => return Err(e),
             }
         }
-        // Redeliveries of what we hold cannot happen (we hold them), but a broker may
-        // hand the same record twice across a rebalance: keep the first.
-        let mut seen = HashSet::new();
-        out.retain(|d| seen.insert(d.id().to_string()));
+        // Copies of one letter (a record handed out twice across a rebalance, or a
+        // letter moved by a replay that stopped before acking the old copy) are all
+        // returned: the callers show one and settle all.
         if out.len() >= self.max {
             tracing::warn!(
                 max = self.max,
@@ -231,4 +451,13 @@ impl DeadLetters {
         }
         Ok(out)
     }
+}
+
+/// What tells dead letters apart: the message id and the group that failed.
+fn letter_key(d: &Delivery) -> (String, Option<String>) {
+    let m = d.message();
+    (
+        m.id.clone(),
+        m.headers.get(headers::ORIGINAL_GROUP).cloned(),
+    )
 }
