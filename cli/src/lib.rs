@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use switchyard::middleware::dead_letter::ReplayTo;
 use switchyard::middleware::{DeadLetters, Selection};
 use switchyard::{AnyBroker, Delivery, Error, Message, Result, StartFrom, SubscribeOptions};
 
@@ -102,8 +103,8 @@ pub enum Command {
         #[arg(long)]
         count: Option<usize>,
         /// Stop when no message arrives for this many seconds.
-        #[arg(long, default_value_t = 10.0)]
-        idle_secs: f64,
+        #[arg(long, default_value = "10", value_parser = parse_secs)]
+        idle_secs: Duration,
         /// Where a new group starts.
         #[arg(long, value_enum, default_value_t = From::Earliest)]
         from: From,
@@ -149,10 +150,11 @@ pub enum DlqAction {
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
         /// How long to wait for one more dead letter, in seconds.
-        #[arg(long, default_value_t = 3.0)]
-        idle_secs: f64,
+        #[arg(long, default_value = "3", value_parser = parse_secs)]
+        idle_secs: Duration,
     },
-    /// Republish dead letters to their original topic (same id and key), then remove them.
+    /// Send dead letters back to the group that failed them (same id and key), then
+    /// remove them; --to-topic republishes them to their topic for every group instead.
     Replay {
         /// The broker to talk to.
         #[command(flatten)]
@@ -166,9 +168,13 @@ pub enum DlqAction {
         /// Replay every dead letter.
         #[arg(long, conflicts_with = "ids")]
         all: bool,
+        /// Republish to the original topic, so every group gets the message again
+        /// (needed where the broker cannot address one group: Kafka, memory).
+        #[arg(long)]
+        to_topic: bool,
         /// How long to wait for one more dead letter, in seconds.
-        #[arg(long, default_value_t = 3.0)]
-        idle_secs: f64,
+        #[arg(long, default_value = "3", value_parser = parse_secs)]
+        idle_secs: Duration,
     },
 }
 
@@ -179,16 +185,31 @@ fn parse_header(s: &str) -> std::result::Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not name=value"))
 }
 
+/// Seconds as a duration: a finite, non-negative number small enough to be one.
+fn parse_secs(s: &str) -> std::result::Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| {
+        format!("{s:?} is not a usable number of seconds: give a finite number from 0 up")
+    })
+}
+
 fn io(e: std::io::Error) -> Error {
     Error::permanent("cli", e)
 }
 
-fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s.max(0.0))
+/// Runs a command, reading payloads from `input` and writing results to `out`, which
+/// may be buffered: `consume` flushes it before it acks what it wrote, and every
+/// command flushes it at the end.
+pub async fn run(cli: Cli, input: impl BufRead, out: &mut impl Write) -> Result<()> {
+    let done = run_command(cli, input, out).await;
+    let flushed = out.flush().map_err(io);
+    done.and(flushed)
 }
 
-/// Runs a command, reading payloads from `input` and writing results to `out`.
-pub async fn run(cli: Cli, input: impl BufRead, out: &mut impl Write) -> Result<()> {
+async fn run_command(cli: Cli, input: impl BufRead, out: &mut impl Write) -> Result<()> {
     match cli.command {
         Command::Publish {
             broker,
@@ -256,21 +277,36 @@ pub async fn run(cli: Cli, input: impl BufRead, out: &mut impl Write) -> Result<
             let options = SubscribeOptions::new(&topic, &group)
                 .start(start)
                 .prefetch(count.unwrap_or(256).clamp(1, 1024));
+            let window = options.prefetch;
             let mut sub = broker.subscribe(options).await?;
             let mut printed = 0;
             let mut held = Vec::new();
-            while count.is_none_or(|c| printed < c) {
-                let d = match tokio::time::timeout(secs(idle_secs), sub.recv()).await {
-                    Err(_) | Ok(None) => break,
-                    Ok(Some(d)) => d?,
-                };
-                print_delivery(out, &d, format)?;
-                if no_ack {
-                    held.push(d);
-                } else {
-                    d.ack().await?;
+            let mut batch = Vec::new();
+            loop {
+                let want = count.map_or(window, |c| c - printed).min(window);
+                if want == 0 {
+                    break;
                 }
-                printed += 1;
+                match tokio::time::timeout(idle_secs, sub.recv_many(&mut batch, want)).await {
+                    Err(_) | Ok(Ok(0)) => break,
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(e),
+                }
+                for d in &batch {
+                    print_delivery(out, d, format)?;
+                }
+                // A line is handed on only once flushed: acking before that would lose
+                // the message if this process or its reader died with it in a buffer.
+                // An error here leaves the batch unacked, so it is redelivered.
+                out.flush().map_err(io)?;
+                printed += batch.len();
+                for d in batch.drain(..) {
+                    if no_ack {
+                        held.push(d);
+                    } else {
+                        d.ack().await?;
+                    }
+                }
             }
             sub.close().await?;
             drop(held);
@@ -286,7 +322,7 @@ pub async fn run(cli: Cli, input: impl BufRead, out: &mut impl Write) -> Result<
                 },
         } => {
             let broker = connect(&broker).await?;
-            let letters = DeadLetters::new(broker.clone()).idle(secs(idle_secs));
+            let letters = DeadLetters::new(broker.clone()).idle(idle_secs);
             for r in letters.list(&format!("{topic}.dlq")).await? {
                 match format {
                     Format::Raw => writeln!(
@@ -322,25 +358,58 @@ pub async fn run(cli: Cli, input: impl BufRead, out: &mut impl Write) -> Result<
                     topic,
                     ids,
                     all,
+                    to_topic,
                     idle_secs,
                 },
         } => {
             let broker = connect(&broker).await?;
-            let letters = DeadLetters::new(broker.clone()).idle(secs(idle_secs));
+            let to = if to_topic {
+                ReplayTo::Topic
+            } else {
+                ReplayTo::Group
+            };
+            let letters = DeadLetters::new(broker.clone()).idle(idle_secs).to(to);
             let selection = if all {
                 Selection::All
             } else {
                 Selection::Ids(ids.iter().cloned().collect::<HashSet<_>>())
             };
-            let done = letters.replay(&format!("{topic}.dlq"), &selection).await?;
+            let replayed = letters.replay(&format!("{topic}.dlq"), &selection).await;
+            let done = match replayed {
+                Ok(done) => done,
+                Err(e) => {
+                    let _ = broker.close().await;
+                    return Err(e);
+                }
+            };
             for id in &done.replayed {
                 writeln!(out, "replayed {id}").map_err(io)?;
+            }
+            out.flush().map_err(io)?;
+            broker.close().await?;
+            if let Some(e) = &done.error {
+                return Err(Error::permanent(
+                    "cli",
+                    format!(
+                        "replay stopped after {} dead letters: {e}",
+                        done.replayed.len()
+                    ),
+                ));
+            }
+            if !done.unroutable.is_empty() {
+                return Err(Error::config(
+                    "id",
+                    format!(
+                        "dead letters {:?} name no original {} to replay to",
+                        done.unroutable,
+                        if to_topic { "topic" } else { "topic and group" }
+                    ),
+                ));
             }
             let missing: Vec<&String> = ids
                 .iter()
                 .filter(|id| !done.replayed.contains(id))
                 .collect();
-            broker.close().await?;
             if !missing.is_empty() {
                 return Err(Error::config(
                     "id",

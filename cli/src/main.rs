@@ -15,7 +15,8 @@ async fn main() -> ExitCode {
         .init();
     let cli = switchyard_cli::Cli::parse();
     let stdin = std::io::stdin().lock();
-    let mut stdout = std::io::stdout().lock();
+    // Buffered: `run` flushes before it acks what it printed, and at the end.
+    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
     match switchyard_cli::run(cli, stdin, &mut stdout).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -61,3 +61,57 @@ fn memory_publish_prints_ids_and_offsets() {
         "{text}"
     );
 }
+
+#[test]
+fn unusable_idle_seconds_are_usage_errors() {
+    let commands: [&[&str]; 3] = [
+        &[
+            "consume",
+            "--url",
+            "memory://",
+            "--topic",
+            "t",
+            "--group",
+            "g",
+        ],
+        &["dlq", "list", "--url", "memory://", "--topic", "t"],
+        &[
+            "dlq",
+            "replay",
+            "--url",
+            "memory://",
+            "--topic",
+            "t",
+            "--all",
+        ],
+    ];
+    for command in commands {
+        for bad in ["inf", "1e300", "-1", "NaN", "soon"] {
+            // `=`, so clap takes "-1" as the value rather than as a flag.
+            let arg = format!("--idle-secs={bad}");
+            let mut args = command.to_vec();
+            args.push(&arg);
+            let out = switchyard(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+            assert!(err.contains("--idle-secs"), "{args:?}: {err}");
+        }
+    }
+    // Zero is fine: take what is there now.
+    let out = switchyard(&[
+        "consume",
+        "--url",
+        "memory://",
+        "--topic",
+        "t",
+        "--group",
+        "g",
+        "--idle-secs",
+        "0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,7 +1,9 @@
 //! The CLI's commands run in-process against the in-process `memory://` backend (a
 //! separate `switchyard` process would start with an empty memory broker).
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 use switchyard::middleware::DeadLetterLayer;
@@ -248,6 +250,29 @@ async fn dead_letters_are_listed_and_replayed_by_id() {
     assert_eq!(letters[0]["original_topic"], "orders");
     assert_eq!(letters[0]["original_group"], "inventory");
 
+    // A memory topic cannot address its failing group alone: say so, touch nothing.
+    let err = cli(
+        &[
+            "dlq",
+            "replay",
+            "--url",
+            url,
+            "--topic",
+            "orders",
+            "--id",
+            &ids[2],
+            "--idle-secs",
+            "0.2",
+        ],
+        "",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, switchyard::Error::Unsupported { .. })
+            && err.to_string().contains("--to-topic"),
+        "{err}"
+    );
     let replayed = cli(
         &[
             "dlq",
@@ -258,6 +283,7 @@ async fn dead_letters_are_listed_and_replayed_by_id() {
             "orders",
             "--id",
             &ids[2],
+            "--to-topic",
             "--idle-secs",
             "0.2",
         ],
@@ -316,6 +342,7 @@ async fn dead_letters_are_listed_and_replayed_by_id() {
             "orders",
             "--id",
             "nope",
+            "--to-topic",
             "--idle-secs",
             "0.2",
         ],
@@ -324,5 +351,125 @@ async fn dead_letters_are_listed_and_replayed_by_id() {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("no dead letter with id"), "{err}");
+    // The replayed letter is gone for good: --all replays only the one left, once.
+    let all_args = [
+        "dlq",
+        "replay",
+        "--url",
+        url,
+        "--topic",
+        "orders",
+        "--all",
+        "--to-topic",
+        "--idle-secs",
+        "0.2",
+    ];
+    let all = cli(&all_args, "").await.unwrap();
+    assert_eq!(all.trim(), format!("replayed {}", ids[1]));
+    assert_eq!(cli(&all_args, "").await.unwrap(), "");
+    let back = cli(
+        &[
+            "consume",
+            "--url",
+            url,
+            "--topic",
+            "orders",
+            "--group",
+            "audit",
+            "--idle-secs",
+            "0.3",
+        ],
+        "",
+    )
+    .await
+    .unwrap();
+    let back: Vec<String> = ids_in(back.as_bytes());
+    assert_eq!(back, vec![ids[1].clone()], "each replayed once");
     let _ = Arc::strong_count(&broker);
+}
+
+/// A pipe to a reader that goes away: it takes lines only on flush, and after `lines`
+/// lines every write and flush fails, dropping what was written but not flushed.
+struct DyingReader {
+    taken: Arc<Mutex<Vec<u8>>>,
+    pending: Vec<u8>,
+    lines: usize,
+}
+
+impl Write for DyingReader {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let seen = self.pending.iter().filter(|&&b| b == b'\n').count()
+            + self
+                .taken
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count();
+        if seen >= self.lines {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        self.pending.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.taken.lock().unwrap().append(&mut self.pending);
+        Ok(())
+    }
+}
+
+fn ids_in(json_lines: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(json_lines)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["id"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn consume_acks_only_what_its_reader_took() {
+    let url = "memory://cli-flush";
+    let _keep = switchyard::connect(url).await.unwrap();
+    let payloads: String = (0..40).map(|i| format!("m{i}\n")).collect();
+    let published = cli(&["publish", "--url", url, "--topic", "t"], &payloads)
+        .await
+        .unwrap();
+    let sent: HashSet<String> = published
+        .lines()
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect();
+    assert_eq!(sent.len(), 40);
+    let consume = [
+        "switchyard",
+        "consume",
+        "--url",
+        url,
+        "--topic",
+        "t",
+        "--group",
+        "g",
+        "--idle-secs",
+        "0.3",
+    ];
+    // The reader dies after 15 lines: the consume fails, and what it acked must be
+    // what the reader took.
+    let taken = Arc::new(Mutex::new(Vec::new()));
+    let mut dying = DyingReader {
+        taken: taken.clone(),
+        pending: Vec::new(),
+        lines: 15,
+    };
+    let first = run(Cli::parse_from(consume), &b""[..], &mut dying).await;
+    assert!(first.is_err(), "the broken pipe is an error");
+    let mut second = Vec::new();
+    run(Cli::parse_from(consume), &b""[..], &mut second)
+        .await
+        .unwrap();
+    let mut seen: HashSet<String> = ids_in(&taken.lock().unwrap()).into_iter().collect();
+    seen.extend(ids_in(&second));
+    let lost: Vec<&String> = sent.difference(&seen).collect();
+    assert!(lost.is_empty(), "acked but never handed on: {lost:?}");
 }
