@@ -103,9 +103,14 @@ impl Gate {
     }
 
     /// Received messages not yet handed out.
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.ready.len() + self.blocked.values().map(VecDeque::len).sum::<usize>()
+    }
+
+    /// Requeued messages on their way back: each needs a free prefetch slot on the
+    /// channel to return.
+    pub(crate) fn awaiting(&self) -> usize {
+        self.awaiting.len()
     }
 
     /// Whether the partition can be handed to another member without breaking a key's

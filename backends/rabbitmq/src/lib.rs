@@ -91,8 +91,14 @@
 //!
 //! ## Consuming, attempts, dead letters
 //!
-//! Each owned partition has its own channel with `basic_qos(prefetch)`; a subscription
-//! hands out at most `prefetch` unsettled deliveries in all. Ack after processing;
+//! Each owned partition has its own channel; the member's `prefetch` is split over them
+//! as per-channel `basic.qos` limits (RabbitMQ's `global` qos, which is per channel and
+//! can be changed under a running consumer), recomputed as partitions come and go. So
+//! what a member holds, received and not yet handed out plus handed out and unsettled,
+//! stays within `max(prefetch, partitions it owns)` (each channel needs a limit of at
+//! least 1), and it hands out at most `prefetch` unsettled deliveries. A channel's limit
+//! is not lowered below what it holds, and lowering recalls nothing: right after a
+//! member gains partitions it may hold its earlier share until that is settled. Ack after processing;
 //! `Nack::Requeue` is `basic.nack(requeue)` — the message goes back to its place at the
 //! queue head and comes straight back, ahead of its key's successors (which the key
 //! gate holds until then); `Nack::Reject` is `basic.reject` (dead-lettered to
