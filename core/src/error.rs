@@ -183,6 +183,10 @@ pub enum FailureKind {
     Decode,
     /// The handler panicked.
     Panic,
+    /// Something the handling depends on (an idempotency store, say) was unreachable:
+    /// the message itself is not at fault. Retryable, and never a reason to dead-letter
+    /// it or to count the delivery against its limit.
+    Unavailable,
 }
 
 impl FailureKind {
@@ -193,12 +197,16 @@ impl FailureKind {
             FailureKind::Permanent => "permanent",
             FailureKind::Decode => "decode",
             FailureKind::Panic => "panic",
+            FailureKind::Unavailable => "unavailable",
         }
     }
 
     /// Whether a retry may help.
     pub fn is_retryable(self) -> bool {
-        matches!(self, FailureKind::Transient | FailureKind::Panic)
+        matches!(
+            self,
+            FailureKind::Transient | FailureKind::Panic | FailureKind::Unavailable
+        )
     }
 }
 
@@ -232,6 +240,11 @@ impl HandlerError {
     /// A failure that retrying will not fix; it goes straight to the dead-letter queue.
     pub fn permanent(source: impl Into<BoxError>) -> Self {
         Self::new(FailureKind::Permanent, source)
+    }
+
+    /// A dependency of the handling was unreachable; see [`FailureKind::Unavailable`].
+    pub fn unavailable(source: impl Into<BoxError>) -> Self {
+        Self::new(FailureKind::Unavailable, source)
     }
 
     /// A failure of the given kind.

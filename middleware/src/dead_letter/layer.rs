@@ -1,10 +1,11 @@
 //! The layer that dead-letters a message after its last failure.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use futures::future::BoxFuture;
-use switchyard_core::{Delivery, HandlerError, Message, Publisher};
+use switchyard_core::{Delivery, FailureKind, HandlerError, Message, Publisher};
 use tower::Layer;
 
 use crate::recover::{OnFailure, Recover};
@@ -20,11 +21,55 @@ type TopicFn = dyn Fn(&str) -> String + Send + Sync;
 /// is dead-lettered, so put a [`RetryPolicy`](crate::RetryPolicy) layer inside this one to
 /// retry in process first). Earlier failures pass through, and the runtime nacks them for
 /// redelivery.
+///
+/// A [`FailureKind::Unavailable`] failure (a store the handling depends on was down) is
+/// never dead-lettered, and the deliveries it cost do not count toward `max_deliveries`.
 #[derive(Clone)]
 pub struct DeadLetterLayer {
     publisher: Arc<dyn Publisher>,
     topic_for: Arc<TopicFn>,
     max_deliveries: u32,
+    outages: Arc<Mutex<Outages>>,
+}
+
+/// How many deliveries of each message ended in an outage, for the most recent
+/// [`OUTAGE_MEMORY`] messages: the broker counts those deliveries, this layer does not.
+#[derive(Default)]
+struct Outages {
+    counts: HashMap<(Arc<str>, Arc<str>), u32>,
+    order: VecDeque<(Arc<str>, Arc<str>)>,
+}
+
+/// Messages whose outage counts are remembered; the oldest is forgotten first. Past it a
+/// message may be dead-lettered early, after an outage that outlasted that many others.
+const OUTAGE_MEMORY: usize = 10_000;
+
+impl Outages {
+    fn key(delivery: &Delivery) -> (Arc<str>, Arc<str>) {
+        (delivery.group().into(), delivery.id().into())
+    }
+
+    fn record(&mut self, delivery: &Delivery) {
+        let key = Self::key(delivery);
+        if let Some(n) = self.counts.get_mut(&key) {
+            *n += 1;
+            return;
+        }
+        if self.order.len() >= OUTAGE_MEMORY {
+            if let Some(old) = self.order.pop_front() {
+                self.counts.remove(&old);
+            }
+        }
+        self.order.push_back(key.clone());
+        self.counts.insert(key, 1);
+    }
+
+    fn of(&self, delivery: &Delivery) -> u32 {
+        if self.counts.is_empty() {
+            return 0;
+        }
+        self.counts.get(&Self::key(delivery)).copied().unwrap_or(0)
+    }
 }
 
 impl DeadLetterLayer {
@@ -34,6 +79,7 @@ impl DeadLetterLayer {
             publisher,
             topic_for: Arc::new(default_dlq_topic),
             max_deliveries: 1,
+            outages: Arc::default(),
         }
     }
 
@@ -69,7 +115,14 @@ impl OnFailure for DeadLetterLayer {
     ) -> BoxFuture<'static, Result<(), HandlerError>> {
         let config = self.clone();
         Box::pin(async move {
-            if error.is_retryable() && delivery.attempt() < config.max_deliveries {
+            if error.kind() == FailureKind::Unavailable {
+                // Not the message's fault: redeliver it, and do not count this delivery.
+                config.outages.lock().expect("outages").record(&delivery);
+                return Err(error);
+            }
+            let outages = config.outages.lock().expect("outages").of(&delivery);
+            let counted = delivery.attempt().saturating_sub(outages);
+            if error.is_retryable() && counted < config.max_deliveries {
                 return Err(error);
             }
             let topic = (config.topic_for)(delivery.topic());
@@ -130,4 +183,52 @@ fn dead_letter(delivery: &Delivery, error: &HandlerError) -> Message {
         m.headers.insert(headers::ORIGINAL_KEY.into(), key);
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_core::{Acker, Nack, Origin};
+
+    struct NoAck;
+
+    impl Acker for NoAck {
+        fn ack(&self) -> BoxFuture<'_, switchyard_core::Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn nack(&self, _: Nack) -> BoxFuture<'_, switchyard_core::Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn delivery(message: &Arc<Message>, attempt: u32) -> Delivery {
+        let origin = Origin::new("t".into(), "g".into(), None, None);
+        Delivery::new(message.clone(), attempt, origin, NoAck)
+    }
+
+    #[tokio::test]
+    async fn outages_are_never_dead_lettered_nor_counted() {
+        let broker = Arc::new(switchyard_memory::MemoryBroker::new());
+        let layer = DeadLetterLayer::new(broker.clone()).max_deliveries(3);
+        let message = Arc::new(Message::new("x"));
+        for attempt in 1..=5 {
+            let error = HandlerError::unavailable("store down");
+            let passed = layer.on_failure(delivery(&message, attempt), error).await;
+            assert_eq!(passed.unwrap_err().kind(), FailureKind::Unavailable);
+        }
+        // Five deliveries were outages: the sixth is the message's first counted one.
+        for attempt in 6..=7 {
+            let error = HandlerError::transient("flaky");
+            let passed = layer.on_failure(delivery(&message, attempt), error).await;
+            assert!(
+                passed.is_err(),
+                "delivery {attempt} passed on for redelivery"
+            );
+        }
+        let error = HandlerError::transient("flaky");
+        layer
+            .on_failure(delivery(&message, 8), error)
+            .await
+            .expect("the third counted delivery is dead-lettered");
+    }
 }
