@@ -25,6 +25,7 @@ use tower::ServiceBuilder;
 use crate::kit::{ensure, Check, Ctx, OrFail, Outcome, ScenarioFn};
 
 mod forged;
+mod replay;
 
 /// Every scenario, in the order they run.
 pub(crate) const SCENARIOS: &[(&str, ScenarioFn)] = &[
@@ -66,6 +67,9 @@ pub(crate) const SCENARIOS: &[(&str, ScenarioFn)] = &[
     }),
     ("poison_dead_lettered_after_retries_then_replayed", |c| {
         Box::pin(poison_and_replay(c))
+    }),
+    ("dlq_replay_selections_replay_each_letter_once", |c| {
+        Box::pin(replay::selections_replay_each_letter_once(c))
     }),
     ("duplicates_run_the_handler_once", |c| {
         Box::pin(duplicates_once(c))
