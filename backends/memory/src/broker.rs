@@ -168,7 +168,9 @@ impl Faults {
         };
         let dropped = {
             let mut state = lock(&t.state);
-            state.groups.iter_mut().map(|(_, g)| g.leave_all()).sum()
+            let n = state.groups.iter_mut().map(|(_, g)| g.leave_all()).sum();
+            state.drop_expired();
+            n
         };
         t.changed.notify_waiters();
         dropped
@@ -282,6 +284,12 @@ struct TopicState {
 impl TopicState {
     fn end(&self) -> u64 {
         self.base + self.log.len() as u64
+    }
+
+    /// Drops ephemeral groups whose last member left: their read position no longer
+    /// holds messages in the log, and nobody lists them.
+    fn drop_expired(&mut self) {
+        self.groups.retain(|(_, g)| !g.expired());
     }
 
     /// Drops messages every group has read, oldest first, until there is room for `need`.
@@ -527,27 +535,40 @@ impl Subscriber for MemoryBroker {
         let group = {
             let mut state = lock(&topic.state);
             let idx = match state.groups.iter().position(|(n, _)| **n == *options.group) {
+                Some(i) if state.groups[i].1.ephemeral != options.ephemeral => {
+                    return Err(Error::config(
+                        "ephemeral",
+                        format!(
+                            "group {:?} of topic {:?} is {}; all its members must agree",
+                            options.group,
+                            options.topic,
+                            if state.groups[i].1.ephemeral {
+                                "ephemeral"
+                            } else {
+                                "not ephemeral"
+                            }
+                        ),
+                    ));
+                }
                 Some(i) => i,
                 None => {
                     let start = match options.start {
                         StartFrom::Latest => state.end(),
                         _ => state.base,
                     };
-                    state
-                        .groups
-                        .push((options.group.as_str().into(), Group::new(start)));
+                    let mut group = Group::new(start);
+                    group.ephemeral = options.ephemeral;
+                    state.groups.push((options.group.as_str().into(), group));
                     state.groups.len() - 1
                 }
             };
             let (member, acks) = state.groups[idx].1.join();
-            (idx, member, acks)
+            (state.groups[idx].0.clone(), member, acks)
         };
-        let (group, member, acks) = group;
-        let group_name = lock(&topic.state).groups[group].0.clone();
+        let (group_name, member, acks) = group;
         Ok(Box::new(MemorySubscription {
             link: Arc::new(MemberLink {
                 topic,
-                group,
                 group_name,
                 member,
                 acks,
@@ -624,7 +645,9 @@ impl Broker for MemoryBroker {
 /// per delivery instead of one per field.
 struct MemberLink {
     topic: Arc<Topic>,
-    group: usize,
+    /// The group's name as the topic holds it: the same allocation, so it tells this
+    /// group from a later one of the same name (an ephemeral group dropped and made
+    /// again).
     group_name: Arc<str>,
     member: u64,
     acks: Arc<AckQueue>,
@@ -673,7 +696,11 @@ impl MemorySubscription {
             return Took::Closed;
         }
         let state = &mut *state;
-        let group = &mut state.groups[self.link.group].1;
+        let Some(group) = group_of(&mut state.groups, &self.link.group_name) else {
+            // Dropped by fault injection, its ephemeral group with it.
+            self.closed = true;
+            return Took::Closed;
+        };
         if !group.is_member(self.link.member) {
             // Dropped by fault injection: behave like a dead consumer's stream.
             self.closed = true;
@@ -743,9 +770,15 @@ impl Subscription for MemorySubscription {
         let topic = &self.link.topic;
         let returned = {
             let mut state = lock(&topic.state);
-            let group = &mut state.groups[self.link.group].1;
-            let n = group.leave(self.link.member);
-            n > 0 || group.has_ready()
+            match group_of(&mut state.groups, &self.link.group_name) {
+                Some(group) => {
+                    let n = group.leave(self.link.member);
+                    let returned = n > 0 || group.has_ready();
+                    state.drop_expired();
+                    returned
+                }
+                None => false,
+            }
         };
         if returned {
             topic.wake_consumers();
@@ -761,11 +794,24 @@ impl Drop for MemorySubscription {
             // messages go to the rest of the group.
             let topic = &self.link.topic;
             let mut state = lock(&topic.state);
-            state.groups[self.link.group].1.leave(self.link.member);
+            if let Some(group) = group_of(&mut state.groups, &self.link.group_name) {
+                group.leave(self.link.member);
+                state.drop_expired();
+            }
             drop(state);
             topic.wake_consumers();
         }
     }
+}
+
+/// The group `name` (this very allocation of the name, see [`MemberLink`]) among a
+/// topic's groups; `None` once it was dropped. Topics have few groups, so a scan costs
+/// less than the lock around it.
+fn group_of<'a>(groups: &'a mut [(Arc<str>, Group)], name: &Arc<str>) -> Option<&'a mut Group> {
+    groups
+        .iter_mut()
+        .find(|(n, _)| Arc::ptr_eq(n, name))
+        .map(|(_, g)| g)
 }
 
 struct MemoryAcker {
@@ -779,9 +825,11 @@ impl MemoryAcker {
         let link = &self.link;
         let outcome = {
             let mut state = lock(&link.topic.state);
-            state.groups[link.group]
-                .1
-                .settle(link.member, self.offset, nack)
+            match group_of(&mut state.groups, &link.group_name) {
+                Some(group) => group.settle(link.member, self.offset, nack),
+                // An ephemeral group dropped with its last member.
+                None => Settled::MemberGone,
+            }
         };
         match outcome {
             Settled::Done => {

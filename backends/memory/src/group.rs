@@ -125,6 +125,8 @@ pub(crate) enum Settled {
 pub(crate) struct Group {
     /// Next log offset to examine.
     pub(crate) next: u64,
+    /// Dropped by the broker when its last member leaves.
+    pub(crate) ephemeral: bool,
     /// Deliverable now: requeued messages and unblocked same-key successors.
     ready: VecDeque<Entry>,
     /// Keys with a message that is unsettled or waiting in `ready`.
@@ -170,6 +172,7 @@ impl Group {
     pub(crate) fn new(next: u64) -> Self {
         Self {
             next,
+            ephemeral: false,
             ready: VecDeque::new(),
             busy: HashSet::new(),
             blocked: HashMap::new(),
@@ -245,6 +248,11 @@ impl Group {
             self.leave(*m);
         }
         members.len()
+    }
+
+    /// Whether the group is ephemeral and has no member left: the broker drops it.
+    pub(crate) fn expired(&self) -> bool {
+        self.ephemeral && self.members.is_empty()
     }
 
     pub(crate) fn is_member(&self, member: u64) -> bool {
