@@ -124,6 +124,18 @@
 //! timeout is logged, and the member claims the partition again. Keep handlers well
 //! under the timeout, or raise it on the broker.
 
+//! ## Ephemeral groups
+//!
+//! With [`SubscribeOptions::ephemeral`](switchyard_core::SubscribeOptions::ephemeral),
+//! the group's partition queues and membership queue are declared with `x-expires` =
+//! `ephemeral_expiry` (60 s by default): RabbitMQ deletes each, with any messages in it,
+//! once it has had no consumer and no redeclaration for that long, so a group made for
+//! one look at a topic does not go on collecting its messages. A member that reconnects
+//! within the expiry finds the group as it was; after it, the group starts empty. Every
+//! member must declare the group alike: a member with another setting (or another
+//! expiry) is refused with a [`DeclareConflict`]. The topic's exchange stays, and so do
+//! the hold queues and return exchange of a delayed redelivery made for the group.
+
 //! ## Connection loss
 //!
 //! Each subscription has its own connection (and so its own locks). When it drops, the

@@ -114,6 +114,7 @@ pub(crate) async fn subscribe(
         control: None,
         membership: None,
         seed,
+        expires: options.ephemeral.then_some(options.ephemeral_expiry),
     };
     // The first connection and declarations happen here, so a refused declaration is
     // the caller's error and the group exists once subscribe returns.
@@ -410,6 +411,8 @@ struct Supervisor {
     /// Where this member starts looking for free partitions, so members do not all
     /// race for partition 0.
     seed: u32,
+    /// The `x-expires` of an ephemeral group's queues.
+    expires: Option<Duration>,
 }
 
 impl Supervisor {
@@ -429,6 +432,7 @@ impl Supervisor {
                 &self.names,
                 self.config.partitions,
                 self.config.dead_letter_exchange.as_deref(),
+                self.expires,
             )
             .await?;
             let control = conn
@@ -990,6 +994,7 @@ mod handover_tests {
             control: None,
             membership: None,
             seed: 0,
+            expires: None,
         };
         sup.connect()
             .await

@@ -2,6 +2,7 @@
 //! queues.
 
 use std::fmt;
+use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -203,12 +204,13 @@ async fn declare_exchange_of(conn: &Connection, exchange: &str, kind: ExchangeKi
 /// messages at their original place, and an idle one holds no file handles, where every
 /// quorum queue keeps a few open (a broker with the common 1024-descriptor limit stalls
 /// at about 300 of them).
-fn partition_args(dead_letter: Option<&str>) -> FieldTable {
+fn partition_args(dead_letter: Option<&str>, expires: Option<Duration>) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
         AMQPValue::LongString("classic".into()),
     );
+    add_expires(&mut args, expires);
     if let Some(dlx) = dead_letter {
         args.insert(
             "x-dead-letter-exchange".into(),
@@ -218,14 +220,29 @@ fn partition_args(dead_letter: Option<&str>) -> FieldTable {
     args
 }
 
+/// `x-expires` of an ephemeral group's queues: the broker deletes a queue that has had
+/// no consumer (and no redeclaration) for that long, messages and all.
+fn add_expires(args: &mut FieldTable, expires: Option<Duration>) {
+    if let Some(expires) = expires {
+        let ms = i64::try_from(expires.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
+    }
+}
+
 /// Declares a group: the exchange, `partitions` classic queues bound by slot-suffix
 /// patterns, and the membership queue whose `x-max-length` records the partition count
 /// (a member configured with another count gets a clear error instead of duplicates).
+/// With `expires` (an ephemeral group) every queue of the group has that `x-expires`,
+/// so the broker removes the group once it has gone that long without a member; a
+/// member whose `expires` differs from the existing queues' gets a [`DeclareConflict`].
 pub(crate) async fn declare_group(
     conn: &Connection,
     names: &GroupNames,
     partitions: u32,
     dead_letter: Option<&str>,
+    expires: Option<Duration>,
 ) -> Result<()> {
     declare_exchange(conn, &names.exchange).await?;
     if let Some(dlx) = dead_letter {
@@ -240,6 +257,7 @@ pub(crate) async fn declare_group(
         "x-max-length".into(),
         AMQPValue::LongLongInt(i64::from(partitions)),
     );
+    add_expires(&mut members_args, expires);
     let members = names.members();
     ch.queue_declare(
         members.as_str().into(),
@@ -256,10 +274,22 @@ pub(crate) async fn declare_group(
             DeclareConflict {
                 kind: "queue",
                 name: members.clone(),
-                detail: format!(
-                    "the group was created with another partition count (this client uses \
-                     partitions={partitions}; all members of a group must agree): {e}"
-                ),
+                detail: if e.to_string().contains("x-expires") {
+                    format!(
+                        "the group was created {} (all members of a group must agree on \
+                         SubscribeOptions::ephemeral and ephemeral_expiry): {e}",
+                        if expires.is_some() {
+                            "durable, or ephemeral with another expiry"
+                        } else {
+                            "ephemeral"
+                        }
+                    )
+                } else {
+                    format!(
+                        "the group was created with another partition count (this client uses \
+                         partitions={partitions}; all members of a group must agree): {e}"
+                    )
+                },
             },
         ),
         _ => conflict("queue", &members, e),
@@ -272,7 +302,7 @@ pub(crate) async fn declare_group(
                 durable: true,
                 ..Default::default()
             },
-            partition_args(dead_letter),
+            partition_args(dead_letter, expires),
         )
         .await
         .map_err(|e| conflict("queue", &queue, e))?;
@@ -290,6 +320,58 @@ pub(crate) async fn declare_group(
     Ok(())
 }
 
+/// Whether queue `name` exists (a passive declaration on a throwaway channel: a
+/// missing queue closes the channel it is asked on).
+async fn queue_exists(conn: &Connection, name: &str) -> Result<bool> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| map_err("opening a channel", e))?;
+    let r = ch
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match r {
+        Ok(_) => {
+            let _ = ch.close(200, "looked".into()).await;
+            Ok(true)
+        }
+        Err(e) if soft_code(&e) == Some(404) => Ok(false),
+        Err(e) => Err(map_err(&format!("looking at queue {name:?}"), e)),
+    }
+}
+
+/// Whether the group exists with `partitions` partitions: its membership queue and
+/// last partition queue exist and the next partition queue does not. Another count is a
+/// [`DeclareConflict`].
+async fn group_exists(conn: &Connection, names: &GroupNames, partitions: u32) -> Result<bool> {
+    if !queue_exists(conn, &names.members()).await? {
+        return Ok(false);
+    }
+    let last = queue_exists(conn, &names.partition(partitions - 1)).await?;
+    let beyond = queue_exists(conn, &names.partition(partitions)).await?;
+    if last && !beyond {
+        return Ok(true);
+    }
+    Err(Error::permanent(
+        BACKEND,
+        DeclareConflict {
+            kind: "queue",
+            name: names.members(),
+            detail: format!(
+                "the group was created with another partition count (this client uses \
+                 partitions={partitions}; all members of a group must agree)"
+            ),
+        },
+    ))
+}
+
 /// Declares what a delayed redelivery of `ms` milliseconds to one group needs: the
 /// group itself (so a partition count that disagrees is the usual clear error), its
 /// return exchange bound to each partition queue with that partition's pattern (as on
@@ -305,7 +387,12 @@ pub(crate) async fn declare_delay(
     dead_letter: Option<&str>,
     ms: u64,
 ) -> Result<()> {
-    declare_group(conn, names, partitions, dead_letter).await?;
+    // An existing group is taken as it is, ephemeral or not (its members declared it;
+    // redeclaring without their `x-expires` would be refused), once its partition count
+    // is checked; a missing one is declared durable.
+    if !group_exists(conn, names, partitions).await? {
+        declare_group(conn, names, partitions, dead_letter, None).await?;
+    }
     let back = names.return_exchange();
     let hold = names.hold(ms);
     declare_exchange_of(conn, &back, ExchangeKind::Topic).await?;
@@ -326,7 +413,7 @@ pub(crate) async fn declare_delay(
         .await
         .map_err(|e| map_err(&format!("binding queue {queue:?} to {back:?}"), e))?;
     }
-    let mut args = partition_args(None);
+    let mut args = partition_args(None, None);
     args.insert(
         "x-message-ttl".into(),
         AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
