@@ -18,8 +18,7 @@ use std::time::Duration;
 
 use switchyard::memory::MemoryBroker;
 use switchyard::middleware::{
-    Begin, DeadLetterLayer, IdempotencyLayer, IdempotencyStore, MarkKey, MarkNote, MemoryStore,
-    RetryPolicy,
+    Begin, DeadLetterLayer, IdempotencyLayer, IdempotencyStore, MarkKey, MemoryStore, RetryPolicy,
 };
 use switchyard::Bytes;
 use tower::{Layer, ServiceBuilder};
@@ -97,7 +96,7 @@ fn main() {
             idempotency / bare,
             retry / bare
         );
-        println!("note: {}", store_alone(n));
+        println!("note: {}", store_alone(n).await);
         println!("note: {}", primitives());
         println!(
             "pair=middleware-stack switchyard={full:.0} raw={bare:.0} ratio={:.3}",
@@ -149,20 +148,17 @@ fn median(mut rates: Vec<f64>) -> f64 {
 
 /// The memory store on its own, one thread: begin and complete for `n` fresh ids, as
 /// the layer calls them.
-fn store_alone(n: u64) -> String {
+async fn store_alone(n: u64) -> String {
     let ids: Vec<String> = (0..n).map(|_| switchyard::new_id()).collect();
     let store = MemoryStore::new(n as usize + 1);
     let (lease, retention) = (Duration::from_secs(300), Duration::from_secs(3600));
     let start = std::time::Instant::now();
     for id in &ids {
-        let key = MarkKey { group: "bench", id };
-        let Some(Ok((Begin::Started, note))) = store.try_begin_noted(key, lease) else {
+        let key = MarkKey::new("bench", id);
+        let Ok(Begin::Started) = store.begin(key, lease).await else {
             panic!("a fresh id starts");
         };
-        store
-            .try_complete_noted(key, note, retention)
-            .unwrap()
-            .unwrap();
+        store.complete(key, retention).await.unwrap();
     }
     let ns = start.elapsed().as_nanos() as f64 / n as f64;
     format!("MemoryStore alone: {ns:.0} ns per begin + complete ({n} fresh UUIDv7 ids, one thread)")
@@ -174,37 +170,13 @@ struct Forgetful;
 
 #[async_trait::async_trait]
 impl IdempotencyStore for Forgetful {
-    async fn begin(&self, _: &str, _: Duration) -> switchyard::Result<Begin> {
+    async fn begin(&self, _: MarkKey<'_>, _: Duration) -> switchyard::Result<Begin> {
         Ok(Begin::Started)
     }
-    async fn complete(&self, _: &str, _: Duration) -> switchyard::Result<()> {
+    async fn complete(&self, _: MarkKey<'_>, _: Duration) -> switchyard::Result<()> {
         Ok(())
     }
-    async fn abandon(&self, _: &str) -> switchyard::Result<()> {
+    async fn release(&self, _: MarkKey<'_>) -> switchyard::Result<()> {
         Ok(())
-    }
-    fn try_begin(&self, _: &str, _: Duration) -> Option<switchyard::Result<Begin>> {
-        Some(Ok(Begin::Started))
-    }
-    fn try_complete(&self, _: &str, _: Duration) -> Option<switchyard::Result<()>> {
-        Some(Ok(()))
-    }
-    fn try_abandon(&self, _: &str) -> Option<switchyard::Result<()>> {
-        Some(Ok(()))
-    }
-    fn try_begin_noted(
-        &self,
-        _: MarkKey<'_>,
-        _: Duration,
-    ) -> Option<switchyard::Result<(Begin, MarkNote)>> {
-        Some(Ok((Begin::Started, MarkNote::default())))
-    }
-    fn try_complete_noted(
-        &self,
-        _: MarkKey<'_>,
-        _: MarkNote,
-        _: Duration,
-    ) -> Option<switchyard::Result<()>> {
-        Some(Ok(()))
     }
 }

@@ -10,7 +10,7 @@ use switchyard_core::{
     CancellationToken, Consumer, Delivery, HandlerError, Message, Publisher, SubscribeOptions,
 };
 use switchyard_memory::MemoryBroker;
-use switchyard_middleware::{Begin, IdempotencyLayer, IdempotencyStore, PostgresStore};
+use switchyard_middleware::{Begin, IdempotencyLayer, IdempotencyStore, MarkKey, PostgresStore};
 use tower::ServiceBuilder;
 
 fn config() -> String {
@@ -48,28 +48,43 @@ async fn marks_survive_a_new_connection_and_leases_expire() {
     let t = table();
     let first = store(&t).await;
     let lease = Duration::from_secs(60);
-    assert_eq!(first.begin("g/a", lease).await.unwrap(), Begin::Started);
-    assert_eq!(first.begin("g/a", lease).await.unwrap(), Begin::InFlight);
-    first.complete("g/a", lease).await.unwrap();
-    assert_eq!(first.begin("g/b", lease).await.unwrap(), Begin::Started);
-    first.abandon("g/b").await.unwrap();
     assert_eq!(
-        first.begin("g/c", Duration::from_millis(1)).await.unwrap(),
+        first.begin(MarkKey::new("g", "a"), lease).await.unwrap(),
+        Begin::Started
+    );
+    assert_eq!(
+        first.begin(MarkKey::new("g", "a"), lease).await.unwrap(),
+        Begin::InFlight
+    );
+    first.complete(MarkKey::new("g", "a"), lease).await.unwrap();
+    assert_eq!(
+        first.begin(MarkKey::new("g", "b"), lease).await.unwrap(),
+        Begin::Started
+    );
+    first.release(MarkKey::new("g", "b")).await.unwrap();
+    assert_eq!(
+        first
+            .begin(MarkKey::new("g", "c"), Duration::from_millis(1))
+            .await
+            .unwrap(),
         Begin::Started
     );
     drop(first);
 
     // A new process (a new connection) sees what the old one recorded.
     let second = store(&t).await;
-    assert_eq!(second.begin("g/a", lease).await.unwrap(), Begin::Completed);
     assert_eq!(
-        second.begin("g/b", lease).await.unwrap(),
+        second.begin(MarkKey::new("g", "a"), lease).await.unwrap(),
+        Begin::Completed
+    );
+    assert_eq!(
+        second.begin(MarkKey::new("g", "b"), lease).await.unwrap(),
         Begin::Started,
-        "abandoned marks are free"
+        "released marks are free"
     );
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(
-        second.begin("g/c", lease).await.unwrap(),
+        second.begin(MarkKey::new("g", "c"), lease).await.unwrap(),
         Begin::Started,
         "an expired lease is free"
     );
@@ -81,12 +96,15 @@ async fn racing_consumers_only_one_begins() {
     let stores: Vec<Arc<PostgresStore>> =
         vec![Arc::new(store(&t).await), Arc::new(store(&t).await)];
     for round in 0..50 {
-        let key = format!("g/race-{round}");
+        let id = format!("race-{round}");
         let tasks: Vec<_> = (0..4)
             .map(|i| {
                 let s = stores[i % 2].clone();
-                let key = key.clone();
-                tokio::spawn(async move { s.begin(&key, Duration::from_secs(60)).await.unwrap() })
+                let id = id.clone();
+                tokio::spawn(async move {
+                    let key = MarkKey::new("g", &id);
+                    s.begin(key, Duration::from_secs(60)).await.unwrap()
+                })
             })
             .collect();
         let mut started = 0;
@@ -144,4 +162,144 @@ async fn the_same_message_three_times_runs_the_handler_once() {
     assert_eq!(layer.skipped(), 2);
     assert_eq!(report.acked, 4);
     drop_table(&t).await;
+}
+
+/// Rows in `table`.
+async fn rows(table: &str) -> i64 {
+    let (client, conn) = tokio_postgres::connect(&config(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn expired_rows_are_swept_in_batches() {
+    let t = table();
+    let s = store(&t).await;
+    let ids: Vec<String> = (0..250).map(|i| format!("gone-{i}")).collect();
+    for id in &ids {
+        s.complete(MarkKey::new("g", id), Duration::ZERO)
+            .await
+            .unwrap();
+    }
+    s.begin(MarkKey::new("g", "lapsed"), Duration::ZERO)
+        .await
+        .unwrap();
+    s.complete(MarkKey::new("g", "kept"), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    s.begin(MarkKey::new("g", "running"), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(rows(&t).await, 253);
+    assert_eq!(s.sweep_batch(100).await.unwrap(), 100);
+    assert_eq!(s.sweep_batch(100).await.unwrap(), 100);
+    assert_eq!(s.sweep_batch(100).await.unwrap(), 51);
+    assert_eq!(s.sweep_batch(100).await.unwrap(), 0);
+    assert_eq!(rows(&t).await, 2, "unexpired marks stay");
+    let key = MarkKey::new("g", "kept");
+    assert_eq!(
+        s.begin(key, Duration::from_secs(60)).await.unwrap(),
+        Begin::Completed
+    );
+    drop(s);
+    drop_table(&t).await;
+}
+
+#[tokio::test]
+async fn the_background_sweep_empties_expired_rows() {
+    let t = table();
+    let s = store(&t).await.sweep_every(Duration::from_millis(50), 7);
+    for i in 0..40 {
+        let id = format!("gone-{i}");
+        s.complete(MarkKey::new("g", &id), Duration::ZERO)
+            .await
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rows(&t).await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expired rows were not swept"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(s);
+    drop_table(&t).await;
+}
+
+#[tokio::test]
+async fn a_ten_kilobyte_id_is_a_mark_like_any_other() {
+    let t = table();
+    let s = store(&t).await;
+    let lease = Duration::from_secs(60);
+    let long = "k".repeat(10 * 1024);
+    let other = format!("{}j", &long[1..]);
+    let key = MarkKey::new("g", &long);
+    assert_eq!(s.begin(key, lease).await.unwrap(), Begin::Started);
+    assert_eq!(s.begin(key, lease).await.unwrap(), Begin::InFlight);
+    s.complete(key, lease).await.unwrap();
+    assert_eq!(s.begin(key, lease).await.unwrap(), Begin::Completed);
+    assert_eq!(
+        s.begin(MarkKey::new("g", &other), lease).await.unwrap(),
+        Begin::Started,
+        "another long id is another mark"
+    );
+    assert_eq!(
+        s.begin(MarkKey::new("h", &long), lease).await.unwrap(),
+        Begin::Started,
+        "the same id in another group is another mark"
+    );
+    drop(s);
+    drop_table(&t).await;
+}
+
+/// Through the layer, as a consumer sees it: with the id stored whole, the index
+/// refused it and every delivery failed.
+#[tokio::test]
+async fn a_ten_kilobyte_id_runs_the_handler_once() {
+    let t = table();
+    let layer = IdempotencyLayer::new(Arc::new(store(&t).await));
+    let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut service = {
+        let runs = runs.clone();
+        tower::Layer::layer(
+            &layer,
+            tower::service_fn(move |_: Delivery| {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { Ok::<_, HandlerError>(()) }
+            }),
+        )
+    };
+    let mut message = Message::new("x");
+    message.id = "k".repeat(10 * 1024);
+    let message = Arc::new(message);
+    for _ in 0..2 {
+        let origin = switchyard_core::Origin::new("t".into(), "g".into(), None, None);
+        let d = Delivery::new(message.clone(), 1, origin, NoAck);
+        tower::ServiceExt::ready(&mut service).await.unwrap();
+        tower::Service::call(&mut service, d).await.unwrap();
+    }
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(layer.skipped(), 1);
+    drop_table(&t).await;
+}
+
+struct NoAck;
+
+impl switchyard_core::Acker for NoAck {
+    fn ack(&self) -> futures::future::BoxFuture<'_, switchyard_core::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn nack(
+        &self,
+        _: switchyard_core::Nack,
+    ) -> futures::future::BoxFuture<'_, switchyard_core::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 }

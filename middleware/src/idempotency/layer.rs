@@ -1,18 +1,20 @@
 //! The layer that skips already-handled messages.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::ready;
-use pin_project_lite::pin_project;
+use tokio::time::Instant;
+
+use futures::future::BoxFuture;
 use switchyard_core::{Delivery, HandlerError};
+use tower::retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
+use tower::util::rng::HasherRng;
 use tower::{Layer, Service};
 
-use super::{Begin, IdempotencyStore, MarkKey, MarkNote};
+use super::{Begin, IdempotencyStore, MarkKey};
 use crate::recover::Caught;
 
 /// Runs each message id at most once per group (see the [module docs](super)).
@@ -22,18 +24,29 @@ pub struct IdempotencyLayer {
     lease: Duration,
     retention: Duration,
     poll: Duration,
+    /// The most one store call may take before it counts as failed.
+    try_timeout: Duration,
+    /// Backoff between store calls during an outage: from, up to.
+    backoff: (Duration, Duration),
+    /// How long to hold a delivery through an outage before failing it as unavailable
+    /// (`None`: until the store answers or the delivery is dropped).
+    outage_limit: Option<Duration>,
     skipped: Arc<AtomicU64>,
 }
 
 impl IdempotencyLayer {
     /// Idempotency through `store`, with a 5-minute in-flight lease and 7 days' memory
-    /// of completed ids.
+    /// of completed ids. A store outage holds each delivery until the store answers,
+    /// each call bounded by 5 s, with jittered backoff from 50 ms up to 2 s.
     pub fn new(store: Arc<dyn IdempotencyStore>) -> Self {
         Self {
             store,
             lease: Duration::from_secs(300),
             retention: Duration::from_secs(7 * 24 * 3600),
             poll: Duration::from_millis(20),
+            try_timeout: Duration::from_secs(5),
+            backoff: (Duration::from_millis(50), Duration::from_secs(2)),
+            outage_limit: None,
             skipped: Arc::default(),
         }
     }
@@ -51,9 +64,162 @@ impl IdempotencyLayer {
         self
     }
 
+    /// The most one store call may take; past it the call counts as an outage and is
+    /// tried again (default 5 s).
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.try_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The backoff between store calls during an outage: full jitter, doubling from
+    /// `min` up to `max` (default 50 ms to 2 s).
+    pub fn outage_backoff(mut self, min: Duration, max: Duration) -> Self {
+        let min = min.max(Duration::from_millis(1));
+        self.backoff = (min, max.max(min));
+        self
+    }
+
+    /// How long a delivery waits out a store outage before it begins (default: no
+    /// limit, until the store answers or the delivery is dropped at shutdown). Past it
+    /// the delivery fails as [`FailureKind::Unavailable`](switchyard_core::FailureKind),
+    /// which the dead-letter layer never dead-letters. Recording a completed mark is
+    /// never given up, whatever this says: the handler has run.
+    pub fn outage_limit(mut self, limit: Option<Duration>) -> Self {
+        self.outage_limit = limit;
+        self
+    }
+
     /// Duplicates skipped so far by services from this layer.
     pub fn skipped(&self) -> u64 {
         self.skipped.load(Ordering::Relaxed)
+    }
+
+    fn new_backoff(&self) -> ExponentialBackoff {
+        let (min, max) = self.backoff;
+        ExponentialBackoffMaker::new(min, max, 1.0, HasherRng::default())
+            .expect("min and max are checked when set")
+            .make_backoff()
+    }
+
+    /// Calls the store until it answers: each try bounded by `try_timeout`, jittered
+    /// backoff in between; fails as unavailable only once `limit` has passed.
+    async fn steady<'a, T, F, Fut>(
+        &self,
+        what: &'static str,
+        key: MarkKey<'a>,
+        limit: Option<Duration>,
+        mut call: F,
+    ) -> Result<T, HandlerError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = switchyard_core::Result<T>>,
+    {
+        let since = Instant::now();
+        let mut backoff: Option<ExponentialBackoff> = None;
+        loop {
+            let error = match tokio::time::timeout(self.try_timeout, call()).await {
+                Ok(Ok(answer)) => {
+                    if backoff.is_some() {
+                        tracing::info!(%key, what, after = ?since.elapsed(), "idempotency store answers again");
+                    }
+                    return Ok(answer);
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {:?}", self.try_timeout),
+            };
+            metrics::counter!("switchyard_idempotency_store_errors_total", "call" => what)
+                .increment(1);
+            if limit.is_some_and(|limit| since.elapsed() >= limit) {
+                return Err(HandlerError::unavailable(format!(
+                    "idempotency store unavailable for {:?} ({what} {key}): {error}",
+                    since.elapsed()
+                )));
+            }
+            if backoff.is_none() {
+                tracing::warn!(%key, what, %error, "idempotency store failed; holding the delivery and trying again");
+            } else {
+                tracing::debug!(%key, what, %error, "idempotency store still failing");
+            }
+            backoff
+                .get_or_insert_with(|| self.new_backoff())
+                .next_backoff()
+                .await;
+        }
+    }
+
+    /// One delivery: begin its mark (or skip it, or wait for another consumer's
+    /// outcome), run the handler, then complete or release the mark.
+    async fn handle<S>(
+        self: Arc<Self>,
+        mut inner: S,
+        delivery: Delivery,
+    ) -> Result<(), HandlerError>
+    where
+        S: Service<Delivery, Response = (), Error = HandlerError>,
+    {
+        let key = MarkKey::new(delivery.group(), delivery.id());
+        let store = &*self.store;
+        let mut waited_since = None;
+        loop {
+            let begun = self
+                .steady("begin", key, self.outage_limit, || {
+                    store.begin(key, self.lease)
+                })
+                .await?;
+            match begun {
+                Begin::Started => break,
+                Begin::Completed => {
+                    self.skipped.fetch_add(1, Ordering::Relaxed);
+                    let group = delivery.group().to_string();
+                    metrics::counter!("switchyard_duplicates_skipped_total", "group" => group)
+                        .increment(1);
+                    tracing::debug!(id = delivery.id(), "duplicate skipped");
+                    return Ok(());
+                }
+                // Another consumer runs it now: wait for its outcome rather than run the
+                // same message twice at once.
+                Begin::InFlight
+                    if waited_since.get_or_insert_with(Instant::now).elapsed() < self.lease =>
+                {
+                    tokio::time::sleep(self.poll).await;
+                }
+                Begin::InFlight => {
+                    return Err(HandlerError::transient(format!(
+                        "message {} is still marked in flight after the {:?} lease",
+                        delivery.id(),
+                        self.lease
+                    )))
+                }
+            }
+        }
+        let mut mark = Held {
+            config: self.clone(),
+            delivery: delivery.clone(),
+            stage: Stage::Running,
+        };
+        let result = Caught::new(inner.call(delivery.clone())).await;
+        mark.stage = Stage::Returned { ok: result.is_ok() };
+        match &result {
+            // Never given up: released or forgotten, the mark would let a redelivery
+            // run the handler a second time.
+            Ok(()) => {
+                self.steady("complete", key, None, || {
+                    store.complete(key, self.retention)
+                })
+                .await?
+            }
+            Err(_) => {
+                let released = self
+                    .steady("release", key, self.outage_limit, || store.release(key))
+                    .await;
+                if let Err(e) = released {
+                    // The lease runs out anyway; the redelivery then runs.
+                    tracing::warn!(%key, error = %e, "could not release idempotency mark");
+                }
+            }
+        }
+        mark.stage = Stage::Finished;
+        result
     }
 }
 
@@ -75,40 +241,8 @@ pub struct Idempotency<S> {
     config: Arc<IdempotencyLayer>,
 }
 
-fn store_error(e: switchyard_core::Error) -> HandlerError {
-    HandlerError::transient(format!("idempotency store: {e}"))
-}
-
-/// The key of `delivery`'s mark.
-fn key_of(delivery: &Delivery) -> MarkKey<'_> {
-    MarkKey {
-        group: delivery.group(),
-        id: delivery.id(),
-    }
-}
-
-impl IdempotencyLayer {
-    async fn begin(&self, key: &str) -> switchyard_core::Result<Begin> {
-        match self.store.try_begin(key, self.lease) {
-            Some(begun) => begun,
-            None => self.store.begin(key, self.lease).await,
-        }
-    }
-
-    async fn complete(&self, key: &str) -> switchyard_core::Result<()> {
-        match self.store.try_complete(key, self.retention) {
-            Some(done) => done,
-            None => self.store.complete(key, self.retention).await,
-        }
-    }
-
-    async fn abandon(&self, key: &str) -> switchyard_core::Result<()> {
-        match self.store.try_abandon(key) {
-            Some(done) => done,
-            None => self.store.abandon(key).await,
-        }
-    }
-}
+/// The future of an [`Idempotency`] call.
+pub type IdempotencyFuture = BoxFuture<'static, Result<(), HandlerError>>;
 
 impl<S> Service<Delivery> for Idempotency<S>
 where
@@ -117,211 +251,72 @@ where
 {
     type Response = ();
     type Error = HandlerError;
-    type Future = IdempotencyFuture<S::Future>;
+    type Future = IdempotencyFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, delivery: Delivery) -> Self::Future {
-        let first = self
-            .config
-            .store
-            .try_begin_noted(key_of(&delivery), self.config.lease);
-        if let Some(Ok((Begin::Started, note))) = first {
-            // Decided without waiting (the common case with an in-process store): call
-            // the handler right away, with no clone of the inner service and no box.
-            let mark = Mark {
-                config: self.config.clone(),
-                delivery: delivery.clone(),
-                note,
-                held: true,
-            };
-            return IdempotencyFuture {
-                state: IdempotencyState::Handling {
-                    handling: Caught::new(self.inner.call(delivery)),
-                    mark: Some(mark),
-                },
-            };
-        }
         // The inner service is ready now; take it and leave a fresh clone (tower's
         // pattern for calling a service later, inside a future).
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let config = self.config.clone();
-        IdempotencyFuture {
-            state: IdempotencyState::Waiting {
-                waiting: Box::pin(async move {
-                    let key = key_of(&delivery).joined();
-                    let mut answer = first.map(|begun| begun.map(|(begin, _)| begin));
-                    let mut waited_since = None;
-                    loop {
-                        let begun = match answer.take() {
-                            Some(begun) => begun,
-                            None => config.begin(&key).await,
-                        };
-                        match begun.map_err(store_error)? {
-                            Begin::Completed => {
-                                config.skipped.fetch_add(1, Ordering::Relaxed);
-                                let group = delivery.group().to_string();
-                                metrics::counter!("switchyard_duplicates_skipped_total", "group" => group)
-                                    .increment(1);
-                                tracing::debug!(id = delivery.id(), "duplicate skipped");
-                                return Ok(());
-                            }
-                            Begin::Started => break,
-                            // Another consumer runs it now: wait for its outcome rather than run
-                            // the same message twice at once.
-                            Begin::InFlight
-                                if waited_since.get_or_insert_with(Instant::now).elapsed()
-                                    < config.lease =>
-                            {
-                                tokio::time::sleep(config.poll).await;
-                            }
-                            Begin::InFlight => {
-                                return Err(HandlerError::transient(format!(
-                                    "message {} is still marked in flight after the {:?} lease",
-                                    delivery.id(),
-                                    config.lease
-                                )))
-                            }
-                        }
-                    }
-                    let mark = Mark {
-                        config,
-                        delivery: delivery.clone(),
-                        note: MarkNote::default(),
-                        held: true,
-                    };
-                    let result = Caught::new(inner.call(delivery)).await;
-                    mark.finish(&result).await?;
-                    result
-                }),
-            },
-        }
+        let inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(self.config.clone().handle(inner, delivery))
     }
 }
 
-pin_project! {
-    /// The future of an [`Idempotency`] call. A named type, so the common case (the
-    /// store answers at once, the handler runs under a fresh mark) allocates nothing;
-    /// waiting on the store or on another consumer's mark goes through a boxed future.
-    pub struct IdempotencyFuture<F> {
-        #[pin]
-        state: IdempotencyState<F>,
-    }
-}
-
-pin_project! {
-    #[project = IdempotencyProj]
-    enum IdempotencyState<F> {
-        // The handler runs under a mark this call holds.
-        Handling {
-            #[pin]
-            handling: Caught<F>,
-            mark: Option<Mark>,
-        },
-        // Waiting on the store, or on a duplicate's outcome.
-        Waiting {
-            waiting: Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>,
-        },
-    }
-}
-
-impl<F> Future for IdempotencyFuture<F>
-where
-    F: Future<Output = Result<(), HandlerError>>,
-{
-    type Output = Result<(), HandlerError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.project().state;
-        loop {
-            match state.as_mut().project() {
-                IdempotencyProj::Handling { handling, mark } => {
-                    let result = ready!(handling.poll(cx));
-                    let mut mark = mark.take().expect("polled after completion");
-                    match mark.finish_now(&result) {
-                        Some(done) => return Poll::Ready(done.and(result)),
-                        None => {
-                            let waiting = Box::pin(async move {
-                                mark.finish(&result).await?;
-                                result
-                            });
-                            state.set(IdempotencyState::Waiting { waiting });
-                        }
-                    }
-                }
-                IdempotencyProj::Waiting { waiting } => return waiting.as_mut().poll(cx),
-            }
-        }
-    }
-}
-
-/// The in-flight mark one call holds: completed when the handler succeeds, released
-/// when it fails, and released too if the call is dropped before it finishes (a
-/// shutdown deadline, an outer timeout), where the store can do that without waiting,
-/// so the redelivery does not wait out the lease.
-struct Mark {
+/// An in-flight mark a call holds. Dropped before the call finished (a shutdown
+/// deadline, an outer timeout), it finishes the mark in a task of its own: released,
+/// so the redelivery does not wait out the lease, or, when the handler had succeeded,
+/// completed, so the redelivery does not run it again.
+struct Held {
     config: Arc<IdempotencyLayer>,
-    /// Whose mark it is: its group and id are the key (one reference count, where a
-    /// copy of the key cost more).
     delivery: Delivery,
-    /// Where the store put it, so finishing does not look the key up again.
-    note: MarkNote,
-    held: bool,
+    stage: Stage,
 }
 
-impl Mark {
-    /// [`Mark::finish`] without waiting, if the store can; `None` if it must wait (the
-    /// mark is still held then).
-    fn finish_now(
-        &mut self,
-        result: &Result<(), HandlerError>,
-    ) -> Option<Result<(), HandlerError>> {
-        let store = &self.config.store;
-        let key = key_of(&self.delivery);
-        let done = match result {
-            Ok(()) => store
-                .try_complete_noted(key, self.note, self.config.retention)?
-                .map_err(store_error),
-            Err(_) => {
-                if let Err(e) = store.try_abandon_noted(key, self.note)? {
-                    tracing::warn!(%key, error = %e, "could not release idempotency mark");
-                }
-                Ok(())
-            }
-        };
-        self.held = false;
-        Some(done)
-    }
-
-    /// Completes or releases the mark after the handler's `result`; an error here is
-    /// the store's (the delivery is then nacked, and redelivered).
-    async fn finish(mut self, result: &Result<(), HandlerError>) -> Result<(), HandlerError> {
-        self.held = false;
-        let key = key_of(&self.delivery).joined();
-        match result {
-            Ok(()) => self.config.complete(&key).await.map_err(store_error),
-            Err(_) => {
-                if let Err(e) = self.config.abandon(&key).await {
-                    // The lease expires anyway; the redelivery then runs.
-                    tracing::warn!(%key, error = %e, "could not release idempotency mark");
-                }
-                Ok(())
-            }
-        }
-    }
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Running,
+    Returned {
+        ok: bool,
+    },
+    /// Completed or released: nothing left to do.
+    Finished,
 }
 
-impl Drop for Mark {
+impl Drop for Held {
     fn drop(&mut self) {
-        if self.held {
-            let _ = self
-                .config
-                .store
-                .try_abandon_noted(key_of(&self.delivery), self.note);
+        if self.stage == Stage::Finished {
+            return;
         }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let config = self.config.clone();
+        let delivery = self.delivery.clone();
+        let succeeded = self.stage == Stage::Returned { ok: true };
+        runtime.spawn(async move {
+            let key = MarkKey::new(delivery.group(), delivery.id());
+            let store = &*config.store;
+            // Bounded by the lease: past it another consumer may hold the id.
+            let limit = Some(config.lease);
+            let finished = if succeeded {
+                config
+                    .steady("complete", key, limit, || {
+                        store.complete(key, config.retention)
+                    })
+                    .await
+            } else {
+                config
+                    .steady("release", key, limit, || store.release(key))
+                    .await
+            };
+            if let Err(e) = finished {
+                tracing::warn!(%key, error = %e, "could not finish an abandoned idempotency mark");
+            }
+        });
     }
 }
 
@@ -329,8 +324,8 @@ impl Drop for Mark {
 mod tests {
     use super::*;
     use crate::MemoryStore;
-    use futures::future::BoxFuture;
-    use switchyard_core::{Acker, Message, Nack, Origin};
+    use async_trait::async_trait;
+    use switchyard_core::{Acker, FailureKind, Message, Nack, Origin};
 
     struct NoAck;
 
@@ -348,6 +343,71 @@ mod tests {
         Delivery::new(Arc::new(Message::new("x")), 1, origin, NoAck)
     }
 
+    fn counting(
+        runs: &Arc<AtomicU64>,
+    ) -> impl Service<
+        Delivery,
+        Response = (),
+        Error = HandlerError,
+        Future = BoxFuture<'static, Result<(), HandlerError>>,
+    > + Clone
+           + Send
+           + 'static {
+        let runs = runs.clone();
+        tower::service_fn(
+            move |_: Delivery| -> BoxFuture<'static, Result<(), HandlerError>> {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async { Ok(()) })
+            },
+        )
+    }
+
+    /// A store that fails its first `failures` calls of each kind.
+    struct Flaky {
+        inner: MemoryStore,
+        begins: AtomicU64,
+        completes: AtomicU64,
+        failures: u64,
+    }
+
+    impl Flaky {
+        fn new(failures: u64) -> Self {
+            Self {
+                inner: MemoryStore::default(),
+                begins: AtomicU64::new(0),
+                completes: AtomicU64::new(0),
+                failures,
+            }
+        }
+    }
+
+    fn down() -> switchyard_core::Error {
+        switchyard_core::Error::transient("test", "connection refused")
+    }
+
+    #[async_trait]
+    impl IdempotencyStore for Flaky {
+        async fn begin(&self, key: MarkKey<'_>, lease: Duration) -> switchyard_core::Result<Begin> {
+            if self.begins.fetch_add(1, Ordering::SeqCst) < self.failures {
+                return Err(down());
+            }
+            self.inner.begin(key, lease).await
+        }
+        async fn complete(
+            &self,
+            key: MarkKey<'_>,
+            retention: Duration,
+        ) -> switchyard_core::Result<()> {
+            if self.completes.fetch_add(1, Ordering::SeqCst) < self.failures {
+                return Err(down());
+            }
+            self.inner.complete(key, retention).await
+        }
+        async fn release(&self, key: MarkKey<'_>) -> switchyard_core::Result<()> {
+            self.inner.release(key).await
+        }
+    }
+
     #[tokio::test]
     async fn a_call_dropped_before_it_finishes_releases_its_mark() {
         let store = Arc::new(MemoryStore::default());
@@ -356,14 +416,15 @@ mod tests {
                 futures::future::pending::<Result<(), HandlerError>>()
             }));
         let d = delivery();
-        let key = format!("g/{}", d.id());
+        let key = MarkKey::new("g", d.id());
         let mut call = service.call(d.clone());
         assert!(futures::poll!(&mut call).is_pending());
         let lease = Duration::from_secs(60);
-        assert_eq!(store.begin(&key, lease).await.unwrap(), Begin::InFlight);
+        assert_eq!(store.begin(key, lease).await.unwrap(), Begin::InFlight);
         drop(call);
+        tokio::task::yield_now().await;
         assert_eq!(
-            store.begin(&key, lease).await.unwrap(),
+            store.begin(key, lease).await.unwrap(),
             Begin::Started,
             "released, so a redelivery runs at once"
         );
@@ -373,16 +434,60 @@ mod tests {
     async fn a_completed_message_is_skipped() {
         let store = Arc::new(MemoryStore::default());
         let runs = Arc::new(AtomicU64::new(0));
-        let counted = runs.clone();
         let layer = IdempotencyLayer::new(store);
-        let mut service = layer.layer(tower::service_fn(move |_: Delivery| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            async { Ok::<(), HandlerError>(()) }
-        }));
+        let mut service = layer.layer(counting(&runs));
         let d = delivery();
         service.call(d.clone()).await.unwrap();
         service.call(d.clone()).await.unwrap();
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert_eq!(layer.skipped(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_holds_the_delivery_and_a_failed_complete_is_retried() {
+        let store = Arc::new(Flaky::new(5));
+        let runs = Arc::new(AtomicU64::new(0));
+        let layer = IdempotencyLayer::new(store.clone());
+        let mut service = layer.layer(counting(&runs));
+        let d = delivery();
+        service
+            .call(d.clone())
+            .await
+            .expect("held through the outage, not failed");
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(store.begins.load(Ordering::SeqCst), 6);
+        assert_eq!(
+            store.completes.load(Ordering::SeqCst),
+            6,
+            "complete retried"
+        );
+        service.call(d).await.unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the redelivery is skipped");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_the_outage_limit_a_delivery_fails_as_unavailable() {
+        let store = Arc::new(Flaky::new(u64::MAX));
+        let runs = Arc::new(AtomicU64::new(0));
+        let mut service = IdempotencyLayer::new(store)
+            .outage_limit(Some(Duration::from_secs(10)))
+            .layer(counting(&runs));
+        let error = service.call(delivery()).await.unwrap_err();
+        assert_eq!(error.kind(), FailureKind::Unavailable);
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_ten_kilobyte_id_runs_once() {
+        let store = Arc::new(MemoryStore::default());
+        let runs = Arc::new(AtomicU64::new(0));
+        let mut service = IdempotencyLayer::new(store).layer(counting(&runs));
+        let mut message = Message::new("x");
+        message.id = "k".repeat(10 * 1024);
+        let origin = Origin::new("t".into(), "g".into(), None, None);
+        let d = Delivery::new(Arc::new(message), 1, origin, NoAck);
+        service.call(d.clone()).await.unwrap();
+        service.call(d).await.unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 }

@@ -11,6 +11,12 @@
 //! - otherwise mark in flight, run the handler, then mark completed on success or release
 //!   the mark on failure, so the redelivery can run.
 //!
+//! A store that fails to answer (a PostgreSQL restart, a network cut) is an outage, not
+//! the message's fault: the layer holds the delivery and asks the store again, with
+//! jittered backoff and a bound on each try, until it answers or the delivery is dropped
+//! (shutdown). A completed mark whose recording failed is recorded again, never given
+//! up, so an outage cannot make the handler succeed twice for one id.
+//!
 //! The layer trusts the producer's id: two messages published with the same id are one
 //! message to it, and the second is skipped. switchyard's publishers give each message a
 //! fresh UUIDv7 unless you set one, and no header can override it (names starting with
@@ -45,11 +51,9 @@ pub enum Begin {
     Completed,
 }
 
-/// A mark's key in its two parts: the consumer group and the message id. Joined,
-/// `<group>/<id>` is the key the `&str` methods take, and the same mark: the layer
-/// hands the parts to the `_noted` methods, so an in-process store can file a key
-/// without joining it into a new string per message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A mark's key: the consumer group and the message id. The same id in two groups is
+/// two marks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MarkKey<'a> {
     /// The consumer group (its name has no `/`).
     pub group: &'a str,
@@ -57,14 +61,10 @@ pub struct MarkKey<'a> {
     pub id: &'a str,
 }
 
-impl MarkKey<'_> {
-    /// `<group>/<id>`: the key as the `&str` methods take it.
-    pub fn joined(&self) -> String {
-        let mut key = String::with_capacity(self.group.len() + 1 + self.id.len());
-        key.push_str(self.group);
-        key.push('/');
-        key.push_str(self.id);
-        key
+impl<'a> MarkKey<'a> {
+    /// The key of message `id` in `group`.
+    pub fn new(group: &'a str, id: &'a str) -> Self {
+        Self { group, id }
     }
 }
 
@@ -74,88 +74,24 @@ impl std::fmt::Display for MarkKey<'_> {
     }
 }
 
-/// Where a store put a mark: returned with the answer of
-/// [`IdempotencyStore::try_begin_noted`] and handed back to
-/// [`try_complete_noted`](IdempotencyStore::try_complete_noted) or
-/// [`try_abandon_noted`](IdempotencyStore::try_abandon_noted) for the same key, so an
-/// in-process store finds the mark again without hashing and looking up the key twice.
-/// Opaque; a store that has no use for it gives [`MarkNote::default`] and ignores it.
+/// Not part of the store API: kept only so the crate root's re-export still names
+/// something; remove it with that re-export.
+#[doc(hidden)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MarkNote {
-    /// The store that wrote it (0: none).
-    pub(crate) store: u64,
-    pub(crate) at: u64,
-    pub(crate) check: u64,
-    /// A cheap sketch of the key it was given for, so a note handed back with another
-    /// key is (almost always) noticed and ignored rather than trusted.
-    pub(crate) key: u64,
-}
+pub struct MarkNote;
 
 /// Where idempotency marks live.
 ///
-/// Stores that answer without waiting (in-process ones, like [`MemoryStore`]) also
-/// implement the `try_` methods: the layer calls those first and awaits the async ones
-/// only when they return `None`, which saves a boxed future per call on the hot path.
+/// Every error a store returns is taken for an outage: [`IdempotencyLayer`] holds the
+/// delivery and calls again later, so a store should fail only when it could not answer.
 #[async_trait]
 pub trait IdempotencyStore: Send + Sync + 'static {
     /// Marks `key` in flight for `lease` unless it is in flight (unexpired) or completed.
-    async fn begin(&self, key: &str, lease: Duration) -> Result<Begin>;
-    /// Marks `key` completed, remembered for `retention`.
-    async fn complete(&self, key: &str, retention: Duration) -> Result<()>;
-    /// Releases an in-flight mark (the handler failed; a redelivery may run).
-    async fn abandon(&self, key: &str) -> Result<()>;
-
-    /// [`begin`](IdempotencyStore::begin) without waiting, if this store can; `None`
-    /// (the default) means "call `begin`".
-    fn try_begin(&self, key: &str, lease: Duration) -> Option<Result<Begin>> {
-        let _ = (key, lease);
-        None
-    }
-
-    /// [`complete`](IdempotencyStore::complete) without waiting, if this store can;
-    /// `None` (the default) means "call `complete`".
-    fn try_complete(&self, key: &str, retention: Duration) -> Option<Result<()>> {
-        let _ = (key, retention);
-        None
-    }
-
-    /// [`abandon`](IdempotencyStore::abandon) without waiting, if this store can;
-    /// `None` (the default) means "call `abandon`".
-    fn try_abandon(&self, key: &str) -> Option<Result<()>> {
-        let _ = key;
-        None
-    }
-
-    /// [`try_begin`](IdempotencyStore::try_begin) for `key`'s joined form, and a note
-    /// of where the mark is for the calls that finish it. The default joins the key
-    /// and gives an empty note.
-    fn try_begin_noted(
-        &self,
-        key: MarkKey<'_>,
-        lease: Duration,
-    ) -> Option<Result<(Begin, MarkNote)>> {
-        self.try_begin(&key.joined(), lease)
-            .map(|begun| begun.map(|begin| (begin, MarkNote::default())))
-    }
-
-    /// [`try_complete`](IdempotencyStore::try_complete) with the note
-    /// [`try_begin_noted`](IdempotencyStore::try_begin_noted) gave for `key`. The
-    /// default ignores the note.
-    fn try_complete_noted(
-        &self,
-        key: MarkKey<'_>,
-        note: MarkNote,
-        retention: Duration,
-    ) -> Option<Result<()>> {
-        let _ = note;
-        self.try_complete(&key.joined(), retention)
-    }
-
-    /// [`try_abandon`](IdempotencyStore::try_abandon) with the note
-    /// [`try_begin_noted`](IdempotencyStore::try_begin_noted) gave for `key`. The
-    /// default ignores the note.
-    fn try_abandon_noted(&self, key: MarkKey<'_>, note: MarkNote) -> Option<Result<()>> {
-        let _ = note;
-        self.try_abandon(&key.joined())
-    }
+    async fn begin(&self, key: MarkKey<'_>, lease: Duration) -> Result<Begin>;
+    /// Marks `key` completed, remembered for `retention`, whatever mark it had (none
+    /// included). Doing it twice is the same as doing it once.
+    async fn complete(&self, key: MarkKey<'_>, retention: Duration) -> Result<()>;
+    /// Releases an in-flight mark (the handler failed; a redelivery may run). A
+    /// completed mark stays; doing it twice is the same as doing it once.
+    async fn release(&self, key: MarkKey<'_>) -> Result<()>;
 }
