@@ -353,7 +353,12 @@ async fn broker_app_stopped_and_started_mid_stream_loses_nothing_confirmed() {
         published_at_stop < total && handled_at_stop < total,
         "the broker was stopped after the run, not during it"
     );
-    assert!(failures > 0, "no publish met the outage");
+    // The publisher rides out an outage shorter than confirm_timeout_ms (30 s): the
+    // 5 s stop must not reach the application as a failed publish.
+    assert_eq!(
+        failures, 0,
+        "publishes failed during a 5 s outage, within confirm_timeout"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
