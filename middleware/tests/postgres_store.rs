@@ -238,7 +238,7 @@ async fn a_ten_kilobyte_id_is_a_mark_like_any_other() {
     let t = table();
     let s = store(&t).await;
     let lease = Duration::from_secs(60);
-    let long = "k".repeat(10 * 1024);
+    let long = incompressible_id(10 * 1024);
     let other = format!("{}j", &long[1..]);
     let key = MarkKey::new("g", &long);
     assert_eq!(s.begin(key, lease).await.unwrap(), Begin::Started);
@@ -277,7 +277,7 @@ async fn a_ten_kilobyte_id_runs_the_handler_once() {
         )
     };
     let mut message = Message::new("x");
-    message.id = "k".repeat(10 * 1024);
+    message.id = incompressible_id(10 * 1024);
     let message = Arc::new(message);
     for _ in 0..2 {
         let origin = switchyard_core::Origin::new("t".into(), "g".into(), None, None);
@@ -302,4 +302,15 @@ impl switchyard_core::Acker for NoAck {
     ) -> futures::future::BoxFuture<'_, switchyard_core::Result<()>> {
         Box::pin(async { Ok(()) })
     }
+}
+
+/// An id of `len` random hex digits: PostgreSQL compresses a long index entry, so a
+/// repetitive id would fit where a real long one does not.
+fn incompressible_id(len: usize) -> String {
+    let mut id = String::with_capacity(len + 32);
+    while id.len() < len {
+        id.push_str(&switchyard_core::new_id().replace('-', ""));
+    }
+    id.truncate(len);
+    id
 }
