@@ -63,7 +63,7 @@ pub mod retry;
 pub use dead_letter::{DeadLetterLayer, DeadLetterRecord, DeadLetters, Replayed, Selection};
 #[cfg(feature = "postgres")]
 pub use idempotency::PostgresStore;
-pub use idempotency::{Begin, IdempotencyLayer, IdempotencyStore, MarkKey, MarkNote, MemoryStore};
+pub use idempotency::{Begin, IdempotencyLayer, IdempotencyStore, MarkKey, MemoryStore};
 pub use inspect::{Inspect, InspectLayer};
 pub use recover::{Caught, OnFailure, Recover, RecoverFuture};
 pub use retry::{Retry, RetryFuture, RetryLayer, RetryPolicy, RetryTiers, RetryTopicLayer};

@@ -74,12 +74,6 @@ impl std::fmt::Display for MarkKey<'_> {
     }
 }
 
-/// Not part of the store API: kept only so the crate root's re-export still names
-/// something; remove it with that re-export.
-#[doc(hidden)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MarkNote;
-
 /// Where idempotency marks live.
 ///
 /// Every error a store returns is taken for an outage: [`IdempotencyLayer`] holds the

@@ -39,8 +39,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::future::BoxFuture;
 
 use switchyard_core::{
-    Acker, AnyBroker, App, Consumer, Delivery, Error, HandlerError, Message, Nack, Origin, Result,
-    StartFrom, SubscribeOptions, Subscriber,
+    Acker, AnyBroker, App, Consumer, Delivery, Error, FailureKind, HandlerError, Message, Nack,
+    Origin, Result, StartFrom, SubscribeOptions, Subscriber,
 };
 use tower::{Layer, Service, ServiceExt};
 
@@ -209,7 +209,8 @@ impl OnFailure for RetryTopicLayer {
     ) -> BoxFuture<'static, Result<(), HandlerError>> {
         let tiers = self.tiers.clone();
         Box::pin(async move {
-            if !error.is_retryable() {
+            // A store outage is not the message's failure: it must not use up a tier.
+            if !error.is_retryable() || error.kind() == FailureKind::Unavailable {
                 return Err(error);
             }
             let m = delivery.message();
@@ -420,6 +421,41 @@ mod tests {
 
     async fn ok(_: Delivery) -> Result<(), HandlerError> {
         Ok(())
+    }
+
+    struct NoAck;
+    impl Acker for NoAck {
+        fn ack(&self) -> BoxFuture<'_, Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn nack(&self, _: Nack) -> BoxFuture<'_, Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_outage_does_not_use_up_a_tier() {
+        let broker: AnyBroker = Arc::new(switchyard_memory::MemoryBroker::new());
+        let tiers = RetryTiers::new(broker.clone(), [Duration::from_millis(10)]).unwrap();
+        async fn down(_: Delivery) -> Result<(), HandlerError> {
+            Err(HandlerError::unavailable(std::io::Error::other(
+                "store down",
+            )))
+        }
+        let service = tiers.layer().layer(handler_fn(down));
+        let origin = Origin::new("t".into(), "g".into(), None, None);
+        let delivery = Delivery::new(Arc::new(Message::new("x")), 1, origin, NoAck);
+        let e = service.oneshot(delivery).await.unwrap_err();
+        assert_eq!(e.kind(), FailureKind::Unavailable);
+        let mut sub = broker
+            .subscribe(SubscribeOptions::new(
+                tiers.tier_topic("t", "g", 0),
+                "probe",
+            ))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_millis(200), sub.recv()).await;
+        assert!(got.is_err(), "nothing was sent to the tier topic");
     }
 
     #[tokio::test]
