@@ -13,7 +13,7 @@ use switchyard_core::{
     App, Consumer, ConsumerReport, Delivery, Error, HandlerError, Json, Message, Nack, StartFrom,
     SubscribeOptions, Subscription,
 };
-use switchyard_middleware::dead_letter;
+use switchyard_middleware::dead_letter::{self, ReplayTo};
 use switchyard_middleware::{
     DeadLetterLayer, DeadLetterRecord, DeadLetters, IdempotencyLayer, InspectLayer, MemoryStore,
     RetryPolicy, RetryTiers, Selection,
@@ -1140,7 +1140,15 @@ async fn poison_and_replay(ctx: Arc<Ctx>) -> Check {
     // The handler is fixed; replaying the poison message runs it once more, successfully.
     fixed.store(true, Ordering::SeqCst);
     let ids: HashSet<String> = [poison_id.clone()].into();
+    // Back to the failing group where the broker can address one, else to the topic.
+    let to = if ctx.caps.delayed_delivery {
+        ReplayTo::Group
+    } else {
+        ReplayTo::Topic
+    };
     let replayed = letters
+        .clone()
+        .to(to)
         .replay(&dlq, &Selection::Ids(ids))
         .await
         .or_fail("replay")?;

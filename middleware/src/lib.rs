@@ -60,7 +60,9 @@ mod inspect;
 mod recover;
 pub mod retry;
 
-pub use dead_letter::{DeadLetterLayer, DeadLetterRecord, DeadLetters, Replayed, Selection};
+pub use dead_letter::{
+    DeadLetterLayer, DeadLetterRecord, DeadLetters, ReplayTo, Replayed, Selection,
+};
 #[cfg(feature = "postgres")]
 pub use idempotency::PostgresStore;
 pub use idempotency::{Begin, IdempotencyLayer, IdempotencyStore, MarkKey, MemoryStore};
