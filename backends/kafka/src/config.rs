@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use rdkafka::error::KafkaError;
 use rdkafka::ClientConfig;
 use switchyard_core::{BrokerUrl, Error, Result};
 
@@ -73,7 +74,12 @@ pub enum DeliveryGuarantee {
 /// than 45 s, and members notice rebalances quickly),
 /// `linger.ms=5`, and `partitioner=murmur2_random` (the Java client's partitioner, so a
 /// key lands on the same partition whichever client published it).
-#[derive(Clone, Debug)]
+///
+/// Credentials go in settings (`sasl.username=…&sasl.password=…`, percent-encoded), not
+/// before the host: a `kafka://user:pass@host` URL is an [`Error::Config`]. The `Debug`
+/// output shows `***` for the values of secret-looking settings (see
+/// [`BrokerUrl::is_secret_setting`]).
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct KafkaConfig {
     /// `host:port` list, comma separated (librdkafka `bootstrap.servers`).
@@ -104,6 +110,35 @@ pub struct KafkaConfig {
     pub client: Vec<(String, String)>,
 }
 
+/// Without secrets: configs end up in logs.
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let client: Vec<(&str, String)> = self
+            .client
+            .iter()
+            .map(|(k, v)| (k.as_str(), BrokerUrl::redact_setting(k, v)))
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field(
+                "bootstrap_servers",
+                &switchyard_core::redact(&self.bootstrap_servers),
+            )
+            .field("partitions", &self.partitions)
+            .field("replication", &self.replication)
+            .field("create_topics", &self.create_topics)
+            .field("commit", &self.commit)
+            .field("commit_interval", &self.commit_interval)
+            .field("delivery", &self.delivery)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("max_message_size", &self.max_message_size)
+            .field("join_timeout", &self.join_timeout)
+            .field("revoke_timeout", &self.revoke_timeout)
+            .field("assign_delay", &self.assign_delay)
+            .field("client", &client)
+            .finish()
+    }
+}
+
 impl KafkaConfig {
     /// Defaults for these bootstrap servers.
     pub fn new(bootstrap_servers: impl Into<String>) -> Self {
@@ -132,6 +167,16 @@ impl KafkaConfig {
                 scheme: parsed.scheme,
                 url: switchyard_core::redact(url),
             });
+        }
+        // The servers end up in every error message, so credentials must not be among
+        // them (nor quoted here: this error names no part of the URL).
+        if parsed.authority.contains('@') {
+            return Err(Error::config(
+                "url",
+                "a kafka:// URL takes no user or password before the host: give them as \
+                 settings, percent-encoded, e.g. kafka://host:9093?security.protocol=SASL_SSL\
+                 &sasl.mechanism=SCRAM-SHA-512&sasl.username=USER&sasl.password=PASSWORD",
+            ));
         }
         let servers = parsed.authority.trim_end_matches('/').to_string();
         if servers.is_empty() {
@@ -200,12 +245,19 @@ impl KafkaConfig {
                 }
             }
         }
-        config.validate()?;
+        // librdkafka's verdict on its settings waits for `KafkaBroker::new` (which calls
+        // `validate`): which values it accepts depends on how it was built.
+        config.check_numbers()?;
         Ok(config)
     }
 
-    /// Checks numbers that cannot work.
+    /// Checks numbers that cannot work, and that librdkafka accepts every setting.
     pub fn validate(&self) -> Result<()> {
+        self.check_numbers()?;
+        self.check_client_settings()
+    }
+
+    fn check_numbers(&self) -> Result<()> {
         if self.partitions < 1 {
             return Err(Error::config("partitions", "must be at least 1"));
         }
@@ -223,6 +275,37 @@ impl KafkaConfig {
                 "commit_interval_ms",
                 "must be at least 1; use commit=sync to commit after every message",
             ));
+        }
+        Ok(())
+    }
+
+    /// librdkafka's own rejection of a setting quotes its value, secret or not: try the
+    /// settings here first, so the error names the setting and hides a secret value.
+    fn check_client_settings(&self) -> Result<()> {
+        for c in [self.producer(), self.consumer("switchyard-check", false)] {
+            match c.create_native_config() {
+                Ok(_) => {}
+                Err(KafkaError::ClientConfig(_, desc, key, value)) => {
+                    let desc = if value.is_empty() {
+                        desc
+                    } else {
+                        desc.replace(&value, &BrokerUrl::redact_setting(&key, &value))
+                    };
+                    return Err(Error::config(
+                        key.as_str(),
+                        format!(
+                            "librdkafka rejects {:?}: {desc}",
+                            BrokerUrl::redact_setting(&key, &value)
+                        ),
+                    ));
+                }
+                Err(_) => {
+                    return Err(Error::config(
+                        "url",
+                        "librdkafka rejects a setting (one holds a NUL character)",
+                    ))
+                }
+            }
         }
         Ok(())
     }
@@ -333,5 +416,63 @@ mod tests {
             "{err}"
         );
         assert!(KafkaConfig::from_url("kafka://").is_err());
+    }
+
+    #[test]
+    fn credentials_never_show_in_errors_or_debug() {
+        for url in [
+            "kafka://user:hunter22@h:9092",
+            "kafka://user:hun/ter22@h:9092",
+            "kafka://user:hun%2Fter22@h:9092",
+            "kafka://user:hun#ter22@h:9092",
+            "kafka://user:hun?ter22@h:9092",
+            "kafka://hunter22@h:9092",
+        ] {
+            let err = KafkaConfig::from_url(url).unwrap_err();
+            let shown = format!("{err} {err:?}");
+            assert!(!shown.contains("ter22"), "{url}: {shown}");
+            assert!(
+                matches!(&err, Error::Config { setting, .. } if setting == "url"),
+                "{url}: {err}"
+            );
+            assert!(
+                shown.contains("sasl.password=") || shown.contains("percent-encoded"),
+                "{shown}"
+            );
+        }
+        let c = KafkaConfig::from_url(
+            "kafka://h:9092?security.protocol=SASL_SSL&sasl.username=ann&sasl.password=hunter22\
+             &ssl.key.password=k3ypass&sasl.oauthbearer.client.secret=s3cret&linger.ms=7",
+        )
+        .unwrap();
+        assert_eq!(c.producer().get("sasl.password"), Some("hunter22"));
+        let shown = format!("{c:?}");
+        for secret in ["ann", "hunter22", "k3ypass", "s3cret"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("\"linger.ms\", \"7\""), "{shown}");
+        assert!(shown.contains("SASL_SSL"), "{shown}");
+        // librdkafka's own message for a rejected value would quote it.
+        for url in [
+            "kafka://h:9092?ssl.key.password=hunter22&compression.codec=nope",
+            "kafka://h:9092?compression.codec=hunter22",
+            "kafka://h:9092?sasl.oauthbearer.client.secret=hunter22&no.such.setting=1",
+        ] {
+            let err = KafkaConfig::from_url(url).unwrap().validate().unwrap_err();
+            assert!(matches!(err, Error::Config { .. }), "{url}: {err}");
+            if !url.contains("codec=hunter22") {
+                assert!(!format!("{err} {err:?}").contains("hunter22"), "{err}");
+            }
+        }
+        let err = KafkaConfig::from_url("kafka://h:9092?compression.codec=nope")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Config { setting, .. } if setting == "compression.codec"),
+            "{err}"
+        );
+        let c = KafkaConfig::new("user:hunter22@h:9092");
+        assert!(!format!("{c:?}").contains("hunter22"), "{c:?}");
     }
 }

@@ -35,13 +35,19 @@ pub struct RabbitConfig {
     /// list objects). Default: `http://<amqp host>:15672` (`https://<host>:15671` for
     /// `amqps://`). It authenticates with the AMQP URL's user and password unless this
     /// URL carries its own (`http://user:pass@host:15672`).
+    ///
+    /// The default `http://` sends that password in the clear, so listing topics refuses
+    /// it for a host other than the loopback one: give `management_url=` explicitly
+    /// (`https://host:15671`, or `http://…` to accept the risk), or use `amqps://`.
     pub management_url: String,
+    /// Whether `management_url` was given rather than derived from the AMQP URL.
+    pub(crate) management_explicit: bool,
     /// The AMQP URL's user, password and virtual host, for the management API.
     pub(crate) credentials: (String, String),
     pub(crate) vhost: String,
 }
 
-/// Without the password: configs end up in logs.
+/// Without the user and password: configs end up in logs.
 impl std::fmt::Debug for RabbitConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RabbitConfig")
@@ -56,7 +62,6 @@ impl std::fmt::Debug for RabbitConfig {
                 "management_url",
                 &switchyard_core::redact(&self.management_url),
             )
-            .field("user", &self.credentials.0)
             .field("vhost", &self.vhost)
             .finish()
     }
@@ -139,6 +144,7 @@ impl RabbitConfig {
             .unwrap_or("switchyard")
             .to_string();
         let target = AmqpTarget::parse(&parsed.authority)?;
+        let management_explicit = parsed.param("management_url").is_some();
         let management_url = match parsed.param("management_url") {
             Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
                 u.trim_end_matches('/').to_string()
@@ -157,6 +163,7 @@ impl RabbitConfig {
         };
         Ok(Self {
             management_url,
+            management_explicit,
             credentials: (target.user, target.password),
             vhost: target.vhost,
             connection_name,
@@ -182,6 +189,22 @@ struct AmqpTarget {
 
 impl AmqpTarget {
     fn parse(authority: &str) -> Result<Self> {
+        // An '@' after the first '/', or a '#' before the last '@', is a user or password
+        // with a raw '/', '?' or '#': lapin would read a different host, and the pieces
+        // of the password would show up as a host or virtual host in messages.
+        let ambiguous = match authority.rfind('@') {
+            Some(at) => {
+                authority.find('/').is_some_and(|slash| slash < at) || authority[..at].contains('#')
+            }
+            None => false,
+        };
+        if ambiguous {
+            return Err(Error::config(
+                "url",
+                "the amqp:// URL's user or password holds a raw '/', '?', '#' or '@' (or its \
+                 virtual host an '@'): percent-encode them (%2F, %3F, %23, %40)",
+            ));
+        }
         let (server, path) = match authority.split_once('/') {
             Some((s, p)) => (s, Some(p)),
             None => (authority, None),
@@ -278,5 +301,37 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.management_url, "https://admin.example:8443");
+        assert!(c.management_explicit);
+    }
+
+    #[test]
+    fn credentials_never_show_in_errors_or_debug() {
+        for url in [
+            "amqp://ann:hun/ter22@h:5672/%2f",
+            "amqp://ann:hun?ter22@h:5672/%2f",
+            "amqp://ann:hun#ter22@h:5672/%2f",
+            "amqp://ann:hun/ter22@h:5672/%2f?management_url=http://m",
+        ] {
+            let err = RabbitConfig::from_url(url).unwrap_err();
+            let shown = format!("{err} {err:?}");
+            assert!(!shown.contains("ter22"), "{url}: {shown}");
+            assert!(shown.contains("percent-encode"), "{url}: {shown}");
+        }
+        for url in [
+            "amqp://ann:hunter22@h:5672/%2f",
+            "amqp://ann:hun%2F%3F%23%40ter22@h:5672/%2f",
+            "amqp://ann:hun@ter22@h:5672/%2f",
+            "amqps://ann:hunter22@h/%2f?management_url=https%3A%2F%2Fadm%3Ahunter22%40m",
+            "amqp://ann:hunter22@h/%2f?management_url=http://adm:hunter22@m:15672&partitions=4",
+        ] {
+            let c = RabbitConfig::from_url(url).unwrap();
+            let shown = format!("{c:?} {}", c.redacted_url);
+            assert!(!shown.contains("ter22"), "{url}: {shown}");
+            assert!(!shown.contains("ann"), "{url}: {shown}");
+        }
+        for url in ["amqq://ann:hunter22@h/%2f", "kafak://ann:hun/ter22@h"] {
+            let err = RabbitConfig::from_url(url).unwrap_err();
+            assert!(!format!("{err} {err:?}").contains("ter22"), "{url}: {err}");
+        }
     }
 }

@@ -44,6 +44,7 @@ pub(crate) struct Listing {
 /// Lists the virtual host's exchanges (name, type) and queues (names only: depths are
 /// read over AMQP, which is exact where the API's figures are samples up to 5 s old).
 pub(crate) async fn list(config: &RabbitConfig) -> Result<Listing> {
+    refuse_plain_http(config)?;
     let (base, auth) = endpoint(config);
     let vhost = encode_path(&config.vhost);
     let shown = redact(&base);
@@ -131,6 +132,44 @@ pub(crate) async fn list(config: &RabbitConfig) -> Result<Listing> {
     })
     .await
     .map_err(|e| Error::transient(BACKEND, format!("the management API call failed: {e}")))?
+}
+
+/// The derived `http://host:15672` would send the AMQP password in the clear: allowed
+/// only to the loopback host. An explicit `management_url=` is the user's choice.
+fn refuse_plain_http(config: &RabbitConfig) -> Result<()> {
+    let url = &config.management_url;
+    if config.management_explicit || !url.starts_with("http://") {
+        return Ok(());
+    }
+    let (base, _) = endpoint(config);
+    let host = base
+        .strip_prefix("http://")
+        .unwrap_or(&base)
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => host.split(':').next().unwrap_or(host),
+    };
+    let loopback = name.eq_ignore_ascii_case("localhost")
+        || name.to_ascii_lowercase().ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        return Ok(());
+    }
+    Err(Error::config(
+        "management_url",
+        format!(
+            "listing topics uses the management API, and the default {base} would send the \
+             AMQP user and password unencrypted to a host other than this one; set \
+             management_url=https://{host_only}:15671 (management over TLS) in the amqp:// \
+             URL, or management_url=http://{host_only}:15672 to accept plain HTTP",
+            host_only = host.rsplit_once(':').map_or(host, |(h, _)| h),
+        ),
+    ))
 }
 
 /// The base URL without credentials, and the basic-auth header: the management URL's
@@ -279,5 +318,35 @@ mod tests {
         assert_eq!(auth, format!("Basic {token}"));
         assert_eq!(encode_path("/"), "%2F");
         assert_eq!(encode_path("my vh"), "my%20vh");
+    }
+
+    #[test]
+    fn plain_http_to_a_remote_host_is_refused_unless_asked_for() {
+        for url in [
+            "amqp://ann:hunter22@rabbit.example:5672/%2f",
+            "amqp://ann:hunter22@10.0.0.7/%2f",
+            "amqp://ann:hunter22@[2001:db8::1]:5672/%2f",
+        ] {
+            let c = RabbitConfig::from_url(url).unwrap();
+            let err = refuse_plain_http(&c).unwrap_err();
+            let shown = err.to_string();
+            assert!(
+                matches!(&err, Error::Config { setting, .. } if setting == "management_url"),
+                "{url}: {shown}"
+            );
+            assert!(shown.contains("management_url=https://"), "{shown}");
+            assert!(!shown.contains("hunter22"), "{shown}");
+        }
+        for url in [
+            "amqp://ann:hunter22@127.0.0.1:5672/%2f",
+            "amqp://ann:hunter22@localhost/%2f",
+            "amqp://ann:hunter22@[::1]:5672/%2f",
+            "amqp://ann:hunter22@/%2f",
+            "amqps://ann:hunter22@rabbit.example/%2f",
+            "amqp://ann:hunter22@rabbit.example/%2f?management_url=http://rabbit.example:15672",
+        ] {
+            let c = RabbitConfig::from_url(url).unwrap();
+            assert!(refuse_plain_http(&c).is_ok(), "{url}");
+        }
     }
 }
