@@ -42,7 +42,7 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct Broker {
     /// Broker URL: memory://, kafka://host:9092, amqp://user:pass@host:5672/%2f
-    #[arg(long, env = "SWITCHYARD_URL")]
+    #[arg(long, env = "SWITCHYARD_URL", hide_env_values = true)]
     pub url: String,
 }
 
@@ -114,6 +114,13 @@ pub enum Command {
         /// Leave the messages unacked (they are redelivered to the group).
         #[arg(long)]
         no_ack: bool,
+        /// Keep a group this command creates after it ends. Without it, a group that did
+        /// not exist is made ephemeral: its broker state goes when its last member has
+        /// left (RabbitMQ: its queues expire a minute later; memory: at once), so a
+        /// look at a topic does not leave a queue copying every later message. An
+        /// existing group is used as it is.
+        #[arg(long)]
+        durable: bool,
     },
     /// Dead letters of a topic (`<topic>.dlq`).
     Dlq {
@@ -267,6 +274,7 @@ async fn run_command(cli: Cli, input: impl BufRead, out: &mut impl Write) -> Res
             from,
             format,
             no_ack,
+            durable,
         } => {
             let broker = connect(&broker).await?;
             let start = if from == From::Latest {
@@ -278,7 +286,16 @@ async fn run_command(cli: Cli, input: impl BufRead, out: &mut impl Write) -> Res
                 .start(start)
                 .prefetch(count.unwrap_or(256).clamp(1, 1024));
             let window = options.prefetch;
-            let mut sub = broker.subscribe(options).await?;
+            let mut sub = if durable {
+                broker.subscribe(options).await?
+            } else {
+                match broker.subscribe(options.clone().ephemeral(true)).await {
+                    Ok(sub) => sub,
+                    // The group exists and is durable: join it as it is.
+                    Err(e) if is_ephemeral_mismatch(&e) => broker.subscribe(options).await?,
+                    Err(e) => return Err(e),
+                }
+            };
             let mut printed = 0;
             let mut held = Vec::new();
             let mut batch = Vec::new();
@@ -475,6 +492,15 @@ fn message_json(m: &Message) -> serde_json::Value {
         }
     }
     v
+}
+
+/// Whether subscribing failed only because the group exists with `ephemeral` unset
+/// (memory says so through the setting, RabbitMQ through its declare conflict).
+fn is_ephemeral_mismatch(e: &Error) -> bool {
+    match e {
+        Error::Config { setting, .. } => setting == "ephemeral",
+        other => other.to_string().contains("SubscribeOptions::ephemeral"),
+    }
 }
 
 fn print_delivery(out: &mut impl Write, d: &Delivery, format: Format) -> Result<()> {

@@ -55,7 +55,16 @@ async fn publish_then_consume_as_json_keeps_key_headers_and_binary() {
 
     let out = cli(
         &[
-            "consume", "--url", url, "--topic", "orders", "--group", "g", "--count", "2",
+            "consume",
+            "--durable",
+            "--url",
+            url,
+            "--topic",
+            "orders",
+            "--group",
+            "g",
+            "--count",
+            "2",
         ],
         "",
     )
@@ -78,6 +87,7 @@ async fn publish_then_consume_as_json_keeps_key_headers_and_binary() {
     let again = cli(
         &[
             "consume",
+            "--durable",
             "--url",
             url,
             "--topic",
@@ -94,8 +104,19 @@ async fn publish_then_consume_as_json_keeps_key_headers_and_binary() {
     assert!(again.is_empty(), "{again}");
     let peek = cli(
         &[
-            "consume", "--url", url, "--topic", "orders", "--group", "h", "--count", "1",
-            "--format", "raw", "--no-ack",
+            "consume",
+            "--durable",
+            "--url",
+            url,
+            "--topic",
+            "orders",
+            "--group",
+            "h",
+            "--count",
+            "1",
+            "--format",
+            "raw",
+            "--no-ack",
         ],
         "",
     )
@@ -104,8 +125,18 @@ async fn publish_then_consume_as_json_keeps_key_headers_and_binary() {
     assert_eq!(peek, "first\n");
     let still = cli(
         &[
-            "consume", "--url", url, "--topic", "orders", "--group", "h", "--count", "2",
-            "--format", "raw",
+            "consume",
+            "--durable",
+            "--url",
+            url,
+            "--topic",
+            "orders",
+            "--group",
+            "h",
+            "--count",
+            "2",
+            "--format",
+            "raw",
         ],
         "",
     )
@@ -318,6 +349,7 @@ async fn dead_letters_are_listed_and_replayed_by_id() {
     let back = cli(
         &[
             "consume",
+            "--durable",
             "--url",
             url,
             "--topic",
@@ -370,6 +402,7 @@ async fn dead_letters_are_listed_and_replayed_by_id() {
     let back = cli(
         &[
             "consume",
+            "--durable",
             "--url",
             url,
             "--topic",
@@ -445,6 +478,7 @@ async fn consume_acks_only_what_its_reader_took() {
     let consume = [
         "switchyard",
         "consume",
+        "--durable",
         "--url",
         url,
         "--topic",
@@ -472,4 +506,44 @@ async fn consume_acks_only_what_its_reader_took() {
     seen.extend(ids_in(&second));
     let lost: Vec<&String> = sent.difference(&seen).collect();
     assert!(lost.is_empty(), "acked but never handed on: {lost:?}");
+}
+
+#[tokio::test]
+async fn consume_makes_new_groups_ephemeral_and_joins_existing_ones_as_they_are() {
+    let url = "memory://cli-ephemeral";
+    let _broker = switchyard::connect(url).await.unwrap();
+    cli(
+        &["publish", "--url", url, "--topic", "t", "--key", "k"],
+        "one\ntwo\n",
+    )
+    .await
+    .unwrap();
+    let consume = |group: &'static str, extra: &'static [&'static str]| async move {
+        let mut args = vec![
+            "consume",
+            "--url",
+            url,
+            "--topic",
+            "t",
+            "--group",
+            group,
+            "--idle-secs",
+            "0.2",
+            "--format",
+            "raw",
+        ];
+        args.extend_from_slice(extra);
+        cli(&args, "").await.unwrap()
+    };
+    // A new group is ephemeral: gone when the command ends, so a second look starts over.
+    assert_eq!(consume("look", &[]).await, "one\ntwo\n");
+    assert_eq!(consume("look", &[]).await, "one\ntwo\n");
+    // --durable keeps it: what was acked is not seen again.
+    assert_eq!(
+        consume("kept", &["--durable", "--count", "1"]).await,
+        "one\n"
+    );
+    // An existing durable group is joined as it is, without --durable too.
+    assert_eq!(consume("kept", &[]).await, "two\n");
+    assert_eq!(consume("kept", &[]).await, "");
 }
