@@ -133,7 +133,6 @@ fn config_debug_hides_secrets() {
 /// clap prints `[env: SWITCHYARD_URL=<value>]` in `--help` unless the argument hides
 /// env values; `cli/src/lib.rs` is to set `hide_env_values = true` on `--url`.
 #[test]
-#[ignore = "needs hide_env_values on --url in cli/src/lib.rs"]
 fn help_hides_the_url_from_the_environment() {
     let out = common::switchyard()
         .args(["topics", "--help"])
@@ -230,4 +229,18 @@ proptest! {
             }
         }
     }
+}
+
+#[tokio::test]
+async fn a_memory_broker_name_with_a_password_is_not_shown() {
+    let first = switchyard::connect("memory://user:Pw0rdS3cret@named?capacity=10")
+        .await
+        .expect("connect");
+    let e = switchyard::connect("memory://user:Pw0rdS3cret@named?capacity=20")
+        .await
+        .err()
+        .expect("conflicting settings are refused");
+    let text = format!("{e} {e:?}");
+    assert!(!text.contains("Pw0rdS3cret"), "{text}");
+    drop(first);
 }

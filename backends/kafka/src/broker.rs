@@ -486,7 +486,10 @@ impl KafkaBroker {
 fn config_error(what: &str, e: KafkaError) -> Error {
     Error::config(
         "url",
-        format!("librdkafka rejected the {what} settings: {e}"),
+        format!(
+            "librdkafka rejected the {what} settings: {}",
+            crate::config::describe_client_error(&e)
+        ),
     )
 }
 

@@ -378,9 +378,35 @@ fn millis(value: &str) -> Option<Duration> {
     value.parse::<u64>().ok().map(Duration::from_millis)
 }
 
+/// A librdkafka error as text, with the value of a rejected secret setting hidden
+/// (librdkafka's own message quotes it).
+pub(crate) fn describe_client_error(e: &KafkaError) -> String {
+    match e {
+        KafkaError::ClientConfig(_, desc, key, value) if !value.is_empty() => {
+            let hidden = BrokerUrl::redact_setting(key, value);
+            format!("{}: {}", key, desc.replace(value.as_str(), &hidden))
+        }
+        other => switchyard_core::redact(&other.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rejected_secret_setting_is_described_without_its_value() {
+        let e = KafkaError::ClientConfig(
+            rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+            "Invalid value \"Hunter2Secret\" for configuration property \"ssl.key.password\""
+                .into(),
+            "ssl.key.password".into(),
+            "Hunter2Secret".into(),
+        );
+        let text = describe_client_error(&e);
+        assert!(!text.contains("Hunter2Secret"), "{text}");
+        assert!(text.contains("ssl.key.password"), "{text}");
+    }
 
     #[test]
     fn parses_settings_and_passes_librdkafka_ones_through() {

@@ -727,7 +727,10 @@ impl KafkaSubscription {
             .map_err(|e| {
                 Error::config(
                     "url",
-                    format!("librdkafka rejected the consumer settings: {e}"),
+                    format!(
+                        "librdkafka rejected the consumer settings: {}",
+                        crate::config::describe_client_error(&e)
+                    ),
                 )
             })?;
         consumer

@@ -358,7 +358,8 @@ impl MemoryBroker {
                 return Err(Error::config(
                     "url",
                     format!(
-                        "memory broker {name:?} already runs with {:?}; connect without settings to share it, or use another name",
+                        "memory broker {:?} already runs with {:?}; connect without settings to share it, or use another name",
+                        switchyard_core::redact(&format!("memory://{name}")),
                         inner.config
                     ),
                 ));
