@@ -127,7 +127,17 @@ impl OnFailure for DeadLetterLayer {
             }
             let topic = (config.topic_for)(delivery.topic());
             let letter = dead_letter(&delivery, &error);
-            match config.publisher.publish(&topic, letter).await {
+            let mut sent = config.publisher.publish(&topic, letter).await;
+            if let Err(refused) = &sent {
+                if !refused.is_transient() {
+                    // The broker refuses this letter whole (its headers, say, no longer
+                    // fit once the failure headers are added): without its own headers
+                    // it still goes, so a poison message never loops for want of a DLQ.
+                    let slim = without_own_headers(dead_letter(&delivery, &error), refused);
+                    sent = config.publisher.publish(&topic, slim).await;
+                }
+            }
+            match sent {
                 Ok(_) => {
                     metrics::counter!("switchyard_dead_lettered_total", "topic" => delivery.topic().to_string())
                         .increment(1);
@@ -157,12 +167,46 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// The longest error text a dead letter carries: the rest is cut, so a long error
+/// cannot make the letter too large for the broker.
+const MAX_ERROR_TEXT: usize = 4096;
+
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
+/// `letter` with only the dead-letter headers (and the content type) kept, and a note
+/// of what was dropped and why.
+fn without_own_headers(mut letter: Message, why: &switchyard_core::Error) -> Message {
+    let before = letter.headers.len();
+    letter.headers.retain(|name, _| {
+        headers::ALL.contains(&name.as_str()) || name == switchyard_core::CONTENT_TYPE_HEADER
+    });
+    let dropped = before - letter.headers.len();
+    letter.headers.insert(
+        headers::HEADERS_DROPPED.into(),
+        truncated(format!("{dropped}: {why}"), 512),
+    );
+    letter
+}
+
 /// The dead letter for a failed delivery: the same message plus failure headers.
 fn dead_letter(delivery: &Delivery, error: &HandlerError) -> Message {
     let origin = delivery.origin();
     let mut m = delivery.message().clone();
     let h = &mut m.headers;
-    h.insert(headers::ERROR.into(), error.source_error().to_string());
+    h.insert(
+        headers::ERROR.into(),
+        truncated(error.source_error().to_string(), MAX_ERROR_TEXT),
+    );
     h.insert(headers::ERROR_KIND.into(), error.kind().as_str().into());
     h.insert(headers::ATTEMPTS.into(), delivery.attempt().to_string());
     h.insert(headers::RETRIES.into(), error.retries().to_string());
@@ -230,5 +274,55 @@ mod tests {
             .on_failure(delivery(&message, 8), error)
             .await
             .expect("the third counted delivery is dead-lettered");
+    }
+
+    /// Refuses, permanently, any message with more than 15 headers.
+    struct Picky(Arc<switchyard_memory::MemoryBroker>);
+
+    #[async_trait::async_trait]
+    impl Publisher for Picky {
+        async fn publish(
+            &self,
+            topic: &str,
+            message: Message,
+        ) -> switchyard_core::Result<switchyard_core::Receipt> {
+            if message.headers.len() > 15 {
+                return Err(switchyard_core::Error::permanent(
+                    "test",
+                    "the headers do not fit in a frame",
+                ));
+            }
+            self.0.publish(topic, message).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_letter_refused_whole_goes_without_the_messages_own_headers() {
+        let broker = Arc::new(switchyard_memory::MemoryBroker::new());
+        let mut sub = switchyard_core::Subscriber::subscribe(
+            &*broker,
+            switchyard_core::SubscribeOptions::new("t.dlq", "read"),
+        )
+        .await
+        .unwrap();
+        let layer = DeadLetterLayer::new(Arc::new(Picky(broker.clone())));
+        let mut m = Message::new("poison").with_key("k");
+        for i in 0..10 {
+            m = m.with_header(format!("h{i}"), "v");
+        }
+        let error = HandlerError::permanent("x".repeat(100_000));
+        layer
+            .on_failure(delivery(&Arc::new(m), 1), error)
+            .await
+            .expect("dead-lettered without its own headers");
+        let letter = sub.recv().await.unwrap().unwrap();
+        let h = &letter.message().headers;
+        assert!(h.keys().all(|k| k.starts_with("x-dlq-")), "{h:?}");
+        assert!(h[headers::HEADERS_DROPPED].starts_with("10: "), "{h:?}");
+        assert_eq!(h[headers::ORIGINAL_KEY], "k");
+        assert!(
+            h[headers::ERROR].len() <= MAX_ERROR_TEXT + 3,
+            "the error text is cut"
+        );
     }
 }

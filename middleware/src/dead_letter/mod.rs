@@ -53,6 +53,9 @@ pub mod headers {
     pub const LAST_FAILURE: &str = "x-dlq-last-failure";
     /// The original message key.
     pub const ORIGINAL_KEY: &str = "x-dlq-original-key";
+    /// Set when the message's own headers had to be left out for the dead letter to be
+    /// accepted (the broker refused it whole): how many, and why.
+    pub const HEADERS_DROPPED: &str = "x-dlq-headers-dropped";
 
     /// Every dead-letter header, removed again on replay.
     pub const ALL: &[&str] = &[
@@ -67,6 +70,7 @@ pub mod headers {
         FIRST_FAILURE,
         LAST_FAILURE,
         ORIGINAL_KEY,
+        HEADERS_DROPPED,
     ];
 }
 
