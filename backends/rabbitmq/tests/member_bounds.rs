@@ -9,7 +9,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use switchyard_core::{Message, Nack, Publisher, SubscribeOptions, Subscriber, Subscription};
+use switchyard_core::{Message, Nack, Publisher, SubscribeOptions, Subscriber};
 use switchyard_rabbitmq::{RabbitBroker, KEY_HEADER};
 
 const PARTITIONS: u32 = 8;
