@@ -4,7 +4,7 @@
 //! disturbing other tests; `tansu` must be on PATH (`scripts/test` installs it). At the
 //! end the broker stays down, and a publish must fail with a transient error in time.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -80,13 +80,17 @@ async fn broker_killed_and_restarted_loses_nothing_acknowledged() {
         .await
         .expect("connect to our tansu");
     let topic = format!("restart-{}", std::process::id());
-    let handled: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let handled: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let handler = {
         let handled = handled.clone();
         move |d: Delivery| {
             let handled = handled.clone();
             async move {
-                handled.lock().unwrap().insert(d.id().to_string());
+                *handled
+                    .lock()
+                    .unwrap()
+                    .entry(d.id().to_string())
+                    .or_default() += 1;
                 Ok::<_, HandlerError>(())
             }
         }
@@ -97,31 +101,51 @@ async fn broker_killed_and_restarted_loses_nothing_acknowledged() {
         .await
         .unwrap();
 
-    let mut acknowledged = HashSet::new();
-    let mut failed = 0;
-    for round in 0..3 {
-        for i in 0..300 {
-            let m = Message::new(format!("r{round}-{i}")).with_key(format!("k{}", i % 7));
-            match broker.publish(&topic, m.clone()).await {
-                Ok(_) => {
-                    acknowledged.insert(m.id);
+    // Batches of 10 are published one after another while the broker dies and comes
+    // back, so some are in flight when it goes: each must end confirmed or failed.
+    let confirmed: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let publisher = {
+        let (broker, topic, confirmed) = (broker.clone(), topic.clone(), confirmed.clone());
+        tokio::spawn(async move {
+            let mut failed = 0;
+            for batch in 0..90 {
+                let messages: Vec<Message> = (0..10)
+                    .map(|i| Message::new(format!("b{batch}-{i}")).with_key(format!("k{}", i % 7)))
+                    .collect();
+                let ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
+                match broker.publish_batch(&topic, messages).await {
+                    Ok(_) => confirmed.lock().unwrap().extend(ids),
+                    Err(_) => failed += 10,
                 }
-                Err(_) => failed += 1,
             }
-        }
-        if round == 1 {
-            // Mid-run: the broker dies without warning and comes back on the same data.
-            // Gone for 10 s (issue 3), then back on the same data.
-            tansu.kill();
-            tokio::time::sleep(Duration::from_secs(10)).await;
-            tansu.restart();
-        }
+            failed
+        })
+    };
+    let until = Instant::now() + Duration::from_secs(60);
+    while confirmed.lock().unwrap().len() < 300 {
+        assert!(Instant::now() < until, "publishing did not get going");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Mid-stream: the broker dies without warning, is gone for 10 s, and comes back on
+    // the same data.
+    let at_kill = confirmed.lock().unwrap().len();
+    tansu.kill();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    tansu.restart();
+    let failed = tokio::time::timeout(Duration::from_secs(180), publisher)
+        .await
+        .expect("publishing ends after the broker is back")
+        .unwrap();
+    let acknowledged = confirmed.lock().unwrap().clone();
+    assert!(
+        at_kill < 900,
+        "the broker was killed after publishing ended"
+    );
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let missing = acknowledged
             .iter()
-            .filter(|id| !handled.lock().unwrap().contains(*id))
+            .filter(|id| !handled.lock().unwrap().contains_key(*id))
             .count();
         if missing == 0 {
             break;
@@ -136,6 +160,23 @@ async fn broker_killed_and_restarted_loses_nothing_acknowledged() {
     token.cancel();
     running.join().await.unwrap();
     broker.close().await.unwrap();
+    let lost = acknowledged
+        .iter()
+        .filter(|id| !handled.lock().unwrap().contains_key(*id))
+        .count();
+    let duplicated: usize = handled
+        .lock()
+        .unwrap()
+        .values()
+        .map(|n| n.saturating_sub(1))
+        .sum();
+    // The fault table's line (printed even when the test passes).
+    println!(
+        "fault=broker-kill-publishing backend=kafka published={} confirmed={} failed={failed} delivered={} lost={lost} duplicated={duplicated}",
+        900,
+        acknowledged.len(),
+        acknowledged.len() - lost
+    );
 
     // A broker that stays down: publishing fails within publish_timeout_ms with a
     // transient error that names the broker, never a hang.
