@@ -185,15 +185,19 @@ pub enum DlqAction {
     },
 }
 
-fn parse_header(s: &str) -> std::result::Result<(String, String), String> {
+/// A `--header` value as (name, value). Public for the fuzz targets in `fuzz/` only.
+#[doc(hidden)]
+pub fn parse_header(s: &str) -> std::result::Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("{s:?} is not name=value"))
 }
 
-/// Seconds as a duration: a finite, non-negative number small enough to be one.
-fn parse_secs(s: &str) -> std::result::Result<Duration, String> {
+/// Seconds as a duration: a finite, non-negative number small enough to be one. Public
+/// for the fuzz targets in `fuzz/` only.
+#[doc(hidden)]
+pub fn parse_secs(s: &str) -> std::result::Result<Duration, String> {
     let secs: f64 = s
         .trim()
         .parse()
@@ -516,6 +520,55 @@ fn print_delivery(out: &mut impl Write, d: &Delivery, format: Format) -> Result<
             v["offset"] = d.origin().offset.into();
             v["attempt"] = d.attempt().into();
             writeln!(out, "{v}").map_err(io)
+        }
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// `--header` takes any text: `name=value` with a name is split at the first
+        /// `=`, and joins back to what was given; anything else is an error.
+        #[test]
+        fn any_header_argument_splits_or_is_refused(s in prop_oneof!["\\PC{0,24}", "\\PC{0,6}=\\PC{0,12}"]) {
+            match parse_header(&s) {
+                Ok((name, value)) => {
+                    prop_assert!(!name.is_empty() && !name.contains('='));
+                    prop_assert_eq!(format!("{name}={value}"), s);
+                }
+                Err(_) => prop_assert!(s.split_once('=').is_none_or(|(k, _)| k.is_empty())),
+            }
+        }
+
+        /// Any text gives a duration or an error, never a panic.
+        #[test]
+        fn any_seconds_argument_parses_or_is_refused(s in prop_oneof![
+            "\\PC{0,16}",
+            "[ +-]?[0-9]{0,22}(\\.[0-9]{0,12})?([eE][+-]?[0-9]{1,3})?",
+            "[+-]?(inf|infinity|NaN|nan)",
+        ]) {
+            if let Ok(d) = parse_secs(&s) {
+                let secs: f64 = s.trim().parse().unwrap();
+                prop_assert!(secs >= 0.0 && secs.is_finite());
+                prop_assert_eq!(Ok(d), Duration::try_from_secs_f64(secs));
+            }
+        }
+
+        /// Seconds written with up to millisecond precision come back exactly below
+        /// 2^22 s (48 days), where an f64 still tells nanoseconds apart; above, to the
+        /// nearest f64.
+        #[test]
+        fn written_seconds_parse_back(secs in 0..(1u32 << 22), millis in 0..1000u32) {
+            let given = format!("{secs}.{millis:03}");
+            prop_assert_eq!(
+                parse_secs(&given),
+                Ok(Duration::from_secs(u64::from(secs)) + Duration::from_millis(u64::from(millis)))
+            );
         }
     }
 }

@@ -332,3 +332,39 @@ mod tests {
         assert_eq!(stamp(&mut again), root, "an existing traceparent is kept");
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any header value, junk or nearly well-formed, parses or not without
+        /// panicking; what parses has non-zero ids and survives writing out again.
+        #[test]
+        fn any_traceparent_parses_or_not(value in prop_oneof![
+            "\\PC{0,64}",
+            "[0-9a-fA-F+-]{0,60}",
+            "[0-9a-f]{2}-[0-9a-fA-F+]{30,33}-[0-9a-fA-F+]{15,17}-[0-9a-fA-F+]{1,3}(-[0-9a-f]{0,4})?",
+        ]) {
+            if let Some(ctx) = TraceContext::parse(&value) {
+                prop_assert!(ctx.trace_id != 0 && ctx.span_id != 0);
+                prop_assert_eq!(TraceContext::parse(&ctx.to_header()), Some(ctx));
+            }
+        }
+
+        #[test]
+        fn written_contexts_parse_back(
+            trace_id in 1..=u128::MAX,
+            span_id in 1..=u64::MAX,
+            sampled in any::<bool>(),
+            padding in "[ \t]{0,2}",
+        ) {
+            let ctx = TraceContext { trace_id, span_id, sampled };
+            let header = format!("{padding}{}{padding}", ctx.to_header());
+            prop_assert_eq!(TraceContext::parse(&header), Some(ctx));
+        }
+    }
+}

@@ -91,3 +91,37 @@ pub use record::ID_HEADER;
 pub async fn connect(url: &str) -> Result<AnyBroker> {
     Ok(Arc::new(KafkaBroker::connect(url)?))
 }
+
+/// Entry points for the fuzz targets in `fuzz/`; not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use switchyard_core::Message;
+
+    /// A consumed record's parts decoded as a message, as the consumer does.
+    pub fn decode_record(
+        (topic, partition, offset): (&str, i32, i64),
+        key: Option<&[u8]>,
+        headers: &[(&str, Option<&[u8]>)],
+        payload: Option<&[u8]>,
+        timestamp_ms: Option<i64>,
+    ) -> Message {
+        crate::record::decode(crate::record::Record {
+            topic,
+            partition,
+            offset,
+            key,
+            headers: headers.iter().copied(),
+            payload,
+            timestamp_ms,
+        })
+    }
+
+    /// The record headers `message` is published with, in order.
+    pub fn record_headers(message: &Message) -> Vec<(String, Option<Vec<u8>>)> {
+        use rdkafka::message::Headers as _;
+        crate::record::headers(message)
+            .iter()
+            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+            .collect()
+    }
+}

@@ -191,3 +191,131 @@ mod tests {
         assert_eq!(back.headers, m.headers);
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::time::SystemTime;
+
+    /// Header names a producer might send: arbitrary text, and the names decoding
+    /// treats specially, in other cases too.
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => "\\PC{0,12}",
+            1 => Just(ID_HEADER.to_string()),
+            1 => Just("Switchyard-ID".to_string()),
+            1 => Just("x-switchyard-key".to_string()),
+            1 => Just("content-type".to_string()),
+        ]
+    }
+
+    fn bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..24),
+            "\\PC{0,16}".prop_map(String::into_bytes),
+        ]
+    }
+
+    fn lossy(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever another client wrote, decoding gives a message: an id, no reserved
+        /// headers, the payload and key as sent, a timestamp only where the clock holds it.
+        #[test]
+        fn any_record_decodes(
+            topic in "\\PC{0,8}",
+            partition in any::<i32>(),
+            offset in any::<i64>(),
+            key in proptest::option::of(bytes()),
+            headers in proptest::collection::vec((name(), proptest::option::of(bytes())), 0..8),
+            payload in proptest::option::of(bytes()),
+            timestamp_ms in proptest::option::of(prop_oneof![
+                any::<i64>(),
+                Just(i64::MAX),
+                Just(i64::MIN),
+                Just(-1i64),
+                0..4_102_444_800_000i64,
+            ]),
+        ) {
+            let before = SystemTime::now();
+            let m = decode(Record {
+                topic: &topic,
+                partition,
+                offset,
+                key: key.as_deref(),
+                headers: headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
+                payload: payload.as_deref(),
+                timestamp_ms,
+            });
+            let ids: Vec<String> = headers
+                .iter()
+                .filter(|(k, _)| k == ID_HEADER)
+                .map(|(_, v)| v.as_deref().map(lossy).unwrap_or_default())
+                .collect();
+            match ids.as_slice() {
+                [id] if !id.is_empty() => prop_assert_eq!(&m.id, id),
+                _ => prop_assert_eq!(&m.id, &foreign_id(&topic, partition, offset)),
+            }
+            prop_assert!(!m.id.is_empty());
+            prop_assert!(m.headers.keys().all(|k| !is_reserved_header(k)), "{:?}", m.headers);
+            for (k, v) in &m.headers {
+                // The last value of a repeated name wins.
+                let sent = headers
+                    .iter()
+                    .rev()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.as_deref().map(lossy).unwrap_or_default());
+                prop_assert_eq!(sent.as_ref(), Some(v));
+            }
+            prop_assert_eq!(&m.payload[..], payload.as_deref().unwrap_or_default());
+            prop_assert_eq!(m.key, key.as_deref().map(lossy));
+            match timestamp_ms.filter(|ms| *ms >= 0) {
+                Some(ms) => prop_assert_eq!(
+                    m.timestamp,
+                    UNIX_EPOCH + Duration::from_millis(ms as u64)
+                ),
+                None => prop_assert!(m.timestamp >= before),
+            }
+        }
+
+        /// What the producer writes (`headers`) decodes to the message's id and headers,
+        /// for any message it publishes (no reserved header names).
+        ///
+        /// Names with a NUL are left out: librdkafka hands header names back as C
+        /// strings, so such a name comes back cut at the NUL.
+        #[test]
+        fn published_headers_decode_to_the_same_message(
+            id in "\\PC{1,40}",
+            key in proptest::option::of("\\PC{0,16}"),
+            sent in proptest::collection::btree_map("[^\\x00]{0,12}", "\\PC{0,16}", 0..8),
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+            millis_since_epoch in 0..4_102_444_800_000u64,
+        ) {
+            let mut m = Message::new(payload.clone()).with_id(id);
+            m.key = key;
+            m.timestamp = UNIX_EPOCH + Duration::from_millis(millis_since_epoch);
+            m.headers = sent.into_iter().filter(|(k, _)| !is_reserved_header(k)).collect();
+            let h = headers(&m);
+            let pairs: Vec<(&str, Option<&[u8]>)> = h.iter().map(|h| (h.key, h.value)).collect();
+            let back = decode(Record {
+                topic: "t",
+                partition: 0,
+                offset: 0,
+                key: m.key.as_deref().map(str::as_bytes),
+                headers: pairs.into_iter(),
+                payload: Some(&payload),
+                timestamp_ms: Some(millis(m.timestamp)),
+            });
+            prop_assert_eq!(&back.id, &m.id);
+            prop_assert_eq!(&back.headers, &m.headers);
+            prop_assert_eq!(&back.key, &m.key);
+            prop_assert_eq!(&back.payload, &m.payload);
+            prop_assert_eq!(back.timestamp, m.timestamp);
+        }
+    }
+}

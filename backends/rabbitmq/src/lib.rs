@@ -426,3 +426,22 @@ impl Depths {
         let _ = self.conn.close(200, "inspect".into()).await;
     }
 }
+
+/// Entry points for the fuzz targets in `fuzz/`; not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::sync::Arc;
+
+    use lapin::BasicProperties;
+    use switchyard_core::{Message, Result};
+
+    /// A delivery's properties and body decoded as a message, as the consumer does.
+    pub fn decode(props: &BasicProperties, data: Vec<u8>) -> Arc<Message> {
+        crate::codec::decode(props, data)
+    }
+
+    /// The AMQP properties `message` is published with.
+    pub fn properties(message: &Message) -> Result<BasicProperties> {
+        crate::codec::properties(message)
+    }
+}

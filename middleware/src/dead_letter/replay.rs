@@ -461,3 +461,77 @@ fn letter_key(d: &Delivery) -> (String, Option<String>) {
         m.headers.get(headers::ORIGINAL_GROUP).cloned(),
     )
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+    use std::time::UNIX_EPOCH;
+
+    fn dlq_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "\\PC{0,24}",
+            any::<u64>().prop_map(|n| n.to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            "[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,12})?(Z|[+-][0-9]{2}:[0-9]{2})?",
+        ]
+    }
+
+    fn headers() -> impl Strategy<Value = BTreeMap<String, String>> {
+        let name = prop_oneof![
+            3 => proptest::sample::select(headers::ALL.to_vec()).prop_map(String::from),
+            1 => Just("x-retry-tier".to_string()),
+            1 => "\\PC{0,12}",
+        ];
+        proptest::collection::btree_map(name, dlq_value(), 0..16)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever a dead letter's headers hold (another client may write the
+        /// dead-letter topic too), it reads as a record, and its original is the
+        /// message without the failure headers.
+        #[test]
+        fn any_dead_letter_headers_parse(hs in headers(), key in proptest::option::of("\\PC{0,8}")) {
+            let mut m = Message::new("p").with_id("id");
+            m.key = key;
+            m.headers = hs.clone();
+            let r = DeadLetterRecord::from_message(m.clone());
+            let get = |k: &str| hs.get(k).cloned();
+            prop_assert_eq!(&r.error, &get(headers::ERROR).unwrap_or_default());
+            prop_assert_eq!(&r.kind, &get(headers::ERROR_KIND).unwrap_or_default());
+            prop_assert_eq!(
+                r.attempts,
+                get(headers::ATTEMPTS).and_then(|v| v.parse().ok()).unwrap_or(0)
+            );
+            prop_assert_eq!(r.original_topic.clone(), get(headers::ORIGINAL_TOPIC));
+            prop_assert_eq!(r.original_group.clone(), get(headers::ORIGINAL_GROUP));
+            prop_assert_eq!(r.original_key.clone(), get(headers::ORIGINAL_KEY));
+            prop_assert_eq!(
+                r.failed_at.is_some(),
+                get(headers::LAST_FAILURE).is_some_and(|v| humantime::parse_rfc3339(&v).is_ok())
+            );
+            let original = r.original();
+            prop_assert_eq!(&original.id, &m.id);
+            prop_assert_eq!(&original.payload, &m.payload);
+            prop_assert_eq!(original.key, get(headers::ORIGINAL_KEY));
+            for (k, v) in &original.headers {
+                prop_assert!(!headers::ALL.contains(&k.as_str()) && !k.starts_with("x-retry-"), "{k}");
+                prop_assert_eq!(hs.get(k), Some(v));
+            }
+        }
+
+        /// The failure time the dead-letter layer writes reads back to the millisecond.
+        #[test]
+        fn written_failure_times_parse_back(ms in 0..253_402_300_799_999u64) {
+            let at = UNIX_EPOCH + Duration::from_millis(ms);
+            let m = Message::new("p").with_header(
+                headers::LAST_FAILURE,
+                humantime::format_rfc3339_millis(at).to_string(),
+            );
+            prop_assert_eq!(DeadLetterRecord::from_message(m).failed_at, Some(at));
+        }
+    }
+}

@@ -488,3 +488,110 @@ mod tests {
         assert!(e.to_string().contains(&tier_topic), "{e}");
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::Mutex;
+
+    struct NoAck;
+    impl Acker for NoAck {
+        fn ack(&self) -> BoxFuture<'_, Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn nack(&self, _: Nack) -> BoxFuture<'_, Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn header_value() -> impl Strategy<Value = String> {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        prop_oneof![
+            "\\PC{0,24}",
+            any::<u64>().prop_map(|n| n.to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            // Due times around now, up to a day ahead.
+            (0..86_400_000u64).prop_map(move |d| (now_ms + d).to_string()),
+            Just(u64::MAX.to_string()),
+            Just("18446744073709551616".to_string()),
+        ]
+    }
+
+    fn retry_headers() -> impl Strategy<Value = Vec<(String, String)>> {
+        let name = prop_oneof![
+            proptest::sample::select(vec![
+                TIER_HEADER,
+                DUE_HEADER,
+                ORIGIN_HEADER,
+                ORIGIN_PARTITION_HEADER,
+                ORIGIN_OFFSET_HEADER,
+                ERROR_HEADER,
+            ])
+            .prop_map(String::from),
+            "x-retry-\\PC{0,6}",
+            "\\PC{0,8}",
+        ];
+        proptest::collection::vec((name, header_value()), 0..8)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever retry headers a message carries, the handler runs once, after a wait
+        /// no longer than the delay of the tier the consumer stands for (the longest,
+        /// where none is known); on a first delivery without native delays it never
+        /// sees a retry header, and the attempt never goes down.
+        #[test]
+        fn any_retry_headers_are_handled_within_the_tier_delay(
+            hs in retry_headers(),
+            delays_ms in proptest::collection::vec(1..120_000u64, 1..4),
+            tier in proptest::option::of(0..4usize),
+            native in any::<bool>(),
+            attempt in any::<u32>(),
+        ) {
+            let delays: Vec<Duration> = delays_ms.iter().map(|ms| Duration::from_millis(*ms)).collect();
+            let tier = tier.filter(|n| *n < delays.len() && !native);
+            let broker: AnyBroker = Arc::new(switchyard_memory::MemoryBroker::new());
+            let tiers = RetryTiers { delays: delays.clone().into(), broker, native };
+            let seen: Arc<Mutex<Vec<(Message, u32)>>> = Arc::default();
+            let record = seen.clone();
+            let handler = tower::service_fn(move |d: Delivery| {
+                record.lock().unwrap().push((d.message().clone(), d.attempt()));
+                async { Ok::<(), HandlerError>(()) }
+            });
+            let mut service = Tiered::new(handler, "t", "g", tier, &tiers);
+            let mut m = Message::new("x");
+            m.headers = hs.into_iter().collect();
+            let origin = Origin::new("t".into(), "g".into(), Some(0), Some(1));
+            let delivery = Delivery::new(Arc::new(m), attempt, origin, NoAck);
+
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            let waited = rt.block_on(async {
+                let start = tokio::time::Instant::now();
+                service.call(delivery).await.unwrap();
+                start.elapsed()
+            });
+            let cap = match tier {
+                Some(n) => delays[n],
+                None => delays.iter().max().copied().unwrap(),
+            };
+            prop_assert!(waited <= cap, "waited {waited:?}, cap {cap:?}");
+            let seen = seen.lock().unwrap();
+            prop_assert_eq!(seen.len(), 1);
+            let (handled, handled_attempt) = &seen[0];
+            prop_assert!(*handled_attempt >= attempt);
+            if tier.is_none() && !native {
+                prop_assert!(handled.headers.keys().all(|k| !is_retry_header(k)), "{:?}", handled.headers);
+                prop_assert_eq!(*handled_attempt, attempt);
+            }
+        }
+    }
+}
