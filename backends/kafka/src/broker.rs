@@ -454,6 +454,7 @@ impl KafkaBroker {
         self.check_open()?;
         validate_name("topic", topic)?;
         messages.iter().try_for_each(check_headers)?;
+        messages.iter().try_for_each(record::check_header_names)?;
         self.ensure_topic(topic).await?;
         // Enqueue everything first, then await the acknowledgements: librdkafka batches
         // the records into few produce requests, and the idempotent producer keeps them

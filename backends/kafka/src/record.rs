@@ -49,19 +49,52 @@ pub(crate) fn foreign_id(topic: &str, partition: i32, offset: i64) -> String {
 /// than one (a forged or careless producer) gets an id derived from its position
 /// instead, which no other record shares.
 pub(crate) fn to_message(record: &BorrowedMessage<'_>) -> Message {
-    let headers = record.headers();
-    decode(Record {
+    let parts = |with_headers: bool| Record {
         topic: record.topic(),
         partition: record.partition(),
         offset: record.offset(),
         key: record.key(),
-        headers: headers
-            .iter()
+        headers: record
+            .headers()
+            .filter(|_| with_headers)
+            .into_iter()
             .flat_map(|h| h.iter())
             .map(|h| (h.key, h.value)),
         payload: record.payload(),
         timestamp_ms: record.timestamp().to_millis(),
-    })
+    };
+    // The client library panics on a header name that is not UTF-8 (another producer
+    // may write one): the record is then decoded without its headers rather than
+    // taking the partition's reader down with it.
+    without_panic(
+        || decode(parts(true)),
+        || {
+            tracing::warn!(
+                topic = record.topic(),
+                partition = record.partition(),
+                offset = record.offset(),
+                "a record header's name is not UTF-8; the record is handed on without its headers"
+            );
+            decode(parts(false))
+        },
+    )
+}
+
+/// `f`, or `fallback` if `f` panics.
+fn without_panic<T>(f: impl FnOnce() -> T, fallback: impl FnOnce() -> T) -> T {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| fallback())
+}
+
+/// Refuses a header name librdkafka cannot carry whole: it cuts a name at a NUL
+/// character, so `a\0b` would arrive as `a`.
+pub(crate) fn check_header_names(message: &Message) -> switchyard_core::Result<()> {
+    match message.headers.keys().find(|name| name.contains('\0')) {
+        None => Ok(()),
+        Some(name) => Err(switchyard_core::Error::config(
+            "headers",
+            format!("the header name {name:?} holds a NUL character, which Kafka header names cannot carry; rename the header"),
+        )),
+    }
 }
 
 /// A record's parts, as the client library hands them over.
@@ -113,6 +146,19 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panicking_decode_falls_back() {
+        let v = without_panic(|| -> u32 { panic!("not UTF-8") }, || 7);
+        assert_eq!(v, 7);
+        assert_eq!(without_panic(|| 1, || 7), 1);
+    }
+
+    #[test]
+    fn header_names_with_nul_are_refused() {
+        assert!(check_header_names(&Message::new("x").with_header("a\0b", "v")).is_err());
+        assert!(check_header_names(&Message::new("x").with_header("a-b", "v")).is_ok());
+    }
 
     fn record<'a>(
         headers: &'a [(&'a str, Option<&'a [u8]>)],
