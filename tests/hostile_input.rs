@@ -571,7 +571,6 @@ async fn rabbitmq_malformed_messages_with_retry_tiers() {
 /// (FRAME_ERROR frame_too_large), the publish is retried until its confirm timeout, the
 /// delivery is nacked and comes back, again and again: its key stalls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: a dead letter of a message with headers near frame_max cannot be published; the message is redelivered forever and its key stalls"]
 async fn rabbitmq_undecodable_message_with_headers_at_the_frame_limit_is_dead_lettered() {
     rabbitmq(false, true).await;
 }

@@ -57,8 +57,38 @@ fn short(what: &str, s: &str) -> Result<ShortString> {
 }
 
 /// The AMQP properties of `message`.
+/// The most property bytes one AMQP header frame carries on a broker with RabbitMQ's
+/// default `frame_max` of 131,072: less the frame's 8 bytes and the content header's
+/// 14. Properties do not continue into another frame, so more is refused up front
+/// rather than sent (the broker would close the connection).
+pub(crate) const MAX_PROPERTY_BYTES: usize = 131_072 - 8 - 14;
+
+/// The encoded size of `message`'s properties, as [`properties`] writes them.
+fn property_bytes(message: &Message) -> usize {
+    let entry = |name: &str, value: &str| 1 + name.len() + 1 + 4 + value.len();
+    let table: usize = 4
+        + message
+            .headers
+            .iter()
+            .map(|(n, v)| entry(n, v))
+            .sum::<usize>()
+        + message.key.as_deref().map_or(0, |k| entry(KEY_HEADER, k));
+    let content_type = message.content_type().map_or(0, |ct| 1 + ct.len());
+    2 + table + (1 + message.id.len()) + 1 + 8 + content_type
+}
+
 pub(crate) fn properties(message: &Message) -> Result<BasicProperties> {
     check_headers(message)?;
+    let size = property_bytes(message);
+    if size > MAX_PROPERTY_BYTES {
+        return Err(Error::permanent(
+            crate::BACKEND,
+            format!(
+                "the headers and key of message {} take {size} bytes; one AMQP header frame carries at most {MAX_PROPERTY_BYTES} (frame_max 131072): send large values in the payload",
+                message.id
+            ),
+        ));
+    }
     let mut headers = FieldTable::default();
     for (name, value) in &message.headers {
         headers.insert(
@@ -288,6 +318,16 @@ fn strip_hold_deaths(headers: &mut Headers) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn properties_too_large_for_a_frame_are_refused_up_front() {
+        let fits = Message::new("x").with_header("h", "v".repeat(MAX_PROPERTY_BYTES - 200));
+        assert!(properties(&fits).is_ok());
+        let over = fits.with_header("more", "v".repeat(300));
+        let e = properties(&over).unwrap_err();
+        assert!(!e.is_transient(), "{e}");
+        assert!(e.to_string().contains("frame"), "{e}");
+    }
 
     #[test]
     fn round_trips_properties() {
