@@ -346,7 +346,7 @@ async fn kafka_consumer_sigkilled_and_restarted_handles_everything() {
     let base = std::env::var("SWITCHYARD_KAFKA_URL")
         .unwrap_or_else(|_| "kafka://127.0.0.1:9092".to_string());
     let sep = if base.contains('?') { '&' } else { '?' };
-    // The killed member's session must expire before the group settles on the new one.
+    // The killed member must time out of the group before it settles on the new one.
     let url = format!("{base}{sep}commit=sync&session.timeout.ms=6000");
     let extra = ["--concurrency", &CONCURRENCY.to_string(), "--delay-ms", "2"].map(String::from);
     let run = Run {
