@@ -2,39 +2,18 @@
 //! real broker (127.0.0.1:5672, guest/guest; `SWITCHYARD_AMQP_URL` overrides). Fails,
 //! never skips, when the broker is unreachable.
 
+mod common;
+
 use std::collections::HashSet;
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::BasicProperties;
 use switchyard_core::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
 use switchyard_rabbitmq::RabbitBroker;
 
-fn url() -> String {
-    std::env::var("SWITCHYARD_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
-}
-
-fn unique(label: &str) -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    format!("syr-{label}-{}", &id[20..])
-}
-
-async fn cleanup(conn: &Connection, topic: &str, group: &str) {
-    let ch = conn.create_channel().await.unwrap();
-    for q in (0..8)
-        .map(|p| format!("{topic}:{group}.p{p}"))
-        .chain([format!("{topic}:{group}.members")])
-    {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = ch
-        .exchange_delete(topic.into(), ExchangeDeleteOptions::default())
-        .await;
-}
+use common::{cleanup, raw, unique, url};
 
 /// A routing key that reaches partition `p` of an 8-partition group: the slot's 10 bits,
 /// most significant first, joined by dots (the wire format in the backend's docs).
@@ -57,9 +36,7 @@ async fn odd_foreign_messages_are_delivered_and_later_messages_still_flow() {
         .subscribe(SubscribeOptions::new(&topic, group).prefetch(64))
         .await
         .unwrap();
-    let conn = Connection::connect(&url(), ConnectionProperties::default())
-        .await
-        .unwrap();
+    let conn = raw().await;
     let ch = conn.create_channel().await.unwrap();
 
     // One odd message per partition, each with something a careless client might send:

@@ -2,49 +2,17 @@
 //! the real broker (127.0.0.1:5672, guest/guest; `SWITCHYARD_AMQP_URL` overrides).
 //! Fails, never skips, when the broker is unreachable.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use lapin::options::{
-    BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Connection};
 use switchyard_core::{Message, Nack, Publisher, SubscribeOptions, Subscriber};
 use switchyard_rabbitmq::{RabbitBroker, KEY_HEADER};
 
-const PARTITIONS: u32 = 8;
-
-fn url() -> String {
-    std::env::var("SWITCHYARD_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
-}
-
-fn unique(label: &str) -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    format!("syr-{label}-{}", &id[20..])
-}
-
-async fn raw() -> Connection {
-    Connection::connect(&url(), ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ must be reachable")
-}
-
-async fn cleanup(conn: &Connection, topic: &str, group: &str) {
-    let ch = conn.create_channel().await.unwrap();
-    for q in (0..PARTITIONS)
-        .map(|p| format!("{topic}:{group}.p{p}"))
-        .chain([format!("{topic}:{group}.members")])
-    {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = ch
-        .exchange_delete(topic.into(), ExchangeDeleteOptions::default())
-        .await;
-    let _ = ch.close(200, "done".into()).await;
-}
+use common::{cleanup, raw, unique, url, PARTITIONS};
 
 /// Ready messages and consumers of each partition queue of the group.
 async fn partition_stats(conn: &Connection, topic: &str, group: &str) -> Vec<(u32, u32)> {
