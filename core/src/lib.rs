@@ -49,6 +49,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod backoff;
 mod broker;
 mod codec;
 mod delivery;

@@ -154,7 +154,8 @@ impl<S> Consumer<S> {
     }
 
     /// Delay before a failed delivery is nacked for redelivery: `base × 2^(attempt−1)`,
-    /// capped at `max` (default 5 ms, 1 s), so a failing message does not spin.
+    /// capped at `max` and jittered into its upper half (default 5 ms, 1 s), so a failing
+    /// message does not spin and members do not retry in lockstep.
     /// Real retry policy belongs in the retry middleware; this only paces redelivery.
     pub fn redelivery_backoff(mut self, base: Duration, max: Duration) -> Self {
         self.redelivery_backoff = (base, max);
@@ -682,8 +683,7 @@ async fn finish(
         )
     });
     let (base, max) = settings.backoff;
-    let exp = delivery.attempt().saturating_sub(1).min(20);
-    let pause = base.saturating_mul(1 << exp).min(max);
+    let pause = crate::backoff::Backoff::new(base, max).pause(delivery.attempt());
     if !pause.is_zero() {
         tokio::time::sleep(pause).await;
     }
