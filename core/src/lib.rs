@@ -55,6 +55,7 @@ mod codec;
 mod delivery;
 mod error;
 mod handler;
+pub mod key_gate;
 mod message;
 mod names;
 pub mod observe;
