@@ -73,16 +73,23 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+mod acker;
+mod admin;
 mod broker;
 mod config;
-mod consumer;
+mod poll;
+mod publisher;
+mod rebalance;
 mod record;
+mod state;
+mod subscription;
 
 use std::sync::Arc;
 
 use switchyard_core::{AnyBroker, Result};
 
-pub use broker::{KafkaBroker, ReplayFrom};
+pub use admin::ReplayFrom;
+pub use broker::KafkaBroker;
 pub use config::{CommitStrategy, DeliveryGuarantee, KafkaConfig};
 pub use record::ID_HEADER;
 

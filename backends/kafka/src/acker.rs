@@ -1,0 +1,133 @@
+//! Settling a delivery: ack, nack and the synchronous commit of `commit=sync`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use rdkafka::consumer::{CommitMode, Consumer};
+use switchyard_core::{Acker, Error, Nack, Result};
+
+use crate::broker::{kafka_error, lock, BACKEND};
+use crate::config::CommitStrategy;
+use crate::subscription::Shared;
+
+pub(crate) struct KafkaAcker {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) epoch: u64,
+}
+
+impl Acker for KafkaAcker {
+    fn ack(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.shared
+                .settle(self.partition, self.offset, self.epoch, None)?;
+            if self.shared.commit == CommitStrategy::Sync {
+                self.shared.commit_sync(self.partition).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn nack(&self, action: Nack) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.shared
+                .settle(self.partition, self.offset, self.epoch, Some(action))?;
+            if action == Nack::Reject && self.shared.commit == CommitStrategy::Sync {
+                self.shared.commit_sync(self.partition).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn dropped_unsettled(&self) {
+        // A forgotten delivery is redelivered rather than lost.
+        let _ = self
+            .shared
+            .settle(self.partition, self.offset, self.epoch, Some(Nack::Requeue));
+    }
+}
+
+impl Shared {
+    /// Settles one delivery. `Err` when its partition is no longer this member's (it
+    /// was revoked or the subscription closed): the next owner redelivers it.
+    pub(crate) fn settle(
+        &self,
+        partition: i32,
+        offset: i64,
+        epoch: u64,
+        nack: Option<Nack>,
+    ) -> Result<()> {
+        let mut st = self.state();
+        let current = st.parts.get(&partition).is_some_and(|p| p.epoch == epoch);
+        let entry = if current {
+            st.inflight.remove(&(partition, offset))
+        } else {
+            None
+        };
+        let Some(mut entry) = entry else {
+            return Err(Error::SubscriptionClosed {
+                id: format!("{}:{partition}:{offset}", self.topic),
+            });
+        };
+        match nack {
+            Some(Nack::Requeue) if !st.stopping && !st.revoking => {
+                // In-process redelivery: the offset stays pending (uncommitted) and the
+                // key stays busy, so later same-key records keep waiting behind it.
+                entry.attempt += 1;
+                st.buffered_bytes += entry.message.payload.len();
+                st.ready.push_back(entry);
+            }
+            Some(Nack::Requeue) => {
+                // Closing or losing the partition: leave it uncommitted for the next owner.
+                st.release_key(&entry.key);
+            }
+            other => {
+                if other == Some(Nack::Reject) {
+                    tracing::warn!(topic = %self.topic, group = %self.group, partition, offset, id = %entry.message.id, "message rejected; it is skipped (committed past)");
+                }
+                if let Some(part) = st.parts.get_mut(&partition) {
+                    part.pending.remove(&offset);
+                }
+                st.release_key(&entry.key);
+            }
+        }
+        let revoking = st.revoking;
+        drop(st);
+        if revoking {
+            self.settled.notify_all();
+        }
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// `commit=sync`: commit the partition's watermark before the ack returns.
+    pub(crate) async fn commit_sync(&self, partition: i32) -> Result<()> {
+        let _serial = self.sync_commit.lock().await;
+        let only: HashSet<i32> = [partition].into_iter().collect();
+        let tpl = self.state().to_commit(&self.topic, Some(&only));
+        let consumer = lock(&self.consumer).clone();
+        let (Some(consumer), true) = (consumer, tpl.count() > 0) else {
+            return Ok(());
+        };
+        let commit_tpl = tpl.clone();
+        // A synchronous commit blocks on a broker round trip.
+        let r = tokio::task::spawn_blocking(move || consumer.commit(&commit_tpl, CommitMode::Sync))
+            .await
+            .map_err(|e| Error::permanent(BACKEND, e.to_string()))?;
+        match r {
+            Ok(()) => {
+                self.state().mark_committed(&tpl);
+                Ok(())
+            }
+            Err(e) => Err(kafka_error(
+                format!(
+                    "committing offsets of {} for group {}",
+                    self.topic, self.group
+                ),
+                e,
+            )),
+        }
+    }
+}

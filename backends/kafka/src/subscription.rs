@@ -1,0 +1,293 @@
+//! One group member as a [`Subscription`]: the state its poll thread, ack handles and
+//! `recv_many` share, and handing records out as deliveries.
+//!
+//! Why a thread and not a tokio task: librdkafka runs rebalance callbacks inside
+//! `poll`, and on revocation we wait (bounded) for in-flight messages to finish. That
+//! wait must not block a runtime worker, or the handlers it waits for could starve.
+
+use std::collections::HashSet;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use switchyard_core::{Delivery, Error, Origin, Result, StartFrom, SubscribeOptions, Subscription};
+
+use crate::acker::KafkaAcker;
+use crate::broker::{kafka_error, lock, BACKEND};
+use crate::config::{CommitStrategy, KafkaConfig};
+use crate::poll::{poll_loop, spawn_member};
+use crate::rebalance::MemberContext;
+use crate::state::{Entry, Fetching, State};
+
+/// Payload bytes a member buffers (received, not yet handed out) before it pauses
+/// fetching, unless `queued.max.messages.kbytes` (librdkafka's bound on its own prefetch
+/// queue, 64 MiB by default too) says otherwise.
+pub(crate) const MAX_BUFFERED_BYTES: usize = 64 << 20;
+
+/// State shared by the subscription, its poll thread and its ack handles.
+pub(crate) struct Shared {
+    pub(crate) topic: Arc<str>,
+    pub(crate) group: Arc<str>,
+    pub(crate) prefetch: usize,
+    pub(crate) buffer_limit: usize,
+    pub(crate) max_buffered_bytes: usize,
+    pub(crate) commit: CommitStrategy,
+    pub(crate) revoke_timeout: Duration,
+    pub(crate) assign_delay: Duration,
+    pub(crate) start: StartFrom,
+    pub(crate) state: Mutex<State>,
+    /// Wakes `recv_many`: something became deliverable, or the member stopped.
+    pub(crate) wake: tokio::sync::Notify,
+    /// Wakes a revocation waiting for in-flight messages.
+    pub(crate) settled: Condvar,
+    /// Wakes `subscribe` waiting for the first assignment.
+    pub(crate) joined: tokio::sync::Notify,
+    /// The consumer, for synchronous commits from ack handles; cleared when the
+    /// member finishes so the consumer can close.
+    pub(crate) consumer: Mutex<Option<Arc<BaseConsumer<MemberContext>>>>,
+    /// Serialises synchronous commits, so an older watermark never lands after a newer one.
+    pub(crate) sync_commit: tokio::sync::Mutex<()>,
+    /// Counts rebalance callbacks, so the poll thread can drop records it polled under
+    /// the previous assignment.
+    pub(crate) rebalances: AtomicU64,
+    /// librdkafka's side of back-pressure; only the poll thread uses it (rebalance
+    /// callbacks run inside its `poll`), so the lock is never contended.
+    pub(crate) fetching: Mutex<Fetching>,
+}
+
+impl Shared {
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Commits the watermarks (of `only`, or all partitions) synchronously.
+    pub(crate) fn commit_now(
+        &self,
+        consumer: &BaseConsumer<MemberContext>,
+        only: Option<&HashSet<i32>>,
+    ) {
+        if self.commit == CommitStrategy::Auto {
+            return;
+        }
+        let tpl = self.state().to_commit(&self.topic, only);
+        if tpl.count() == 0 {
+            return;
+        }
+        tracing::debug!(topic = %self.topic, group = %self.group, offsets = ?tpl, "committing");
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => {
+                tracing::debug!(topic = %self.topic, group = %self.group, "committed");
+                self.state().mark_committed(&tpl)
+            }
+            Err(e) => {
+                tracing::warn!(topic = %self.topic, group = %self.group, error = %e, "offset commit failed; it is retried with the next commit")
+            }
+        }
+    }
+}
+
+/// One member of a consumer group on one topic.
+pub(crate) struct KafkaSubscription {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) thread: Option<JoinHandle<()>>,
+    pub(crate) closed: bool,
+}
+
+impl KafkaSubscription {
+    /// Creates the consumer, joins the group, and returns once the first assignment
+    /// (possibly empty) arrived, so a `Latest` member sees everything published after.
+    pub(crate) async fn start(config: &KafkaConfig, options: SubscribeOptions) -> Result<Self> {
+        let earliest = !matches!(options.start, StartFrom::Latest);
+        let client = config.consumer(&options.group, earliest);
+        let shared = Arc::new(Shared {
+            topic: options.topic.as_str().into(),
+            group: options.group.as_str().into(),
+            prefetch: options.prefetch,
+            // Large enough that a fast consumer never pauses (a pause makes librdkafka
+            // drop what it prefetched and fetch it again), small enough to bound memory
+            // when handlers are slow or one key is stuck.
+            buffer_limit: (options.prefetch * 8).max(50_000),
+            max_buffered_bytes: client
+                .get("queued.max.messages.kbytes")
+                .and_then(|kb| kb.parse::<usize>().ok())
+                .map_or(MAX_BUFFERED_BYTES, |kb| kb.saturating_mul(1024)),
+            commit: config.commit,
+            revoke_timeout: config.revoke_timeout,
+            assign_delay: config.assign_delay,
+            start: options.start,
+            state: Mutex::new(State::default()),
+            wake: tokio::sync::Notify::new(),
+            settled: Condvar::new(),
+            joined: tokio::sync::Notify::new(),
+            consumer: Mutex::new(None),
+            sync_commit: tokio::sync::Mutex::new(()),
+            rebalances: AtomicU64::new(0),
+            fetching: Mutex::new(Fetching::default()),
+        });
+        let consumer: BaseConsumer<MemberContext> = client
+            .create_with_context(MemberContext {
+                shared: shared.clone(),
+            })
+            .map_err(|e| {
+                Error::config(
+                    "url",
+                    format!(
+                        "librdkafka rejected the consumer settings: {}",
+                        crate::config::describe_client_error(&e)
+                    ),
+                )
+            })?;
+        consumer
+            .subscribe(&[&options.topic])
+            .map_err(|e| kafka_error(format!("subscribing to {}", options.topic), e))?;
+        let consumer = Arc::new(consumer);
+        *lock(&shared.consumer) = Some(consumer.clone());
+        let commit_interval = config.commit_interval;
+        let thread_shared = shared.clone();
+        let thread = spawn_member(shared.clone(), move || {
+            poll_loop(thread_shared, consumer, commit_interval)
+        })
+        .map_err(|e| Error::permanent(BACKEND, format!("starting the consumer thread: {e}")))?;
+        let mut sub = Self {
+            shared,
+            thread: Some(thread),
+            closed: false,
+        };
+        let waited = tokio::time::timeout(config.join_timeout, async {
+            loop {
+                let joined = sub.shared.joined.notified();
+                tokio::pin!(joined);
+                joined.as_mut().enable();
+                let done = {
+                    let st = sub.shared.state();
+                    st.assigned || st.finished
+                };
+                if done {
+                    return;
+                }
+                joined.await;
+            }
+        })
+        .await;
+        let died = sub.shared.state().died.clone();
+        if let Some(why) = died {
+            sub.closed = true;
+            return Err(Error::permanent(BACKEND, why));
+        }
+        if waited.is_err() {
+            sub.stop();
+            sub.closed = true;
+            return Err(Error::Timeout {
+                after: config.join_timeout,
+                what: format!(
+                    "group {:?} on topic {:?} to assign partitions, from the Kafka broker(s) at {} (is it reachable?)",
+                    options.group, options.topic, config.bootstrap_servers
+                ),
+            });
+        }
+        Ok(sub)
+    }
+
+    pub(crate) fn stop(&self) {
+        self.shared.state().stopping = true;
+        self.shared.settled.notify_all();
+        self.shared.wake.notify_waiters();
+    }
+
+    pub(crate) fn delivery(&self, entry: Entry) -> Delivery {
+        let origin = Origin::new(
+            self.shared.topic.clone(),
+            self.shared.group.clone(),
+            Some(entry.partition),
+            Some(entry.offset),
+        );
+        let acker = KafkaAcker {
+            shared: self.shared.clone(),
+            partition: entry.partition,
+            offset: entry.offset,
+            epoch: entry.epoch,
+        };
+        Delivery::new(entry.message, entry.attempt, origin, acker)
+    }
+}
+
+#[async_trait]
+impl Subscription for KafkaSubscription {
+    async fn recv_many(&mut self, buf: &mut Vec<Delivery>, max: usize) -> Result<usize> {
+        if self.closed {
+            return Ok(0);
+        }
+        loop {
+            let wake = self.shared.wake.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            // Everything below happens under the lock with no await, so a cancelled
+            // call takes nothing: cancel-safe.
+            let taken: Vec<Entry> = {
+                let mut st = self.shared.state();
+                if let Some(e) = st.error.take() {
+                    return Err(e);
+                }
+                if let Some(why) = &st.died {
+                    return Err(Error::permanent(BACKEND, why.clone()));
+                }
+                if st.stopping || st.finished {
+                    return Ok(0);
+                }
+                let credit = self.shared.prefetch.saturating_sub(st.inflight.len());
+                let n = max.min(credit).min(st.ready.len());
+                let mut taken = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let Some(e) = st.ready.pop_front() else { break };
+                    st.buffered_bytes = st.buffered_bytes.saturating_sub(e.message.payload.len());
+                    let key = (e.partition, e.offset);
+                    st.inflight.insert(
+                        key,
+                        Entry {
+                            partition: e.partition,
+                            offset: e.offset,
+                            epoch: e.epoch,
+                            message: e.message.clone(),
+                            attempt: e.attempt,
+                            key: e.key.clone(),
+                        },
+                    );
+                    taken.push(e);
+                }
+                taken
+            };
+            if !taken.is_empty() {
+                let n = taken.len();
+                buf.extend(taken.into_iter().map(|e| self.delivery(e)));
+                return Ok(n);
+            }
+            wake.await;
+        }
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        self.closed = true;
+        self.stop();
+        if let Some(thread) = self.thread.take() {
+            // Joining waits for the final commit and the group leave (network calls).
+            tokio::task::spawn_blocking(move || thread.join())
+                .await
+                .map_err(|e| Error::permanent(BACKEND, e.to_string()))?
+                .map_err(|_| Error::permanent(BACKEND, "the consumer thread panicked"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for KafkaSubscription {
+    fn drop(&mut self) {
+        if !self.closed {
+            // Dropped without close: the thread commits what finished and leaves the
+            // group in the background; unsettled messages go to the other members.
+            self.stop();
+        }
+    }
+}
