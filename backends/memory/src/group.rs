@@ -1,12 +1,13 @@
 //! A group's view of a topic log: read position, unsettled deliveries per member, and
-//! same-key messages held back until their predecessor is acked. Pure, synchronous
-//! state; the broker module wraps it in the topic's lock.
+//! core's [`KeyGate`] holding same-key messages back until their predecessor is acked.
+//! Pure, synchronous state; the broker module wraps it in the topic's lock.
 
 use std::borrow::Borrow;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
+use switchyard_core::key_gate::KeyGate;
 use switchyard_core::{Message, Nack};
 
 /// One message as a group holds it.
@@ -22,6 +23,15 @@ pub(crate) struct Entry {
 struct KeyOf(Arc<Message>);
 
 impl KeyOf {
+    /// The gate's key for `entry`: none when its message has no key.
+    fn of(entry: &Entry) -> Option<Self> {
+        entry
+            .message
+            .key
+            .is_some()
+            .then(|| Self(entry.message.clone()))
+    }
+
     fn as_str(&self) -> &str {
         self.0.key.as_deref().unwrap_or_default()
     }
@@ -127,41 +137,13 @@ pub(crate) struct Group {
     pub(crate) next: u64,
     /// Dropped by the broker when its last member leaves.
     pub(crate) ephemeral: bool,
-    /// Deliverable now: requeued messages and unblocked same-key successors.
-    ready: VecDeque<Entry>,
-    /// Keys with a message that is unsettled or waiting in `ready`.
-    busy: HashSet<KeyOf>,
-    /// Messages whose key is busy, in publish order per key.
-    blocked: HashMap<KeyOf, VecDeque<Entry>>,
-    blocked_len: usize,
+    /// Messages read from the log and not handed out: requeued ones, and same-key
+    /// successors waiting for their predecessor's ack.
+    gate: KeyGate<KeyOf, Entry>,
     members: OffsetMap<Member>,
     next_member: u64,
     /// Reused buffer for applying acks.
     scratch: Vec<u64>,
-}
-
-/// After `entry` is done, its key's next held-back message becomes deliverable.
-fn release_key(
-    busy: &mut HashSet<KeyOf>,
-    blocked: &mut HashMap<KeyOf, VecDeque<Entry>>,
-    blocked_len: &mut usize,
-    ready: &mut VecDeque<Entry>,
-    entry: &Entry,
-) {
-    let Some(key) = entry.message.key.as_deref() else {
-        return;
-    };
-    if let Some(queue) = blocked.get_mut(key) {
-        if let Some(next) = queue.pop_front() {
-            *blocked_len -= 1;
-            if queue.is_empty() {
-                blocked.remove(key);
-            }
-            ready.push_back(next);
-            return;
-        }
-    }
-    busy.remove(key);
 }
 
 /// How many held-back same-key messages a group buffers before it stops reading ahead;
@@ -173,10 +155,7 @@ impl Group {
         Self {
             next,
             ephemeral: false,
-            ready: VecDeque::new(),
-            busy: HashSet::new(),
-            blocked: HashMap::new(),
-            blocked_len: 0,
+            gate: KeyGate::new(),
             members: OffsetMap::default(),
             next_member: 0,
             scratch: Vec::new(),
@@ -206,13 +185,7 @@ impl Group {
             m.acks.drain_into(&mut offsets);
             for offset in offsets.drain(..) {
                 if let Some(entry) = m.unsettled.remove(&offset) {
-                    release_key(
-                        &mut self.busy,
-                        &mut self.blocked,
-                        &mut self.blocked_len,
-                        &mut self.ready,
-                        &entry,
-                    );
+                    self.gate.settle_opt(entry.message.key.as_deref());
                 }
             }
         }
@@ -236,7 +209,7 @@ impl Group {
         let n = entries.len();
         for mut e in entries {
             e.attempt += 1;
-            self.ready.push_back(e);
+            self.gate.requeue(KeyOf::of(&e), e);
         }
         n
     }
@@ -278,11 +251,11 @@ impl Group {
         let end = base + log.len() as u64;
         let start = out.len();
         while out.len() - start < max {
-            if let Some(e) = self.ready.pop_front() {
+            if let Some(e) = self.gate.pop() {
                 out.push(e);
                 continue;
             }
-            if self.next >= end || self.blocked_len >= MAX_BLOCKED {
+            if self.next >= end || self.gate.waiting_len() >= MAX_BLOCKED {
                 break;
             }
             // Eviction never passes a group's read position, so this index is in range.
@@ -293,18 +266,7 @@ impl Group {
                 attempt: 1,
             };
             self.next += 1;
-            if entry.message.key.is_none() {
-                out.push(entry);
-                continue;
-            }
-            let key = KeyOf(entry.message.clone());
-            if self.busy.contains(key.as_str()) {
-                self.blocked.entry(key).or_default().push_back(entry);
-                self.blocked_len += 1;
-            } else {
-                self.busy.insert(key);
-                out.push(entry);
-            }
+            self.gate.push(KeyOf::of(&entry), entry);
         }
         for e in &out[start..] {
             m.unsettled.insert(e.offset, e.clone());
@@ -322,18 +284,12 @@ impl Group {
         };
         match nack {
             Some(Nack::Requeue) => {
-                // The key stays busy: the requeued message is still the key's head.
+                // The requeued message is still its key's head.
                 let mut entry = entry;
                 entry.attempt += 1;
-                self.ready.push_back(entry);
+                self.gate.requeue(KeyOf::of(&entry), entry);
             }
-            _ => release_key(
-                &mut self.busy,
-                &mut self.blocked,
-                &mut self.blocked_len,
-                &mut self.ready,
-                &entry,
-            ),
+            _ => self.gate.settle_opt(entry.message.key.as_deref()),
         }
         Settled::Done
     }
@@ -341,22 +297,17 @@ impl Group {
     /// The lowest offset not yet acked: everything below it is done for this group.
     pub(crate) fn acked_below(&mut self) -> u64 {
         self.apply_acks();
-        let pending = self
-            .ready
-            .iter()
-            .map(|e| e.offset)
-            .chain(self.blocked.values().flatten().map(|e| e.offset))
-            .chain(
-                self.members
-                    .values()
-                    .flat_map(|m| m.unsettled.keys().copied()),
-            );
+        let pending = self.gate.iter().map(|e| e.offset).chain(
+            self.members
+                .values()
+                .flat_map(|m| m.unsettled.keys().copied()),
+        );
         pending.min().unwrap_or(self.next).min(self.next)
     }
 
     /// Whether something is deliverable without reading further in the log.
     pub(crate) fn has_ready(&self) -> bool {
-        !self.ready.is_empty()
+        self.gate.has_ready()
     }
 }
 
