@@ -7,7 +7,7 @@ use futures::future::BoxFuture;
 use rdkafka::consumer::{CommitMode, Consumer};
 use switchyard_core::{Acker, Error, Nack, Result};
 
-use crate::broker::{kafka_error, lock, BACKEND};
+use crate::broker::{kafka_error, BACKEND};
 use crate::config::CommitStrategy;
 use crate::subscription::Shared;
 
@@ -107,7 +107,7 @@ impl Shared {
         let _serial = self.sync_commit.lock().await;
         let only: HashSet<i32> = [partition].into_iter().collect();
         let tpl = self.state().to_commit(&self.topic, Some(&only));
-        let consumer = lock(&self.consumer).clone();
+        let consumer = self.consumer.lock().clone();
         let (Some(consumer), true) = (consumer, tpl.count() > 0) else {
             return Ok(());
         };

@@ -2,10 +2,11 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -139,7 +140,7 @@ impl KafkaBroker {
     /// config) unless creation is off, in which case a missing topic is an error.
     pub async fn ensure_topic(&self, topic: &str) -> Result<()> {
         validate_name("topic", topic)?;
-        if lock(&self.inner.topics).contains(topic) {
+        if self.inner.topics.lock().contains(topic) {
             return Ok(());
         }
         let timeout = self.inner.config.publish_timeout;
@@ -201,7 +202,7 @@ impl KafkaBroker {
                 });
             }
         }
-        lock(&self.inner.topics).insert(topic.to_string());
+        self.inner.topics.lock().insert(topic.to_string());
         Ok(())
     }
 
@@ -224,11 +225,6 @@ pub(crate) fn config_error(what: &str, e: KafkaError) -> Error {
             crate::config::describe_client_error(&e)
         ),
     )
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // State behind these locks stays consistent between statements; keep going after a panic.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[async_trait]

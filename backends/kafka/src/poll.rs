@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-use crate::broker::{kafka_error, lock};
+use crate::broker::kafka_error;
 use crate::config::CommitStrategy;
 use crate::rebalance::MemberContext;
 use crate::record;
@@ -59,7 +59,7 @@ impl Shared {
         buffered: usize,
         bytes: usize,
     ) {
-        let mut f = lock(&self.fetching);
+        let mut f = self.fetching.lock();
         f.paused = if f.paused {
             buffered >= self.buffer_limit / 2 || bytes >= self.max_buffered_bytes / 2
         } else {
@@ -88,7 +88,7 @@ impl Shared {
 
     /// The partitions assigned or revoked since the last call.
     pub(crate) fn take_touched(&self) -> HashSet<i32> {
-        std::mem::take(&mut lock(&self.fetching).touched)
+        std::mem::take(&mut self.fetching.lock().touched)
     }
 }
 
@@ -146,7 +146,7 @@ impl Shared {
         st.blocked_len = 0;
         st.buffered_bytes = 0;
         drop(st);
-        lock(&self.consumer).take();
+        self.consumer.lock().take();
         self.settled.notify_all();
         self.wake.notify_waiters();
         self.joined.notify_waiters();
@@ -219,7 +219,7 @@ pub(crate) fn poll_loop(
     // Leaving: commit what finished, then close the consumer, which revokes (without
     // waiting, since we are stopping) and leaves the group so others take over now.
     shared.commit_now(&consumer, None);
-    lock(&shared.consumer).take();
+    shared.consumer.lock().take();
     consumer.unsubscribe();
     drop(consumer);
 }
@@ -250,34 +250,15 @@ pub(crate) fn on_poll_error(shared: &Shared, e: KafkaError) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU64;
-    use std::sync::{Condvar, Mutex};
+    use switchyard_core::{Error, SubscribeOptions, Subscription};
 
-    use switchyard_core::{Error, StartFrom, Subscription};
-
-    use crate::state::{Fetching, State};
+    use crate::config::KafkaConfig;
     use crate::subscription::{KafkaSubscription, MAX_BUFFERED_BYTES};
 
     fn shared() -> Arc<Shared> {
-        Arc::new(Shared {
-            topic: "t".into(),
-            group: "g".into(),
-            prefetch: 8,
-            buffer_limit: 50_000,
-            max_buffered_bytes: MAX_BUFFERED_BYTES,
-            commit: CommitStrategy::Periodic,
-            revoke_timeout: Duration::from_secs(1),
-            assign_delay: Duration::ZERO,
-            start: StartFrom::Earliest,
-            state: Mutex::new(State::default()),
-            wake: tokio::sync::Notify::new(),
-            settled: Condvar::new(),
-            joined: tokio::sync::Notify::new(),
-            consumer: Mutex::new(None),
-            sync_commit: tokio::sync::Mutex::new(()),
-            rebalances: AtomicU64::new(0),
-            fetching: Mutex::new(Fetching::default()),
-        })
+        let config = KafkaConfig::new("127.0.0.1:9092");
+        let options = SubscribeOptions::new("t", "g");
+        Arc::new(Shared::new(&config, &options, MAX_BUFFERED_BYTES))
     }
 
     /// The subscription of a member whose poll thread runs `body`.

@@ -7,11 +7,18 @@ use async_trait::async_trait;
 use futures::future::try_join_all;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureRecord};
+use switchyard_core::backoff::Backoff;
 use switchyard_core::{check_headers, validate_name, Error, Message, Publisher, Receipt, Result};
 
 use crate::broker::{kafka_error, KafkaBroker, BACKEND};
 use crate::config::DeliveryGuarantee;
 use crate::record;
+
+/// The longest wait between tries to hand a record to librdkafka's full queue: short,
+/// since the queue drains at the broker's pace and waiting longer only adds latency.
+const QUEUE_FULL_MAX: Duration = Duration::from_millis(10);
+/// Waits between those tries.
+const QUEUE_FULL: Backoff = Backoff::new(Duration::from_millis(1), QUEUE_FULL_MAX);
 
 impl KafkaBroker {
     fn check_size(&self, message: &Message) -> Result<()> {
@@ -43,13 +50,14 @@ impl KafkaBroker {
         if let Some(key) = &message.key {
             rec = rec.key(key.as_str());
         }
+        let mut pauses = QUEUE_FULL.pauses();
         loop {
             match self.inner.producer.send_result(rec) {
                 Ok(f) => return Ok(f),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     // librdkafka's queue drains as the broker acknowledges; wait briefly.
                     rec = back;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    tokio::time::sleep(pauses.next().unwrap_or(QUEUE_FULL_MAX)).await;
                 }
                 Err((e, _)) => return Err(self.produce_error(message, e)),
             }

@@ -12,7 +12,6 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use switchyard_core::StartFrom;
 
-use crate::broker::lock;
 use crate::state::Part;
 use crate::subscription::Shared;
 
@@ -150,11 +149,7 @@ impl Shared {
                 tracing::warn!(topic = %self.topic, group = %self.group, waiting, "in-flight messages of revoked partitions did not finish in time; they will be redelivered to the partitions' next owner");
                 break;
             }
-            st = self
-                .settled
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            self.settled.wait_for(&mut st, deadline - now);
         }
         st.revoking = false;
         drop(st);
@@ -191,7 +186,7 @@ impl Shared {
         consumer: &BaseConsumer<MemberContext>,
         partitions: &[i32],
     ) {
-        let mut f = lock(&self.fetching);
+        let mut f = self.fetching.lock();
         f.touched.extend(partitions.iter().copied());
         // Nothing of them has been handed out yet, so resuming (which restarts a fetch
         // at its start position) re-reads nothing.
@@ -209,7 +204,7 @@ impl Shared {
     /// Rebalance callback, before librdkafka lets these partitions go: clear our pause
     /// flag on them, so a later assignment of one of them starts fetching cleanly.
     pub(crate) fn fetch_revoked(&self, consumer: &BaseConsumer<MemberContext>, partitions: &[i32]) {
-        let mut f = lock(&self.fetching);
+        let mut f = self.fetching.lock();
         f.touched.extend(partitions.iter().copied());
         let paused: Vec<i32> = partitions
             .iter()

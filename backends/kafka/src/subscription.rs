@@ -7,16 +7,17 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use switchyard_core::{Delivery, Error, Origin, Result, StartFrom, SubscribeOptions, Subscription};
 
 use crate::acker::KafkaAcker;
-use crate::broker::{kafka_error, lock, BACKEND};
+use crate::broker::{kafka_error, BACKEND};
 use crate::config::{CommitStrategy, KafkaConfig};
 use crate::poll::{poll_loop, spawn_member};
 use crate::rebalance::MemberContext;
@@ -59,8 +60,38 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// A member of `options.group` that has not joined yet.
+    pub(crate) fn new(
+        config: &KafkaConfig,
+        options: &SubscribeOptions,
+        max_buffered_bytes: usize,
+    ) -> Self {
+        Self {
+            topic: options.topic.as_str().into(),
+            group: options.group.as_str().into(),
+            prefetch: options.prefetch,
+            // Large enough that a fast consumer never pauses (a pause makes librdkafka
+            // drop what it prefetched and fetch it again), small enough to bound memory
+            // when handlers are slow or one key is stuck.
+            buffer_limit: (options.prefetch * 8).max(50_000),
+            max_buffered_bytes,
+            commit: config.commit,
+            revoke_timeout: config.revoke_timeout,
+            assign_delay: config.assign_delay,
+            start: options.start,
+            state: Mutex::new(State::default()),
+            wake: tokio::sync::Notify::new(),
+            settled: Condvar::new(),
+            joined: tokio::sync::Notify::new(),
+            consumer: Mutex::new(None),
+            sync_commit: tokio::sync::Mutex::new(()),
+            rebalances: AtomicU64::new(0),
+            fetching: Mutex::new(Fetching::default()),
+        }
+    }
+
     pub(crate) fn state(&self) -> MutexGuard<'_, State> {
-        lock(&self.state)
+        self.state.lock()
     }
 
     /// Commits the watermarks (of `only`, or all partitions) synchronously.
@@ -102,31 +133,11 @@ impl KafkaSubscription {
     pub(crate) async fn start(config: &KafkaConfig, options: SubscribeOptions) -> Result<Self> {
         let earliest = !matches!(options.start, StartFrom::Latest);
         let client = config.consumer(&options.group, earliest);
-        let shared = Arc::new(Shared {
-            topic: options.topic.as_str().into(),
-            group: options.group.as_str().into(),
-            prefetch: options.prefetch,
-            // Large enough that a fast consumer never pauses (a pause makes librdkafka
-            // drop what it prefetched and fetch it again), small enough to bound memory
-            // when handlers are slow or one key is stuck.
-            buffer_limit: (options.prefetch * 8).max(50_000),
-            max_buffered_bytes: client
-                .get("queued.max.messages.kbytes")
-                .and_then(|kb| kb.parse::<usize>().ok())
-                .map_or(MAX_BUFFERED_BYTES, |kb| kb.saturating_mul(1024)),
-            commit: config.commit,
-            revoke_timeout: config.revoke_timeout,
-            assign_delay: config.assign_delay,
-            start: options.start,
-            state: Mutex::new(State::default()),
-            wake: tokio::sync::Notify::new(),
-            settled: Condvar::new(),
-            joined: tokio::sync::Notify::new(),
-            consumer: Mutex::new(None),
-            sync_commit: tokio::sync::Mutex::new(()),
-            rebalances: AtomicU64::new(0),
-            fetching: Mutex::new(Fetching::default()),
-        });
+        let max_buffered_bytes = client
+            .get("queued.max.messages.kbytes")
+            .and_then(|kb| kb.parse::<usize>().ok())
+            .map_or(MAX_BUFFERED_BYTES, |kb| kb.saturating_mul(1024));
+        let shared = Arc::new(Shared::new(config, &options, max_buffered_bytes));
         let consumer: BaseConsumer<MemberContext> = client
             .create_with_context(MemberContext {
                 shared: shared.clone(),
@@ -144,7 +155,7 @@ impl KafkaSubscription {
             .subscribe(&[&options.topic])
             .map_err(|e| kafka_error(format!("subscribing to {}", options.topic), e))?;
         let consumer = Arc::new(consumer);
-        *lock(&shared.consumer) = Some(consumer.clone());
+        *shared.consumer.lock() = Some(consumer.clone());
         let commit_interval = config.commit_interval;
         let thread_shared = shared.clone();
         let thread = spawn_member(shared.clone(), move || {
