@@ -105,9 +105,5 @@ async fn main() -> switchyard::Result<ExitCode> {
         "summary events={total} handled={handled} per_worker={:?} order_violations={}",
         b.handled_by, b.violations
     );
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(ExitCode::from(u8::from(!ok)))
 }

@@ -94,9 +94,5 @@ async fn main() -> switchyard::Result<ExitCode> {
         "summary jobs={JOBS} started_before_signal={started} finished_before_exit={finished} acked={} abandoned={} all_done_once_after_restart={once}",
         first.acked, first.abandoned
     );
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(ExitCode::from(u8::from(!ok)))
 }

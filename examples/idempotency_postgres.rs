@@ -80,9 +80,5 @@ async fn main() -> switchyard::Result<ExitCode> {
         count(&b),
         count(&c)
     );
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(ExitCode::from(u8::from(!ok)))
 }

@@ -105,9 +105,5 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         && failed == 1.0
         && report.acked == MESSAGES;
     println!("summary scraped=http://{address}/metrics published={published} handled={handled} failed={failed} acked={}", report.acked);
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(ExitCode::from(u8::from(!ok)))
 }

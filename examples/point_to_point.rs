@@ -80,9 +80,5 @@ async fn main() -> switchyard::Result<ExitCode> {
         reports[0].acked,
         lag.map_or("n/a".into(), |n| n.to_string())
     );
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(ExitCode::from(u8::from(!ok)))
 }

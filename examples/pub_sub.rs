@@ -85,9 +85,5 @@ async fn main() -> switchyard::Result<ExitCode> {
         "summary published={EVENTS} {} every_group_got_every_event={ok}",
         counts.join(" ")
     );
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(ExitCode::from(u8::from(!ok)))
 }
