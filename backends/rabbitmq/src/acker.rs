@@ -39,7 +39,7 @@ impl RabbitAcker {
         }
         let mut wake_supervisor = false;
         {
-            let mut st = self.shared.lock();
+            let mut st = self.shared.state.lock();
             st.unsettled = st.unsettled.saturating_sub(1);
             st.handed_out.remove(&self.seq);
             if let Some(part) = st.parts.get_mut(&self.part) {
@@ -80,7 +80,7 @@ impl RabbitAcker {
     /// channel. If not, lapin may never answer a settle on the dead channel, and the
     /// broker has already taken the message back.
     fn alive(&self) -> bool {
-        let st = self.shared.lock();
+        let st = self.shared.state.lock();
         !st.closed
             && st
                 .parts

@@ -1,9 +1,10 @@
 //! The broker handle: publishing, subscribing, inspecting and closing, each handed to
 //! the module that does it.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use switchyard_core::{
     AnyBroker, Broker, CancellationToken, Capabilities, Error, GroupInfo, Message, Publisher,
     Receipt, Result, SubscribeOptions, Subscriber, Subscription, TopicInfo,
@@ -78,11 +79,7 @@ impl Subscriber for RabbitBroker {
             self.inner.closed.child_token(),
         )
         .await?;
-        let mut subs = self
-            .inner
-            .subscriptions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut subs = self.inner.subscriptions.lock();
         subs.retain(|w| w.strong_count() > 0);
         subs.push(Arc::downgrade(&shared));
         Ok(sub)
@@ -184,7 +181,6 @@ impl Broker for RabbitBroker {
             .inner
             .subscriptions
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .drain(..)
             .filter_map(|w| w.upgrade())
             .collect();

@@ -240,24 +240,25 @@ impl AmqpTarget {
     }
 }
 
+/// Decodes a part of the URL strictly: a '%' without two hex digits after it, or bytes
+/// that are not UTF-8, are errors rather than guesses at what the user meant.
 fn percent_decode(s: &str) -> Result<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let byte = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| Error::config("url", "bad percent escape in the amqp:// URL"))?;
-            out.push(byte);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let bad_escape = s.split('%').skip(1).any(|rest| {
+        !rest
+            .as_bytes()
+            .get(..2)
+            .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if bad_escape {
+        return Err(Error::config(
+            "url",
+            "bad percent escape in the amqp:// URL",
+        ));
     }
-    String::from_utf8(out).map_err(|_| Error::config("url", "the amqp:// URL is not UTF-8"))
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(|decoded| decoded.into_owned())
+        .map_err(|_| Error::config("url", "the amqp:// URL is not UTF-8"))
 }
 
 #[cfg(test)]
@@ -328,6 +329,11 @@ mod tests {
             let shown = format!("{c:?} {}", c.redacted_url);
             assert!(!shown.contains("ter22"), "{url}: {shown}");
             assert!(!shown.contains("ann"), "{url}: {shown}");
+        }
+        for url in ["amqp://ann:hun%2ter22@h/%2f", "amqp://ann:hun%ff@h/%2f"] {
+            let err = RabbitConfig::from_url(url).unwrap_err();
+            assert!(matches!(err, Error::Config { .. }), "{url}: {err}");
+            assert!(!format!("{err} {err:?}").contains("ter22"), "{url}: {err}");
         }
         for url in ["amqq://ann:hunter22@h/%2f", "kafak://ann:hun/ter22@h"] {
             let err = RabbitConfig::from_url(url).unwrap_err();

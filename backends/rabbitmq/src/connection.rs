@@ -1,10 +1,9 @@
 //! Opening connections, with bounded retries and a jittered backoff.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
 use lapin::{Connection, ConnectionProperties};
+use switchyard_core::backoff::Backoff;
 use switchyard_core::{Error, Result};
 use tokio::time::Instant;
 
@@ -34,68 +33,26 @@ pub(crate) async fn connect_once(config: &RabbitConfig, role: &str) -> Result<Co
     }
 }
 
-/// Connects, retrying with [`Backoff`] for about 3 s, so a broker that is restarting or
-/// a connection that was just closed does not fail the caller at once.
+/// The pauses between connection attempts: 50 ms doubling to 1 s, jittered, so clients
+/// cut off together do not come back in lockstep.
+pub(crate) const RECONNECT: Backoff =
+    Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+
+/// Connects, retrying with [`RECONNECT`] for about 3 s, so a broker that is restarting
+/// or a connection that was just closed does not fail the caller at once.
 pub(crate) async fn connect_with_retry(config: &RabbitConfig, role: &str) -> Result<Connection> {
     let deadline = Instant::now() + Duration::from_secs(3);
-    let mut backoff = Backoff::new();
+    let mut failures = 0;
     loop {
         let err = match connect_once(config, role).await {
             Ok(c) => return Ok(c),
             Err(e) => e,
         };
-        let pause = backoff.next_pause();
+        failures += 1;
+        let pause = RECONNECT.pause(failures);
         if Instant::now() + pause >= deadline {
             return Err(err);
         }
         tokio::time::sleep(pause).await;
-    }
-}
-
-/// Pauses between reconnect attempts: doubling from 50 ms up to 1 s, each drawn at
-/// random from its upper half, so clients cut off together do not come back in
-/// lockstep.
-pub(crate) struct Backoff {
-    ceiling: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new() -> Self {
-        Self {
-            ceiling: Duration::from_millis(50),
-        }
-    }
-
-    /// The pause before the next attempt.
-    pub(crate) fn next_pause(&mut self) -> Duration {
-        let pause = self.ceiling.mul_f64(0.5 + 0.5 * random_fraction());
-        self.ceiling = (self.ceiling * 2).min(Duration::from_secs(1));
-        pause
-    }
-}
-
-/// A number in [0, 1): jitter needs no quality, and every `RandomState` hashes with new
-/// keys, so hashing nothing with one gives fresh bits without a dependency.
-fn random_fraction() -> f64 {
-    let bits = RandomState::new().build_hasher().finish();
-    (bits >> 11) as f64 / (1u64 << 53) as f64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_to_a_ceiling_with_jitter() {
-        let mut b = Backoff::new();
-        let pauses: Vec<Duration> = (0..8).map(|_| b.next_pause()).collect();
-        let ceilings = [50, 100, 200, 400, 800, 1000, 1000, 1000];
-        for (pause, ms) in pauses.iter().zip(ceilings) {
-            let ceiling = Duration::from_millis(ms);
-            assert!(*pause >= ceiling / 2 && *pause <= ceiling, "{pauses:?}");
-        }
-        let spread: std::collections::HashSet<Duration> =
-            (0..16).map(|_| Backoff::new().next_pause()).collect();
-        assert!(spread.len() > 1, "no jitter: {spread:?}");
     }
 }

@@ -139,7 +139,7 @@
 //! ## Connection loss
 //!
 //! Each subscription has its own connection (and so its own locks). When it drops, the
-//! member reconnects with backoff (100 ms doubling to 5 s), redeclares, rejoins and
+//! member reconnects with a jittered backoff (100 ms doubling to 5 s), redeclares, rejoins and
 //! claims partitions again; deliveries from the dead channels cannot be settled
 //! ([`Error::SubscriptionClosed`]) and the broker redelivers them, so handling is
 //! at-least-once across a loss. A publish in flight rides the loss out: what the broker

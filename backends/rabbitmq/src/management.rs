@@ -6,6 +6,7 @@ use std::fmt;
 use std::time::Duration;
 
 use base64::Engine;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use switchyard_core::{redact, validate_name, Error, Result};
 
 use crate::config::RabbitConfig;
@@ -193,40 +194,24 @@ fn endpoint(config: &RabbitConfig) -> (String, String) {
     (format!("{scheme}://{host}{path}"), format!("Basic {token}"))
 }
 
+/// Percent-decodes a user or password of the management URL, leniently: it was
+/// accepted as a URL already, and a stray '%' stays as it is.
 fn decode(s: &str) -> String {
-    let mut out = Vec::new();
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        match (
-            b[i],
-            s.get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok()),
-        ) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
+
+/// What a path segment keeps unencoded: RFC 3986's unreserved characters.
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// Percent-encodes a path segment (the virtual host "/" is `%2F`).
 fn encode_path(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    utf8_percent_encode(s, PATH_SEGMENT).to_string()
 }
 
 /// Switchyard's topics and groups in a listing: topic exchanges with a valid topic name
@@ -318,6 +303,7 @@ mod tests {
         assert_eq!(auth, format!("Basic {token}"));
         assert_eq!(encode_path("/"), "%2F");
         assert_eq!(encode_path("my vh"), "my%20vh");
+        assert_eq!(decode("a%2Fb%zz%"), "a/b%zz%");
     }
 
     #[test]

@@ -22,7 +22,7 @@ impl Supervisor {
     /// are settled; the next steps bring it down.
     pub(crate) async fn apply_qos(&mut self) {
         let changes: Vec<(u32, u64, Channel, u16)> = {
-            let st = self.shared.lock();
+            let st = self.shared.state.lock();
             let shares = prefetch_shares(self.shared.prefetch, st.parts.len());
             st.parts
                 .iter()
@@ -41,7 +41,7 @@ impl Supervisor {
                 .await
             {
                 Ok(()) => {
-                    if let Some(part) = self.shared.lock().parts.get_mut(&p) {
+                    if let Some(part) = self.shared.state.lock().parts.get_mut(&p) {
                         if part.gen == gen {
                             part.qos = qos;
                         }

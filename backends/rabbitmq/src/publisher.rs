@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::codec::properties;
 use crate::config::RabbitConfig;
-use crate::connection::{connect_once, Backoff};
+use crate::connection::{connect_once, RECONNECT};
 use crate::topology::{
     declare_delay, declare_exchange, key_hash, map_err, slot_routing_keys, GroupNames, SLOTS,
 };
@@ -236,7 +236,7 @@ impl PublisherCore {
     ) -> Result<()> {
         let mut confirmed = vec![false; outgoing.len()];
         let mut deadline = Instant::now() + self.config.confirm_timeout;
-        let mut backoff = Backoff::new();
+        let mut failures = 0;
         loop {
             let err = match self
                 .attempt(
@@ -257,7 +257,8 @@ impl PublisherCore {
                 return Err(err);
             }
             let unconfirmed = confirmed.iter().filter(|c| !**c).count();
-            let pause = backoff.next_pause();
+            failures += 1;
+            let pause = RECONNECT.pause(failures);
             if Instant::now() + pause >= deadline {
                 return Err(Error::transient(
                     BACKEND,

@@ -34,7 +34,7 @@ pub(crate) async fn pump(shared: Arc<Shared>, p: u32, gen: u64, mut consumer: Co
                     requeued_head: false,
                 };
                 {
-                    let mut st = shared.lock();
+                    let mut st = shared.state.lock();
                     match st.parts.get_mut(&p) {
                         Some(part) if part.gen == gen => part.gate.arrive(entry),
                         // Being released: closing the channel returns the message. Keep
@@ -77,7 +77,7 @@ impl Drop for PumpEnded {
                 "a partition's reader panicked; giving the partition up to claim it again"
             );
         }
-        if let Some(part) = self.shared.lock().parts.get_mut(&self.p) {
+        if let Some(part) = self.shared.state.lock().parts.get_mut(&self.p) {
             if part.gen == self.gen {
                 part.lost = Some(
                     self.reason

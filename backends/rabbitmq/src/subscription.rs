@@ -3,11 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
 use lapin::Channel;
+use parking_lot::Mutex;
 use switchyard_core::{
     CancellationToken, Delivery, Error, Origin, Result, SubscribeOptions, Subscription,
 };
@@ -62,14 +63,6 @@ pub(crate) struct Part {
     /// Set by the pump when the consumer ended (channel closed, connection lost).
     pub(crate) lost: Option<String>,
     pub(crate) pump: Option<JoinHandle<()>>,
-}
-
-impl Shared {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
-        // The state stays consistent across a panic in another holder (no multi-step
-        // invariants are left half-done), so keep serving.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 /// Joins `options.group` as one more member.
@@ -150,7 +143,7 @@ impl Subscription for RabbitSubscription {
             notified.as_mut().enable();
             let mut taken = Vec::new();
             {
-                let mut guard = self.shared.lock();
+                let mut guard = self.shared.state.lock();
                 let st = &mut *guard;
                 if st.closed {
                     return Ok(0);
@@ -206,7 +199,7 @@ impl Subscription for RabbitSubscription {
     }
 
     async fn close(mut self: Box<Self>) -> Result<()> {
-        self.shared.lock().closed = true;
+        self.shared.state.lock().closed = true;
         self.shared.wake.notify_waiters();
         self.shared.stop.cancel();
         if let Some(task) = self.task.take() {
@@ -221,7 +214,7 @@ impl Drop for RabbitSubscription {
         if self.task.is_some() {
             // Dropped without close: the supervisor still closes the connection in the
             // background, which hands unsettled messages back to the broker.
-            self.shared.lock().closed = true;
+            self.shared.state.lock().closed = true;
             self.shared.stop.cancel();
         }
     }
@@ -229,7 +222,7 @@ impl Drop for RabbitSubscription {
 
 /// Marks a member closed by the broker handle's close.
 pub(crate) fn close_shared(shared: &Shared) {
-    shared.lock().closed = true;
+    shared.state.lock().closed = true;
     shared.wake.notify_waiters();
     shared.stop.cancel();
 }

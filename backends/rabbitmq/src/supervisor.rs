@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
+use switchyard_core::backoff::Backoff;
 use switchyard_core::{Error, Result};
 
 use crate::config::RabbitConfig;
@@ -20,6 +21,10 @@ use crate::topology::{declare_group, map_err, soft_code, GroupNames};
 /// How long a delivery may stay unsettled before the member warns that RabbitMQ's
 /// consumer ack timeout (30 min by default) is near.
 const ACK_TIMEOUT_WARNING: Duration = Duration::from_secs(25 * 60);
+
+/// The pauses between a member's attempts to reconnect and rejoin its group: 100 ms
+/// doubling to 5 s, jittered so the members of a group do not all come back at once.
+const REJOIN: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
 /// How long a partition being handed over may wait for a requeued message to come back
 /// and be handled before it is released anyway.
@@ -109,7 +114,7 @@ impl Supervisor {
 
     pub(crate) async fn run(mut self) {
         let _ended = SupervisorEnded(self.shared.clone());
-        let mut backoff = Duration::from_millis(100);
+        let mut failures = 0;
         let stop = self.shared.stop.clone();
         loop {
             if stop.is_cancelled() {
@@ -124,21 +129,22 @@ impl Supervisor {
                 );
                 match self.connect().await {
                     Ok(()) => {
-                        backoff = Duration::from_millis(100);
+                        failures = 0;
                         tracing::info!(topic = %self.shared.topic, group = %self.shared.group, "reconnected");
                     }
                     Err(e) if e.is_transient() => {
-                        tracing::warn!(error = %e, ?backoff, "reconnect failed; retrying");
+                        failures += 1;
+                        let pause = REJOIN.pause(failures);
+                        tracing::warn!(error = %e, ?pause, "reconnect failed; retrying");
                         tokio::select! {
                             _ = stop.cancelled() => break,
-                            _ = tokio::time::sleep(backoff) => {}
+                            _ = tokio::time::sleep(pause) => {}
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
                         continue;
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot rejoin the group");
-                        self.shared.lock().fatal = Some(e);
+                        self.shared.state.lock().fatal = Some(e);
                         self.shared.wake.notify_waiters();
                         break;
                     }
@@ -171,7 +177,7 @@ impl Supervisor {
     /// cancelled consumer frees the queue for another member before this channel's
     /// unacked messages are back, and that member would get later messages first.
     async fn close_parts(&mut self) {
-        let parts = std::mem::take(&mut self.shared.lock().parts);
+        let parts = std::mem::take(&mut self.shared.state.lock().parts);
         futures::future::join_all(parts.values().map(|part| async move {
             if part.channel.status().connected() {
                 let _ = part.channel.close(200, "partition released".into()).await;
@@ -193,7 +199,7 @@ impl Supervisor {
         };
         // Partitions to let go of now: lost ones, and drained ones.
         let released: Vec<(u32, Part)> = {
-            let mut st = self.shared.lock();
+            let mut st = self.shared.state.lock();
             let done: Vec<u32> = st
                 .parts
                 .iter()
@@ -242,7 +248,7 @@ impl Supervisor {
         let total = self.config.partitions;
         let share = total.div_ceil(members);
         let (owned, draining): (Vec<u32>, usize) = {
-            let st = self.shared.lock();
+            let st = self.shared.state.lock();
             let owned = st
                 .parts
                 .iter()
@@ -255,7 +261,7 @@ impl Supervisor {
         if owned.len() as u32 > share {
             // Give up the highest-numbered extras; they are released once drained.
             let extra = owned.len() - share as usize;
-            let mut st = self.shared.lock();
+            let mut st = self.shared.state.lock();
             for n in owned.iter().rev().take(extra) {
                 if let Some(p) = st.parts.get_mut(n) {
                     p.draining = Some(Instant::now());
@@ -270,7 +276,7 @@ impl Supervisor {
                     break;
                 }
                 let p = (self.seed + i) % total;
-                if self.shared.lock().parts.contains_key(&p) {
+                if self.shared.state.lock().parts.contains_key(&p) {
                     continue;
                 }
                 if self.claim(&control, p).await? {
@@ -286,7 +292,7 @@ impl Supervisor {
     /// [`ACK_TIMEOUT_WARNING`]: RabbitMQ closes the channel at its `consumer_timeout`
     /// (30 min by default) and the message is handled again.
     fn watch_ack_timeout(&self) {
-        let mut st = self.shared.lock();
+        let mut st = self.shared.state.lock();
         let warned = st.warned_upto;
         let late: Vec<(u64, Duration)> = st
             .handed_out
@@ -339,7 +345,7 @@ impl Supervisor {
             .await
             .map_err(|e| map_err("opening a channel", e))?;
         // The smallest share once this one is owned too; `apply_qos` evens them out.
-        let owned = self.shared.lock().parts.len() + 1;
+        let owned = self.shared.state.lock().parts.len() + 1;
         let qos = prefetch_shares(self.shared.prefetch, owned)[owned - 1];
         ch.basic_qos(qos, BasicQosOptions { global: true })
             .await
@@ -363,7 +369,7 @@ impl Supervisor {
             Err(e) => return Err(map_err(&format!("consuming partition queue {queue:?}"), e)),
         };
         let gen = {
-            let mut st = self.shared.lock();
+            let mut st = self.shared.state.lock();
             st.next_gen += 1;
             let gen = st.next_gen;
             st.parts.insert(
@@ -382,7 +388,7 @@ impl Supervisor {
             gen
         };
         let pump = tokio::spawn(pump(self.shared.clone(), p, gen, consumer));
-        if let Some(part) = self.shared.lock().parts.get_mut(&p) {
+        if let Some(part) = self.shared.state.lock().parts.get_mut(&p) {
             if part.gen == gen {
                 part.pump = Some(pump);
             }
@@ -409,7 +415,7 @@ struct SupervisorEnded(Arc<Shared>);
 impl Drop for SupervisorEnded {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let mut st = self.0.lock();
+            let mut st = self.0.state.lock();
             if st.fatal.is_none() {
                 st.fatal = Some(Error::permanent(
                     crate::BACKEND,

@@ -2,9 +2,8 @@
 //! when it does not answer). Internal, because it drives two members' claim and release
 //! steps by hand to hit the moment that broke order.
 
-use std::sync::Mutex;
-
 use lapin::options::{BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use parking_lot::Mutex;
 use switchyard_core::{CancellationToken, Message};
 use tokio::sync::Notify;
 
@@ -59,7 +58,12 @@ async fn publish(control: &Channel, queue: &str, range: std::ops::Range<usize>) 
 }
 
 fn received(m: &Supervisor) -> usize {
-    m.shared.lock().parts.get(&0).map_or(0, |p| p.gate.len())
+    m.shared
+        .state
+        .lock()
+        .parts
+        .get(&0)
+        .map_or(0, |p| p.gate.len())
 }
 
 /// A partition being released keeps receiving until its channel closes. Its pump
@@ -92,6 +96,7 @@ async fn the_next_owner_starts_with_the_messages_the_last_one_held() {
         // messages arrive in between (other partitions are released first).
         let part = a
             .shared
+            .state
             .lock()
             .parts
             .remove(&0)
@@ -115,6 +120,7 @@ async fn the_next_owner_starts_with_the_messages_the_last_one_held() {
         let first = loop {
             let taken = b
                 .shared
+                .state
                 .lock()
                 .parts
                 .get_mut(&0)
