@@ -60,41 +60,16 @@ impl Shared {
         nack: Option<Nack>,
     ) -> Result<()> {
         let mut st = self.state();
-        let current = st.parts.get(&partition).is_some_and(|p| p.epoch == epoch);
-        let entry = if current {
-            st.inflight.remove(&(partition, offset))
-        } else {
-            None
-        };
-        let Some(mut entry) = entry else {
+        let Some(entry) = st.settle(partition, offset, epoch, nack) else {
             return Err(Error::SubscriptionClosed {
                 id: format!("{}:{partition}:{offset}", self.topic),
             });
         };
-        match nack {
-            Some(Nack::Requeue) if !st.stopping && !st.revoking => {
-                // In-process redelivery: the offset stays pending (uncommitted) and the
-                // key stays busy, so later same-key records keep waiting behind it.
-                entry.attempt += 1;
-                st.buffered_bytes += entry.message.payload.len();
-                st.ready.push_back(entry);
-            }
-            Some(Nack::Requeue) => {
-                // Closing or losing the partition: leave it uncommitted for the next owner.
-                st.release_key(&entry.key);
-            }
-            other => {
-                if other == Some(Nack::Reject) {
-                    tracing::warn!(topic = %self.topic, group = %self.group, partition, offset, id = %entry.message.id, "message rejected; it is skipped (committed past)");
-                }
-                if let Some(part) = st.parts.get_mut(&partition) {
-                    part.pending.remove(&offset);
-                }
-                st.release_key(&entry.key);
-            }
-        }
-        let revoking = st.revoking;
+        let revoking = !st.revoking.is_empty();
         drop(st);
+        if nack == Some(Nack::Reject) {
+            tracing::warn!(topic = %self.topic, group = %self.group, partition, offset, id = %entry.message.id, "message rejected; it is skipped (committed past)");
+        }
         if revoking {
             self.settled.notify_all();
         }
@@ -106,19 +81,19 @@ impl Shared {
     pub(crate) async fn commit_sync(&self, partition: i32) -> Result<()> {
         let _serial = self.sync_commit.lock().await;
         let only: HashSet<i32> = [partition].into_iter().collect();
-        let tpl = self.state().to_commit(&self.topic, Some(&only));
+        let offsets = self.state().to_commit(Some(&only));
         let consumer = self.consumer.lock().clone();
-        let (Some(consumer), true) = (consumer, tpl.count() > 0) else {
+        let (Some(consumer), false) = (consumer, offsets.is_empty()) else {
             return Ok(());
         };
-        let commit_tpl = tpl.clone();
+        let commit_tpl = self.offsets(&offsets);
         // A synchronous commit blocks on a broker round trip.
         let r = tokio::task::spawn_blocking(move || consumer.commit(&commit_tpl, CommitMode::Sync))
             .await
             .map_err(|e| Error::permanent(BACKEND, e.to_string()))?;
         match r {
             Ok(()) => {
-                self.state().mark_committed(&tpl);
+                self.state().mark_committed(&offsets);
                 Ok(())
             }
             Err(e) => Err(kafka_error(

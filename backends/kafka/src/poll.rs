@@ -15,7 +15,7 @@ use crate::broker::kafka_error;
 use crate::config::CommitStrategy;
 use crate::rebalance::MemberContext;
 use crate::record;
-use crate::state::{Entry, Key};
+use crate::state::Entry;
 use crate::subscription::Shared;
 
 /// How long the poll thread blocks in one `poll`; also its reaction time to close.
@@ -139,12 +139,7 @@ impl Shared {
         // neither wait nor commit from state the panic may have left half-updated.
         st.stopping = true;
         st.finished = true;
-        st.parts.clear();
-        st.inflight.clear();
-        st.ready.clear();
-        st.blocked.clear();
-        st.blocked_len = 0;
-        st.buffered_bytes = 0;
+        st.clear();
         drop(st);
         self.consumer.lock().take();
         self.settled.notify_all();
@@ -163,7 +158,7 @@ pub(crate) fn poll_loop(
     loop {
         let (stopping, buffered, bytes) = {
             let st = shared.state();
-            (st.stopping, st.buffered(), st.buffered_bytes)
+            (st.stopping, st.buffered(), st.buffered_bytes())
         };
         if stopping {
             break;
@@ -183,15 +178,11 @@ pub(crate) fn poll_loop(
             match polled {
                 None => break,
                 Some(Ok(m)) => {
-                    let message = record::to_message(&m);
-                    batch.push(Entry {
-                        partition: rdkafka::Message::partition(&m),
-                        offset: rdkafka::Message::offset(&m),
-                        epoch: 0,
-                        key: message.key.as_deref().map(Key::from),
-                        message: Arc::new(message),
-                        attempt: 1,
-                    });
+                    batch.push(Entry::new(
+                        rdkafka::Message::partition(&m),
+                        rdkafka::Message::offset(&m),
+                        record::to_message(&m),
+                    ));
                 }
                 Some(Err(e)) => {
                     on_poll_error(&shared, e);
@@ -202,11 +193,8 @@ pub(crate) fn poll_loop(
         }
         if !batch.is_empty() {
             let mut st = shared.state();
-            for mut e in batch.drain(..) {
-                if let Some(p) = st.parts.get(&e.partition) {
-                    e.epoch = p.epoch;
-                    st.admit(e);
-                }
+            for e in batch.drain(..) {
+                st.admit(e);
             }
             drop(st);
             shared.wake.notify_waiters();

@@ -1,7 +1,7 @@
 //! Rebalance callbacks: taking partitions (with the assign delay and the pinned start
 //! of a `Latest` group), and giving them up after their in-flight messages settled.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +12,6 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use switchyard_core::StartFrom;
 
-use crate::state::Part;
 use crate::subscription::Shared;
 
 /// Timeout of the blocking calls made inside a rebalance (committed offsets, watermarks).
@@ -42,22 +41,7 @@ impl Shared {
         if self.start == StartFrom::Latest {
             self.pin_latest(consumer, tpl);
         }
-        let mut st = self.state();
-        for e in tpl.elements_for_topic(&self.topic) {
-            st.next_epoch += 1;
-            let epoch = st.next_epoch;
-            st.parts.insert(
-                e.partition(),
-                Part {
-                    epoch,
-                    pending: BTreeSet::new(),
-                    next: -1,
-                    committed: -1,
-                },
-            );
-        }
-        st.assigned = true;
-        drop(st);
+        self.state().assign(self.partitions(tpl));
         tracing::debug!(topic = %self.topic, group = %self.group, partitions = tpl.count(), "partitions assigned");
         self.joined.notify_waiters();
     }
@@ -135,10 +119,9 @@ impl Shared {
             .collect();
         let deadline = Instant::now() + self.revoke_timeout;
         let mut st = self.state();
-        st.purge(&gone);
-        st.revoking = true;
+        st.revoke_begin(&gone);
         loop {
-            let waiting = st.inflight.keys().filter(|(p, _)| gone.contains(p)).count();
+            let waiting = st.in_flight_of(&gone);
             // On close the runtime has already waited for its handlers; what is left is
             // abandoned and goes to the next owner.
             if waiting == 0 || st.stopping {
@@ -151,15 +134,9 @@ impl Shared {
             }
             self.settled.wait_for(&mut st, deadline - now);
         }
-        st.revoking = false;
         drop(st);
         self.commit_now(consumer, Some(&gone));
-        let mut st = self.state();
-        st.owned_before.clone_from(&gone);
-        st.parts.retain(|p, _| !gone.contains(p));
-        st.inflight.retain(|(p, _), _| !gone.contains(p));
-        let removed = HashSet::new();
-        st.purge(&removed); // keys of dropped in-flight entries are free again
+        self.state().revoke_end(&gone);
         tracing::debug!(topic = %self.topic, group = %self.group, partitions = gone.len(), "partitions revoked");
     }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
 use switchyard_core::{Delivery, Error, Origin, Result, StartFrom, SubscribeOptions, Subscription};
 
 use crate::acker::KafkaAcker;
@@ -94,6 +95,16 @@ impl Shared {
         self.state.lock()
     }
 
+    /// These (partition, offset) pairs of the topic, as librdkafka takes them.
+    pub(crate) fn offsets(&self, offsets: &[(i32, i64)]) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in offsets {
+            // Fails only for an offset librdkafka cannot name; ours never are.
+            let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*o));
+        }
+        tpl
+    }
+
     /// Commits the watermarks (of `only`, or all partitions) synchronously.
     pub(crate) fn commit_now(
         &self,
@@ -103,15 +114,15 @@ impl Shared {
         if self.commit == CommitStrategy::Auto {
             return;
         }
-        let tpl = self.state().to_commit(&self.topic, only);
-        if tpl.count() == 0 {
+        let offsets = self.state().to_commit(only);
+        if offsets.is_empty() {
             return;
         }
-        tracing::debug!(topic = %self.topic, group = %self.group, offsets = ?tpl, "committing");
-        match consumer.commit(&tpl, CommitMode::Sync) {
+        tracing::debug!(topic = %self.topic, group = %self.group, ?offsets, "committing");
+        match consumer.commit(&self.offsets(&offsets), CommitMode::Sync) {
             Ok(()) => {
                 tracing::debug!(topic = %self.topic, group = %self.group, "committed");
-                self.state().mark_committed(&tpl)
+                self.state().mark_committed(&offsets)
             }
             Err(e) => {
                 tracing::warn!(topic = %self.topic, group = %self.group, error = %e, "offset commit failed; it is retried with the next commit")
@@ -248,27 +259,7 @@ impl Subscription for KafkaSubscription {
                 if st.stopping || st.finished {
                     return Ok(0);
                 }
-                let credit = self.shared.prefetch.saturating_sub(st.inflight.len());
-                let n = max.min(credit).min(st.ready.len());
-                let mut taken = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let Some(e) = st.ready.pop_front() else { break };
-                    st.buffered_bytes = st.buffered_bytes.saturating_sub(e.message.payload.len());
-                    let key = (e.partition, e.offset);
-                    st.inflight.insert(
-                        key,
-                        Entry {
-                            partition: e.partition,
-                            offset: e.offset,
-                            epoch: e.epoch,
-                            message: e.message.clone(),
-                            attempt: e.attempt,
-                            key: e.key.clone(),
-                        },
-                    );
-                    taken.push(e);
-                }
-                taken
+                st.take(max, self.shared.prefetch)
             };
             if !taken.is_empty() {
                 let n = taken.len();
