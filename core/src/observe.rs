@@ -26,7 +26,9 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use async_trait::async_trait;
 use tracing::Instrument;
@@ -185,22 +187,18 @@ impl<B: ?Sized> Instrumented<B> {
     }
 
     fn count(&self, topic: &str, ok: bool, n: u64) {
-        let cached = self
-            .counters
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(topic)
-            .map(|(good, bad)| if ok { good.clone() } else { bad.clone() });
+        let cached =
+            self.counters
+                .read()
+                .get(topic)
+                .map(|(good, bad)| if ok { good.clone() } else { bad.clone() });
         let counter = cached.unwrap_or_else(|| {
             let pair = (
                 metrics::counter!("switchyard_published_total", "topic" => topic.to_string(), "outcome" => "ok"),
                 metrics::counter!("switchyard_published_total", "topic" => topic.to_string(), "outcome" => "error"),
             );
             let c = if ok { pair.0.clone() } else { pair.1.clone() };
-            self.counters
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(topic.to_string(), pair);
+            self.counters.write().insert(topic.to_string(), pair);
             c
         });
         counter.increment(n);

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use percent_encoding::percent_decode_str;
+
 use crate::error::{Error, Result};
 
 /// A parsed broker URL: scheme, the part before `?`, and the query settings in order.
@@ -304,60 +306,31 @@ fn redact_query(query: &str) -> String {
         .join("&")
 }
 
-/// Percent-decodes for display: bad escapes stay as they are.
+/// Percent-decodes for display: bad escapes stay as they are, `+` is a space.
 fn decode_lossy(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = (bytes[i] == b'%')
-            .then(|| s.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (escaped, bytes[i]) {
-            (Some(b), _) => {
-                out.push(b);
-                i += 3;
-            }
-            (None, b'+') => {
-                out.push(b' ');
-                i += 1;
-            }
-            (None, b) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_decode_str(&s.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
-/// Strict percent-decoding of a query part; the caller words the error, which must not
-/// quote the input (it may be a password).
+/// Strict percent-decoding of a query part (`+` is a space): a `%` not followed by two
+/// hex digits, or bytes that are not UTF-8, are an error, which the caller words
+/// without quoting the input (it may be a password).
 fn percent_decode(s: &str) -> std::result::Result<String, ()> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok());
-                out.push(hex.and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or(())?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
+    // The crate keeps bad escapes verbatim; a setting must not silently mean
+    // something other than what was written, so they are refused here first.
+    let bad_escape = s.split('%').skip(1).any(|after| {
+        !after
+            .get(..2)
+            .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+    });
+    if bad_escape {
+        return Err(());
     }
-    String::from_utf8(out).map_err(|_| ())
+    percent_decode_str(&s.replace('+', " "))
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| ())
 }
 
 #[cfg(test)]
@@ -387,6 +360,17 @@ mod tests {
             Some("A,")
         );
         assert!(BrokerUrl::parse("kafka://h?a=%4").is_err());
+        for bad in ["%zz", "%%41", "%4\u{e9}", "%ff", "a%"] {
+            let url = format!("kafka://h?a={bad}");
+            assert!(BrokerUrl::parse(&url).is_err(), "{url}");
+        }
+        assert_eq!(
+            BrokerUrl::parse("kafka://h?a=b+c%2B%C3%A9")
+                .unwrap()
+                .param("a"),
+            Some("b c+\u{e9}")
+        );
+        assert_eq!(decode_lossy("a+%41%zz%"), "a A%zz%");
     }
 
     #[test]
