@@ -41,7 +41,8 @@ struct Book {
 async fn main() -> switchyard::Result<ExitCode> {
     let url = std::env::args().skip_while(|a| a != "--url").nth(1);
     let broker = switchyard::connect(url.as_deref().unwrap_or("memory://")).await?;
-    // A name of its own per run, so a durable broker's leftovers never mix in.
+    // A name of its own per run, so a durable broker's leftovers never mix in; the group
+    // is ephemeral, so its broker state goes when the run ends (RabbitMQ: a minute later).
     let topic = format!("shipments-{}", &switchyard::new_id()[24..]);
     let book: Arc<Mutex<Book>> = Arc::default();
 
@@ -68,7 +69,7 @@ async fn main() -> switchyard::Result<ExitCode> {
             }
         };
         // Same topic, same group: the members compete for its messages.
-        let options = SubscribeOptions::new(&topic, "shipping");
+        let options = SubscribeOptions::new(&topic, "shipping").ephemeral(true);
         app = app.consumer(Consumer::handler(options, ship).concurrency(8));
     }
     let running = app.start(shutdown.clone()).await?;

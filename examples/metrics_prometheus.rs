@@ -50,7 +50,8 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     });
 
     let broker = switchyard::connect(url.as_deref().unwrap_or("memory://")).await?;
-    // A name of its own per run, so a durable broker's leftovers never mix in.
+    // A name of its own per run, so a durable broker's leftovers never mix in; the group
+    // is ephemeral, so its broker state goes when the run ends (RabbitMQ: a minute later).
     let topic = format!("clicks-{}", &switchyard::new_id()[24..]);
     let shutdown = CancellationToken::new();
     // One delivery fails once (a flaky downstream), so the failed counter has something.
@@ -66,8 +67,11 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
         }
     };
-    let consumer = Consumer::handler(SubscribeOptions::new(&topic, "counter"), count)
-        .redelivery_backoff(Duration::from_millis(1), Duration::from_millis(10));
+    let consumer = Consumer::handler(
+        SubscribeOptions::new(&topic, "counter").ephemeral(true),
+        count,
+    )
+    .redelivery_backoff(Duration::from_millis(1), Duration::from_millis(10));
     let running = consumer.start(broker.clone(), shutdown.clone()).await?;
     for n in 0..MESSAGES {
         broker.publish_json(&topic, None, &n).await?;

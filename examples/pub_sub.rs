@@ -34,7 +34,8 @@ type Seen = Arc<Mutex<HashMap<String, u32>>>;
 async fn main() -> switchyard::Result<ExitCode> {
     let url = std::env::args().skip_while(|a| a != "--url").nth(1);
     let broker = switchyard::connect(url.as_deref().unwrap_or("memory://")).await?;
-    // A name of its own per run, so a durable broker's leftovers never mix in.
+    // A name of its own per run, so a durable broker's leftovers never mix in; the group
+    // is ephemeral, so its broker state goes when the run ends (RabbitMQ: a minute later).
     let topic = format!("signups-{}", &switchyard::new_id()[24..]);
 
     let shutdown = CancellationToken::new();
@@ -47,7 +48,7 @@ async fn main() -> switchyard::Result<ExitCode> {
             async { Ok::<_, HandlerError>(()) }
         };
         app = app.consumer(Consumer::handler(
-            SubscribeOptions::new(&topic, *group),
+            SubscribeOptions::new(&topic, *group).ephemeral(true),
             handler,
         ));
     }
