@@ -60,29 +60,22 @@ impl Shared {
         bytes: usize,
     ) {
         let mut f = self.fetching.lock();
-        f.paused = if f.paused {
-            buffered >= self.buffer_limit / 2 || bytes >= self.max_buffered_bytes / 2
+        let paused = f.pressure(
+            (buffered, bytes),
+            self.buffer_limit,
+            self.max_buffered_bytes,
+        );
+        let partitions = if paused {
+            match consumer.assignment() {
+                Ok(assigned) => self.partitions(&assigned),
+                Err(_) => return,
+            }
         } else {
-            buffered >= self.buffer_limit || bytes >= self.max_buffered_bytes
+            f.app_paused.iter().copied().collect()
         };
-        if f.paused {
-            let Ok(assigned) = consumer.assignment() else {
-                return;
-            };
-            let missing: Vec<i32> = self
-                .partitions(&assigned)
-                .into_iter()
-                .filter(|p| !f.app_paused.contains(p))
-                .collect();
-            if self.pause_resume(consumer, &missing, true) {
-                f.app_paused.extend(missing);
-            }
-        } else if !f.app_paused.is_empty() {
-            // Only partitions we paused: resuming a running one restarts its fetch.
-            let paused: Vec<i32> = f.app_paused.iter().copied().collect();
-            if self.pause_resume(consumer, &paused, false) {
-                f.app_paused.clear();
-            }
+        let flip = f.to_flip(&partitions, paused);
+        if self.pause_resume(consumer, &flip, paused) {
+            f.flipped(&flip, paused);
         }
     }
 

@@ -167,14 +167,9 @@ impl Shared {
         f.touched.extend(partitions.iter().copied());
         // Nothing of them has been handed out yet, so resuming (which restarts a fetch
         // at its start position) re-reads nothing.
-        if self.pause_resume(consumer, partitions, f.paused) {
-            for p in partitions {
-                if f.paused {
-                    f.app_paused.insert(*p);
-                } else {
-                    f.app_paused.remove(p);
-                }
-            }
+        let paused = f.paused;
+        if self.pause_resume(consumer, partitions, paused) {
+            f.flipped(partitions, paused);
         }
     }
 
@@ -183,15 +178,9 @@ impl Shared {
     pub(crate) fn fetch_revoked(&self, consumer: &BaseConsumer<MemberContext>, partitions: &[i32]) {
         let mut f = self.fetching.lock();
         f.touched.extend(partitions.iter().copied());
-        let paused: Vec<i32> = partitions
-            .iter()
-            .copied()
-            .filter(|p| f.app_paused.contains(p))
-            .collect();
+        let paused = f.to_flip(partitions, false);
         if self.pause_resume(consumer, &paused, false) {
-            for p in &paused {
-                f.app_paused.remove(p);
-            }
+            f.flipped(&paused, false);
         }
     }
 }
