@@ -1,16 +1,19 @@
-//! The per-partition key gate: a message with a key is not handed out while an earlier
-//! message with the same key is unsettled. Pure state; the subscription wraps it in its
-//! lock.
+//! The per-partition key gate: core's [`KeyGate`], plus what RabbitMQ's redeliveries
+//! need. A message with a key is not handed out while an earlier message with the same
+//! key is unsettled.
 //!
 //! One member owns a partition queue at a time and RabbitMQ delivers a queue's messages
 //! in order, so arrival order is publish order per key. A nacked (requeued) message goes
 //! back to its original place at the head of the queue and is delivered again before
-//! anything not yet delivered, so the key waits for exactly that redelivery before its
-//! successors (already here, held back) may run.
+//! anything not yet delivered: its key stays busy meanwhile, and when the message comes
+//! back (recognised by its id) it heads its key again, ahead of the successors held
+//! here. The member counts the attempts of what it requeued, since classic queues only
+//! flag a redelivery.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use switchyard_core::key_gate::KeyGate;
 use switchyard_core::Message;
 
 /// One received, not yet handed out message.
@@ -24,10 +27,7 @@ pub(crate) struct Entry {
 
 #[derive(Default)]
 pub(crate) struct Gate {
-    ready: VecDeque<Entry>,
-    /// Keys with a message unsettled, ready, or awaiting its redelivery.
-    busy: HashSet<String>,
-    blocked: HashMap<String, VecDeque<Entry>>,
+    keys: KeyGate<String, Entry>,
     /// Keys whose head was nacked for requeue, with that message's id.
     awaiting: HashMap<String, String>,
     /// The attempt number a message requeued by this member comes back with.
@@ -40,71 +40,54 @@ impl Gate {
         if let Some(attempt) = self.attempts.remove(&entry.message.id) {
             entry.attempt = entry.attempt.max(attempt);
         }
-        let Some(key) = entry.message.key.clone() else {
-            self.ready.push_back(entry);
-            return;
-        };
-        if let Some(id) = self.awaiting.get(&key) {
-            if *id == entry.message.id {
-                self.awaiting.remove(&key);
-                entry.requeued_head = true;
-                self.ready.push_back(entry);
-                return;
+        let key = entry.message.key.clone();
+        if let Some(k) = &key {
+            if let Some(id) = self.awaiting.get(k) {
+                if *id == entry.message.id {
+                    self.awaiting.remove(k);
+                    entry.requeued_head = true;
+                    self.keys.requeue(key, entry);
+                    return;
+                }
+                // The key is still busy with the requeued message, so this one waits.
+                tracing::warn!(
+                    key = %k,
+                    expected = %id,
+                    got = %entry.message.id,
+                    "a same-key message arrived before the requeued one; holding it"
+                );
             }
-            tracing::warn!(
-                key,
-                expected = %id,
-                got = %entry.message.id,
-                "a same-key message arrived before the requeued one; holding it"
-            );
         }
-        if self.busy.contains(&key) {
-            self.blocked.entry(key).or_default().push_back(entry);
-        } else {
-            self.busy.insert(key);
-            self.ready.push_back(entry);
-        }
+        self.keys.push(key, entry);
     }
 
     /// The next message to hand out. While draining, only requeued heads go out, so a
     /// key's order survives the hand-over to another member.
     pub(crate) fn take(&mut self, draining: bool) -> Option<Entry> {
-        if !draining {
-            return self.ready.pop_front();
+        if draining {
+            self.keys.pop_where(|e| e.requeued_head)
+        } else {
+            self.keys.pop()
         }
-        let i = self.ready.iter().position(|e| e.requeued_head)?;
-        self.ready.remove(i)
     }
 
     /// A handed-out message was settled: acked or rejected (`requeued == false`), or
     /// nacked for redelivery (its key stays busy until it comes back).
     pub(crate) fn settled(&mut self, message: &Message, attempt: u32, requeued: bool) {
-        if requeued {
-            self.attempts
-                .insert(message.id.clone(), attempt.saturating_add(1));
-        }
-        let Some(key) = message.key.as_deref() else {
-            return;
-        };
-        if requeued {
-            self.awaiting.insert(key.to_string(), message.id.clone());
+        if !requeued {
+            self.keys.settle_opt(message.key.as_deref());
             return;
         }
-        if let Some(queue) = self.blocked.get_mut(key) {
-            if let Some(next) = queue.pop_front() {
-                if queue.is_empty() {
-                    self.blocked.remove(key);
-                }
-                self.ready.push_back(next);
-                return;
-            }
+        self.attempts
+            .insert(message.id.clone(), attempt.saturating_add(1));
+        if let Some(key) = &message.key {
+            self.awaiting.insert(key.clone(), message.id.clone());
         }
-        self.busy.remove(key);
     }
 
     /// Received messages not yet handed out.
     pub(crate) fn len(&self) -> usize {
-        self.ready.len() + self.blocked.values().map(VecDeque::len).sum::<usize>()
+        self.keys.len()
     }
 
     /// Requeued messages on their way back: each needs a free prefetch slot on the
@@ -116,7 +99,7 @@ impl Gate {
     /// Whether the partition can be handed to another member without breaking a key's
     /// order: no requeued message is on its way back or waiting to be handed out.
     pub(crate) fn quiet(&self) -> bool {
-        self.awaiting.is_empty() && !self.ready.iter().any(|e| e.requeued_head)
+        self.awaiting.is_empty() && !self.keys.ready().any(|e| e.requeued_head)
     }
 }
 
@@ -175,5 +158,31 @@ mod tests {
             "draining hands out only requeued heads"
         );
         assert_eq!(g.take(false).unwrap().message.id, a2.id);
+    }
+
+    #[test]
+    fn a_same_key_arrival_waits_while_the_requeued_head_is_away() {
+        let mut g = Gate::default();
+        let (a1, a2, free) = (keyed("a"), keyed("a"), Arc::new(Message::new("unkeyed")));
+        g.arrive(entry(&a1));
+        g.arrive(entry(&free));
+        let _ = g.take(false);
+        let _ = g.take(false);
+        g.settled(&a1, 1, true);
+        g.settled(&free, 1, true);
+        assert_eq!(g.awaiting(), 1, "only keyed messages hold their key");
+        g.arrive(entry(&a2));
+        g.arrive(entry(&free));
+        let back = g.take(false).expect("the unkeyed one is free");
+        assert_eq!(
+            (back.message.id.clone(), back.attempt),
+            (free.id.clone(), 2)
+        );
+        assert!(g.take(false).is_none(), "a2 waits for a1 to come back");
+        g.arrive(entry(&a1));
+        assert_eq!(g.take(false).unwrap().message.id, a1.id);
+        g.settled(&a1, 2, false);
+        assert_eq!(g.take(false).unwrap().message.id, a2.id);
+        assert_eq!(g.len(), 0);
     }
 }
