@@ -5,9 +5,10 @@
 //! `kafka://127.0.0.1:9092` with `--features kafka`, `amqp://guest:guest@127.0.0.1:5672/%2f`
 //! with `--features rabbitmq`).
 //!
-//! Each worker is a member of the group `shipping` running 8 handlers at once; handlers
-//! take a few milliseconds, so different customers overlap while one customer's events
-//! queue behind each other. The last line is the summary; the exit status is 0 only when
+//! Each worker is a member of the group `shipping` running 8 handlers at once
+//! (`Consumer::members(3)` makes three members with one handler; here each worker has its
+//! own, to count its share). Handlers take a few milliseconds, so different customers
+//! overlap while one customer's events queue behind each other. The last line is the summary; the exit status is 0 only when
 //! every event was handled, no customer's events ran out of order or two at a time.
 
 use std::collections::HashMap;
