@@ -1,0 +1,339 @@
+//! One member's loop: pull deliveries, start handlers within the concurrency limit,
+//! keep the running ones going, and stop within the shutdown deadline.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::Service;
+
+use super::settle::{ack, ack_failed, panic_error, settle, Handling, Observed};
+use super::Stats;
+use crate::broker::Subscription;
+use crate::delivery::Delivery;
+use crate::error::{HandlerError, Result};
+
+/// How each member of a consumer runs.
+pub(super) struct MemberSettings {
+    pub(super) concurrency: usize,
+    pub(super) shutdown_timeout: Duration,
+    pub(super) backoff: (Duration, Duration),
+}
+
+/// Consumes from `sub` until shutdown or the subscription ends, then closes it.
+pub(super) async fn run_member<S>(
+    mut sub: Box<dyn Subscription>,
+    mut service: S,
+    settings: Arc<MemberSettings>,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+) -> Result<()>
+where
+    S: Service<Delivery, Response = (), Error = HandlerError> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let mut in_flight = FuturesUnordered::new();
+    let mut buf: Vec<Delivery> = Vec::with_capacity(settings.concurrency);
+    let mut spare: Option<Slot<S::Future>> = None;
+    let mut ended = false;
+    let mut recv_errors = 0u32;
+    // Set once stopping starts; `Some(None)` means no deadline: a timeout too long to
+    // add to now (such as `Duration::MAX`) waits for the handlers as long as they take.
+    let mut deadline: Option<Option<Instant>> = None;
+    loop {
+        let stopping = ended || shutdown.is_cancelled();
+        if stopping && deadline.is_none() {
+            deadline = Some(Instant::now().checked_add(settings.shutdown_timeout));
+        }
+        let free = settings.concurrency - in_flight.len();
+        if !stopping && free > 0 {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {}
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                received = sub.recv_many(&mut buf, free) => match received {
+                    Ok(0) => ended = true,
+                    Ok(_) => {
+                        recv_errors = 0;
+                        let mut acked = 0;
+                        for delivery in buf.drain(..) {
+                            // Shutting down with the service not ready: the deliveries not
+                            // started are dropped unsettled, which hands them back.
+                            let waited = wait_ready(&mut service, &mut in_flight, &shutdown).await;
+                            let Some(ready) = waited else { break };
+                            let started =
+                                start(&mut service, ready, delivery, &mut spare, &settings, &stats)
+                                    .await;
+                            match started {
+                                Started::Acked => acked += 1,
+                                Started::Done => {}
+                                Started::Running(settle) => {
+                                    stats.in_flight.increment(1.0);
+                                    in_flight.push(settle);
+                                }
+                            }
+                        }
+                        // Counted once per batch rather than once per message.
+                        stats.acked.fetch_add(acked, Ordering::Relaxed);
+                        stats.handled.increment(acked);
+                    }
+                    Err(e) if e.is_transient() => {
+                        recv_errors += 1;
+                        let pause = Duration::from_millis(50 * u64::from(recv_errors.min(40)));
+                        tracing::warn!(error = %e, ?pause, "receive failed; retrying");
+                        tokio::time::sleep(pause).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "receive failed permanently; stopping this consumer");
+                        shutdown.cancel();
+                        drop(in_flight);
+                        let _ = sub.close().await;
+                        return Err(e);
+                    }
+                },
+            }
+        } else if in_flight.is_empty() {
+            break;
+        } else if let Some(deadline) = deadline {
+            let Some(deadline) = deadline else {
+                in_flight.next().await;
+                continue;
+            };
+            if tokio::time::timeout_at(deadline, in_flight.next())
+                .await
+                .is_err()
+            {
+                let left = in_flight.len() as u64;
+                stats.abandoned.fetch_add(left, Ordering::Relaxed);
+                tracing::warn!(
+                    left,
+                    "shutdown deadline passed; unfinished deliveries will be redelivered"
+                );
+                break;
+            }
+        } else {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {}
+                _ = in_flight.next() => {}
+            }
+        }
+    }
+    // Dropping unfinished handlers leaves their deliveries unsettled; closing the
+    // subscription hands them back to the broker for redelivery.
+    drop(in_flight);
+    sub.close().await
+}
+
+/// A heap slot for a handler's future. The runtime polls each handler once in place;
+/// most finish then, and the slot is emptied and reused for the next delivery, so the
+/// common case allocates nothing. A handler that has to wait keeps its slot (it is
+/// pinned there) and the runtime makes a new one.
+pub(super) type Slot<F> = Pin<Box<Option<F>>>;
+/// What became of a delivery after its handler's first poll.
+enum Started<F> {
+    /// The handler succeeded and the delivery was acked (counted by the caller).
+    Acked,
+    /// Settled otherwise (by the handler, or an ack that failed or had to wait).
+    Done,
+    /// Still to finish and settle: the caller puts it in the in-flight set.
+    Running(F),
+}
+
+/// Waits until `service` is ready for another delivery, or `None` if shutdown comes
+/// first. Meanwhile it drives the in-flight handlers: a service limiting concurrency
+/// (tower's `ConcurrencyLimit`) becomes ready only when one of them finishes.
+async fn wait_ready<S, F>(
+    service: &mut S,
+    in_flight: &mut FuturesUnordered<F>,
+    shutdown: &CancellationToken,
+) -> Option<Result<(), HandlerError>>
+where
+    S: Service<Delivery, Response = (), Error = HandlerError>,
+    F: Future<Output = ()>,
+{
+    loop {
+        tokio::select! {
+            biased;
+            ready = futures::future::poll_fn(|cx| service.poll_ready(cx)) => return Some(ready),
+            _ = shutdown.cancelled() => return None,
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+        }
+    }
+}
+
+/// Calls the handler for one delivery once `service` is ready (`ready` is what
+/// [`wait_ready`] returned: an error fails this delivery) and polls it once. Handlers
+/// that finish without waiting are settled right here, skipping the in-flight set (a
+/// large share of the per-message cost); otherwise returns the future that finishes and
+/// settles it.
+async fn start<S>(
+    service: &mut S,
+    ready: Result<(), HandlerError>,
+    delivery: Delivery,
+    spare: &mut Option<Slot<S::Future>>,
+    settings: &Arc<MemberSettings>,
+    stats: &Arc<Stats>,
+) -> Started<impl Future<Output = ()> + Send + 'static>
+where
+    S: Service<Delivery, Response = (), Error = HandlerError>,
+    S::Future: Send + 'static,
+{
+    let observed = Observed::new(&delivery);
+    let mut slot = spare.take().unwrap_or_else(|| Box::pin(None));
+    let first = match ready {
+        Err(e) => Some(Err(e)),
+        Ok(()) => match observed.within(|| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| service.call(delivery.clone())))
+        }) {
+            Err(panic) => Some(Err(panic_error(panic))),
+            Ok(fut) => {
+                slot.set(Some(fut));
+                futures::future::poll_fn(|cx| {
+                    Poll::Ready(observed.within(|| {
+                        let fut = slot
+                            .as_mut()
+                            .as_pin_mut()
+                            .expect("the slot was just filled");
+                        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+                            Ok(Poll::Ready(r)) => Some(r),
+                            Ok(Poll::Pending) => None,
+                            Err(panic) => Some(Err(panic_error(panic))),
+                        }
+                    }))
+                })
+                .await
+            }
+        },
+    };
+    let outcome = match first {
+        None => {
+            return Started::Running(settle(
+                Handling::Running(slot),
+                delivery,
+                settings.clone(),
+                stats.clone(),
+                observed,
+            ))
+        }
+        Some(outcome) => {
+            slot.set(None);
+            *spare = Some(slot);
+            outcome
+        }
+    };
+    match outcome {
+        Ok(()) if delivery.is_settled() => {
+            observed.finish("settled-by-handler");
+            Started::Done
+        }
+        Ok(()) => match delivery.try_ack_now() {
+            Some(Ok(())) => {
+                observed.finish("acked");
+                Started::Acked
+            }
+            Some(Err(e)) => {
+                ack_failed(&delivery, &observed, &e);
+                Started::Done
+            }
+            // The backend's ack must wait (for the broker): await it here, in order.
+            None => {
+                ack(&delivery, stats, &observed).await;
+                Started::Done
+            }
+        },
+        Err(e) => Started::Running(settle(
+            Handling::Finished(Err(e)),
+            delivery,
+            settings.clone(),
+            stats.clone(),
+            observed,
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::{SubscribeOptions, Subscriber};
+    use crate::delivery::{Acker, Nack, Origin};
+    use crate::message::Message;
+    use crate::runtime::Consumer;
+    use async_trait::async_trait;
+    use futures::future::BoxFuture;
+
+    struct Noop;
+
+    impl Acker for Noop {
+        fn ack(&self) -> BoxFuture<'_, Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn nack(&self, _: Nack) -> BoxFuture<'_, Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// Hands out one delivery, then waits forever.
+    struct One(Option<Delivery>);
+
+    #[async_trait]
+    impl Subscription for One {
+        async fn recv_many(&mut self, buf: &mut Vec<Delivery>, _: usize) -> Result<usize> {
+            match self.0.take() {
+                Some(d) => {
+                    buf.push(d);
+                    Ok(1)
+                }
+                None => std::future::pending().await,
+            }
+        }
+        async fn close(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Source;
+
+    #[async_trait]
+    impl Subscriber for Source {
+        async fn subscribe(&self, _: SubscribeOptions) -> Result<Box<dyn Subscription>> {
+            let origin = Origin::new("t".into(), "g".into(), None, None);
+            let d = Delivery::new(Arc::new(Message::new("x")), 1, origin, Noop);
+            Ok(Box::new(One(Some(d))))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_shutdown_timeout_waits_for_the_handler_without_panicking() {
+        let (started, mut is_started) = tokio::sync::mpsc::channel::<()>(1);
+        let consumer = Consumer::handler(SubscribeOptions::new("t", "g"), move |_: Delivery| {
+            let started = started.clone();
+            async move {
+                let _ = started.send(()).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .shutdown_timeout(Duration::MAX);
+        let token = CancellationToken::new();
+        let running = consumer
+            .start(Arc::new(Source), token.clone())
+            .await
+            .unwrap();
+        is_started.recv().await.unwrap();
+        token.cancel();
+        let report = tokio::time::timeout(Duration::from_secs(10), running.join())
+            .await
+            .expect("the consumer stops once its handler is done")
+            .expect("no member panicked");
+        assert_eq!((report.acked, report.abandoned), (1, 0), "{report:?}");
+    }
+}

@@ -1,0 +1,194 @@
+//! Settling a delivery once its handler is done: ack on success, nack for redelivery
+//! (after the backoff pause) on failure, with the span and counters to match.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Poll;
+
+use futures::FutureExt;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::member::{MemberSettings, Slot};
+use super::Stats;
+use crate::delivery::{Delivery, Nack};
+use crate::error::{Error, FailureKind, HandlerError};
+use crate::observe::{TraceContext, TRACEPARENT};
+
+/// What the runtime observes about one delivery: its span, trace context and start time.
+pub(super) struct Observed {
+    pub(super) span: tracing::Span,
+    pub(super) trace: Option<TraceContext>,
+    /// Only read when a subscriber records the span: a clock read per message is not free.
+    started: Option<Instant>,
+}
+
+impl Observed {
+    pub(super) fn new(delivery: &Delivery) -> Self {
+        // Continue the producer's trace: this handling is a child span of the sender's.
+        let parent = delivery
+            .message()
+            .headers
+            .get(TRACEPARENT)
+            .and_then(|v| TraceContext::parse(v));
+        let trace = parent.map(|p| p.child());
+        let span = tracing::info_span!(
+            "handle",
+            topic = delivery.topic(),
+            group = delivery.group(),
+            key = delivery.key(),
+            id = delivery.id(),
+            attempt = delivery.attempt(),
+            trace_id = trace.map(|t| t.trace_hex()),
+            span_id = trace.map(|t| t.span_hex()),
+            parent_span_id = parent.map(|p| p.span_hex()),
+            outcome = tracing::field::Empty,
+            duration_us = tracing::field::Empty,
+        );
+        let started = (!span.is_disabled()).then(Instant::now);
+        Self {
+            span,
+            trace,
+            started,
+        }
+    }
+
+    /// Runs `f` inside the span and with the trace context current.
+    pub(super) fn within<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _entered = self.span.enter();
+        match self.trace {
+            Some(ctx) => ctx.sync_scope(f),
+            None => f(),
+        }
+    }
+
+    pub(super) fn finish(&self, outcome: &'static str) {
+        if let Some(started) = self.started {
+            self.span.record("outcome", outcome);
+            self.span
+                .record("duration_us", started.elapsed().as_micros() as u64);
+        }
+    }
+}
+
+/// A caught panic as the handler's failure.
+pub(super) fn panic_error(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "handler panicked".to_string());
+    HandlerError::new(FailureKind::Panic, format!("handler panicked: {text}"))
+}
+
+/// A handler still running (in its slot), or its outcome.
+pub(super) enum Handling<F> {
+    Running(Slot<F>),
+    Finished(Result<(), HandlerError>),
+}
+
+/// Acks after the handler succeeded, and counts it.
+pub(super) async fn ack(delivery: &Delivery, stats: &Stats, observed: &Observed) {
+    let result = match delivery.try_ack_now() {
+        Some(done) => done,
+        None => delivery.ack().await,
+    };
+    match result {
+        Ok(()) => {
+            stats.acked.fetch_add(1, Ordering::Relaxed);
+            stats.handled.increment(1);
+            observed.finish("acked");
+        }
+        Err(e) => ack_failed(delivery, observed, &e),
+    }
+}
+
+/// Records an ack the backend refused; the broker redelivers the message.
+pub(super) fn ack_failed(delivery: &Delivery, observed: &Observed, e: &Error) {
+    observed.finish("ack-failed");
+    tracing::warn!(id = delivery.id(), error = %e, "ack failed; the broker will redeliver")
+}
+
+/// Finishes a handler still running (or takes its outcome) and settles the delivery.
+pub(super) async fn settle<F>(
+    handling: Handling<F>,
+    delivery: Delivery,
+    settings: Arc<MemberSettings>,
+    stats: Arc<Stats>,
+    observed: Observed,
+) where
+    F: Future<Output = Result<(), HandlerError>>,
+{
+    let outcome = match handling {
+        Handling::Finished(r) => r,
+        Handling::Running(mut slot) => {
+            let fut = futures::future::poll_fn(move |cx| match slot.as_mut().as_pin_mut() {
+                Some(fut) => fut.poll(cx),
+                None => Poll::Ready(Ok(())),
+            });
+            let caught = AssertUnwindSafe(fut.instrument(observed.span.clone())).catch_unwind();
+            let polled = match observed.trace {
+                Some(ctx) => ctx.scope(caught).await,
+                None => caught.await,
+            };
+            polled.unwrap_or_else(|panic| Err(panic_error(panic)))
+        }
+    };
+    finish(outcome, &delivery, &settings, &stats, &observed).await;
+    stats.in_flight.decrement(1.0);
+}
+
+/// Acks or, after the backoff pause, nacks for redelivery, unless the handler settled it.
+async fn finish(
+    outcome: Result<(), HandlerError>,
+    delivery: &Delivery,
+    settings: &MemberSettings,
+    stats: &Stats,
+    observed: &Observed,
+) {
+    if delivery.is_settled() {
+        observed.finish("settled-by-handler");
+        return;
+    }
+    let e = match outcome {
+        Ok(()) => return ack(delivery, stats, observed).await,
+        Err(e) => e,
+    };
+    if e.kind() == FailureKind::Panic {
+        stats.panics.fetch_add(1, Ordering::Relaxed);
+        stats.panic_counter.increment(1);
+    }
+    observed.within(|| {
+        tracing::warn!(
+            id = delivery.id(),
+            topic = delivery.topic(),
+            group = delivery.group(),
+            attempt = delivery.attempt(),
+            kind = %e.kind(),
+            error = %e,
+            "handler failed; nacking for redelivery"
+        )
+    });
+    let (base, max) = settings.backoff;
+    let pause = crate::backoff::Backoff::new(base, max).pause(delivery.attempt());
+    if !pause.is_zero() {
+        tokio::time::sleep(pause).await;
+    }
+    match delivery.nack(Nack::Requeue).await {
+        Ok(()) => {
+            stats.nacked.fetch_add(1, Ordering::Relaxed);
+            stats.failed.increment(1);
+            observed.finish(if e.kind() == FailureKind::Panic {
+                "panicked"
+            } else {
+                "failed"
+            });
+        }
+        Err(err) => {
+            observed.finish("nack-failed");
+            tracing::warn!(id = delivery.id(), error = %err, "nack failed; the broker will redeliver")
+        }
+    }
+}
