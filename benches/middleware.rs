@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use switchyard::memory::MemoryBroker;
 use switchyard::middleware::{
-    Begin, DeadLetterLayer, IdempotencyLayer, IdempotencyStore, MarkKey, MemoryStore, RetryPolicy,
+    Begin, DeadLetterLayer, IdempotencyLayer, IdempotencyStore, MarkKey, MemoryStore, RetryLayer,
+    RetryPolicy,
 };
 use switchyard::Bytes;
 use tower::{Layer, ServiceBuilder};
@@ -33,11 +34,12 @@ fn main() {
     let payload = Bytes::from(vec![0xcd; common::PAYLOAD]);
     rt.block_on(async {
         let retry = || {
-            RetryPolicy::new(3)
-                .unwrap()
-                .backoff(Duration::from_millis(10), Duration::from_secs(1))
-                .unwrap()
-                .layer()
+            RetryLayer::new(
+                RetryPolicy::new(3)
+                    .unwrap()
+                    .backoff(Duration::from_millis(10), Duration::from_secs(1))
+                    .unwrap(),
+            )
         };
         let dead_letter = || DeadLetterLayer::new(Arc::new(MemoryBroker::new()));
         let stack = |store: Arc<dyn IdempotencyStore>| {

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use switchyard::middleware::{
-    DeadLetterLayer, DeadLetters, IdempotencyLayer, MemoryStore, RetryPolicy,
+    DeadLetterAdmin, DeadLetterLayer, IdempotencyLayer, MemoryStore, RetryLayer, RetryPolicy,
 };
 use switchyard::{App, CancellationToken, Consumer, HandlerError, Json, Message, SubscribeOptions};
 use tower::ServiceBuilder;
@@ -230,7 +230,7 @@ async fn run(args: Args) -> switchyard::Result<bool> {
     let dlq_topic = format!("{}.dlq", args.topic);
     // One reading group for every run (runs are told apart by the run id in each event),
     // so brokers that keep a queue per group do not collect one per run.
-    let dead_letters = DeadLetters::new(broker.clone());
+    let dead_letters = DeadLetterAdmin::new(broker.clone());
     // The reading group must exist before anything is dead-lettered (brokers without replay).
     dead_letters.prepare(&dlq_topic).await?;
 
@@ -249,11 +249,10 @@ async fn run(args: Args) -> switchyard::Result<bool> {
         let service = ServiceBuilder::new()
             .layer(DeadLetterLayer::new(broker.clone()).max_deliveries(3))
             .layer(IdempotencyLayer::new(Arc::new(MemoryStore::default())))
-            .layer(
-                RetryPolicy::new(8)?
-                    .backoff(Duration::from_millis(1), Duration::from_millis(50))?
-                    .layer(),
-            )
+            .layer(RetryLayer::new(RetryPolicy::new(8)?.backoff(
+                Duration::from_millis(1),
+                Duration::from_millis(50),
+            )?))
             .service(switchyard::handler_fn(handler(
                 run_id.clone(),
                 seen.clone(),

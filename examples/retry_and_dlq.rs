@@ -8,7 +8,7 @@
 //! The stack is dead letter (outermost: sees the final outcome) → retry → handler. Order
 //! 5's first attempt times out and its retry succeeds; order 3's card is refused, a
 //! permanent failure, so it is not retried but published to `<topic>.dlq` with the error
-//! in its headers. `DeadLetters` lists it; after the card is updated, a replay sends it
+//! in its headers. `DeadLetterAdmin` lists it; after the card is updated, a replay sends it
 //! back and it is charged. The last line is the summary; the exit status is 0 only when
 //! all of that happened and the dead-letter topic is empty at the end.
 
@@ -17,7 +17,9 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use switchyard::middleware::{DeadLetterLayer, DeadLetters, ReplayTo, RetryPolicy, Selection};
+use switchyard::middleware::{
+    DeadLetterAdmin, DeadLetterLayer, ReplayTo, RetryLayer, RetryPolicy, Selection,
+};
 use switchyard::{
     handler_fn, CancellationToken, Consumer, HandlerError, Json, PublisherExt, SubscribeOptions,
 };
@@ -49,7 +51,7 @@ async fn main() -> switchyard::Result<ExitCode> {
     let topic = format!("payments-{}", &switchyard::new_id()[24..]);
     let dlq = format!("{topic}.dlq");
     // Replay to the topic: every backend can (only RabbitMQ can address the failed group).
-    let dead_letters = DeadLetters::new(broker.clone())
+    let dead_letters = DeadLetterAdmin::new(broker.clone())
         .idle(Duration::from_millis(300))
         .to(ReplayTo::Topic);
     dead_letters.prepare(&dlq).await?; // the reading group exists before the first letter
@@ -74,11 +76,10 @@ async fn main() -> switchyard::Result<ExitCode> {
     };
     let service = ServiceBuilder::new()
         .layer(DeadLetterLayer::new(broker.clone()))
-        .layer(
-            RetryPolicy::new(3)?
-                .backoff(Duration::from_millis(1), Duration::from_millis(20))?
-                .layer(),
-        )
+        .layer(RetryLayer::new(RetryPolicy::new(3)?.backoff(
+            Duration::from_millis(1),
+            Duration::from_millis(20),
+        )?))
         .service(handler_fn(charge));
     let shutdown = CancellationToken::new();
     let consumer = Consumer::new(SubscribeOptions::new(&topic, "payment"), service);

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use switchyard::middleware::{DeadLetterLayer, RetryTiers};
+use switchyard::middleware::{DeadLetterLayer, RetryTiers, RetryTiersLayer};
 use switchyard::{
     handler_fn, App, CancellationToken, HandlerError, Json, Message, SubscribeOptions,
 };
@@ -66,7 +66,7 @@ async fn main() -> switchyard::Result<ExitCode> {
     // Dead letter outside the tiers: it gets what still fails after the last one.
     let service = ServiceBuilder::new()
         .layer(DeadLetterLayer::new(broker.clone()))
-        .layer(tiers.layer())
+        .layer(RetryTiersLayer::new(tiers.clone()))
         .service(handler_fn(update));
     let options = SubscribeOptions::new(&topic, "inventory");
     let shutdown = CancellationToken::new();

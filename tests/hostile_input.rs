@@ -26,8 +26,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use switchyard::middleware::dead_letter::DeadLetters;
-use switchyard::middleware::retry::RetryTiers;
+use switchyard::middleware::dead_letter::DeadLetterAdmin;
+use switchyard::middleware::retry_tiers::{RetryTiers, RetryTiersLayer};
 use switchyard::middleware::DeadLetterLayer;
 use switchyard::{
     handler_fn, AnyBroker, App, CancellationToken, Codec, Consumer, Delivery, HandlerError,
@@ -215,7 +215,7 @@ async fn run(broker: AnyBroker, topic: &str, group: &str, tiers: bool, write: Wr
         }
     );
     let dlq = format!("{topic}.dlq");
-    let letters = DeadLetters::new(broker.clone()).idle(Duration::from_millis(1500));
+    let letters = DeadLetterAdmin::new(broker.clone()).idle(Duration::from_millis(1500));
     let native = broker.capabilities().delayed_delivery;
     // RabbitMQ keeps dead letters only for groups that exist.
     if native {
@@ -235,7 +235,7 @@ async fn run(broker: AnyBroker, topic: &str, group: &str, tiers: bool, write: Wr
         let tiers = RetryTiers::new(broker.clone(), [TIER_DELAY]).unwrap();
         let service = ServiceBuilder::new()
             .layer(DeadLetterLayer::new(broker.clone()))
-            .layer(tiers.layer())
+            .layer(RetryTiersLayer::new(tiers.clone()))
             .service(handler);
         let app = tiers.add_consumers(App::new(broker.clone()), options, service);
         write.run(app, token.clone(), Some(&tiers)).await
@@ -403,7 +403,7 @@ async fn run(broker: AnyBroker, topic: &str, group: &str, tiers: bool, write: Wr
 
 /// Dead letters: exactly the undecodable ones, with the reason, naming where they came
 /// from (not the forged x-dlq-* headers).
-async fn check_dead_letters(letters: &DeadLetters, topic: &str, group: &str, sent: &[Sent]) {
+async fn check_dead_letters(letters: &DeadLetterAdmin, topic: &str, group: &str, sent: &[Sent]) {
     let dlq = format!("{topic}.dlq");
     let records = letters.list(&dlq).await.expect("list the dead letters");
     let mut dead: BTreeMap<String, usize> = BTreeMap::new();

@@ -26,7 +26,7 @@ use std::time::Duration;
 use base64::Engine;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use switchyard::middleware::dead_letter::ReplayTo;
-use switchyard::middleware::{DeadLetters, Selection};
+use switchyard::middleware::{DeadLetterAdmin, Selection};
 use switchyard::{AnyBroker, Delivery, Error, Message, Result, StartFrom, SubscribeOptions};
 
 /// Talk to message brokers through switchyard.
@@ -343,7 +343,7 @@ async fn run_command(cli: Cli, input: impl BufRead, out: &mut impl Write) -> Res
                 },
         } => {
             let broker = connect(&broker).await?;
-            let letters = DeadLetters::new(broker.clone()).idle(idle_secs);
+            let letters = DeadLetterAdmin::new(broker.clone()).idle(idle_secs);
             for r in letters.list(&format!("{topic}.dlq")).await? {
                 match format {
                     Format::Raw => writeln!(
@@ -389,7 +389,7 @@ async fn run_command(cli: Cli, input: impl BufRead, out: &mut impl Write) -> Res
             } else {
                 ReplayTo::Group
             };
-            let letters = DeadLetters::new(broker.clone()).idle(idle_secs).to(to);
+            let letters = DeadLetterAdmin::new(broker.clone()).idle(idle_secs).to(to);
             let selection = if all {
                 Selection::All
             } else {

@@ -4,16 +4,26 @@
 //! `tower::Service<Delivery, Response = (), Error = HandlerError>`; each layer here wraps
 //! one and is one, so they compose with `tower::ServiceBuilder`:
 //!
-//! - [`RetryPolicy`] / [`RetryLayer`]: in-process retry, exponential backoff with jitter
-//!   and a cap, only for retryable failures (tower's backoff underneath);
-//! - [`RetryTiers`] / [`RetryTopicLayer`]: non-blocking retry through delay tiers
-//!   (`<topic>.retry.<n>` topics and forwarders), so a failing key does not hold up others;
-//! - [`DeadLetterLayer`]: after the last failure, publish to `<topic>.dlq` with the
-//!   failure in headers, ack only once that publish is confirmed; [`DeadLetters`] lists
-//!   and replays them;
-//! - [`IdempotencyLayer`]: a message id runs once per group ([`MemoryStore`], or
-//!   `PostgresStore` with the `postgres` feature);
-//! - [`InspectLayer`]: observe every outcome.
+//! - [`RetryLayer::new`]`(`[`RetryPolicy`]`)`: in-process retry, exponential backoff with
+//!   jitter and a cap, only for retryable failures (tower's retry underneath);
+//! - [`RetryTiersLayer::new`]`(`[`RetryTiers`]`)`: non-blocking retry through delay tiers
+//!   (`<topic>.<group>.retry.<n>` topics, or the broker's own delays), so a failing key
+//!   does not hold up others;
+//! - [`DeadLetterLayer::new`]`(publisher)`: after the last failure, publish to
+//!   `<topic>.dlq` with the failure in headers, ack only once that publish is confirmed;
+//!   [`DeadLetterAdmin`] lists dead letters and replays chosen ones;
+//! - [`IdempotencyLayer::new`]`(store)`: a message id runs once per group
+//!   ([`MemoryStore`], or `PostgresStore` with the `postgres` feature);
+//! - [`InspectLayer::new`]`(observer)`: observe every outcome.
+//!
+//! Each lives in its own module with the same inner layout (`mod`: the policy and the
+//! docs; `layer`, `service`, `future`), in the shape of tower's own middleware. Their
+//! headers are constants in a `headers` module each ([`dead_letter::headers`],
+//! [`retry_tiers::headers`]).
+//!
+//! One word per concept: a **delivery** is one hand-over of a message by the broker (its
+//! number is `Delivery::attempt`); an **attempt** is one run of the handler within a
+//! delivery; a **retry** is an attempt after the first.
 //!
 //! ## Order
 //!
@@ -30,42 +40,57 @@
 //!   the dead-lettered message would count as done and its replay be skipped.
 //! - Retry inside idempotency: one mark covers all in-process attempts, so a duplicate
 //!   arriving meanwhile waits instead of running alongside.
-//! - Retry inside dead letter: only the final failure is dead-lettered, with the retry
-//!   count and the first failure time in its headers.
+//! - Retry inside dead letter: only the final failure is dead-lettered, with the retries
+//!   and the first failure time in its headers.
 //!
 //! ```
+//! # fn main() -> switchyard_core::Result<()> {
 //! use std::sync::Arc;
 //! use std::time::Duration;
 //! use switchyard_core::{handler_fn, Delivery, HandlerError};
-//! use switchyard_middleware::{DeadLetterLayer, IdempotencyLayer, MemoryStore, RetryPolicy};
+//! use switchyard_middleware::{DeadLetterLayer, IdempotencyLayer, MemoryStore, RetryLayer, RetryPolicy};
 //! use tower::ServiceBuilder;
 //!
 //! let broker = Arc::new(switchyard_memory::MemoryBroker::new());
 //! let service = ServiceBuilder::new()
 //!     .layer(DeadLetterLayer::new(broker.clone()))
 //!     .layer(IdempotencyLayer::new(Arc::new(MemoryStore::default())))
-//!     .layer(RetryPolicy::new(3).unwrap().backoff(Duration::from_millis(50), Duration::from_secs(2)).unwrap().layer())
+//!     .layer(RetryLayer::new(
+//!         RetryPolicy::new(3)?.backoff(Duration::from_millis(50), Duration::from_secs(2))?,
+//!     ))
 //!     .service(handler_fn(|d: Delivery| async move {
 //!         println!("{}", d.id());
 //!         Ok::<_, HandlerError>(())
 //!     }));
 //! # let _ = service;
+//! # Ok(())
+//! # }
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+mod catch;
 pub mod dead_letter;
 pub mod idempotency;
 mod inspect;
 mod recover;
 pub mod retry;
+pub mod retry_tiers;
 
 pub use dead_letter::{
-    DeadLetterLayer, DeadLetterRecord, DeadLetters, ReplayTo, Replayed, Selection,
+    DeadLetter, DeadLetterAdmin, DeadLetterFuture, DeadLetterLayer, DeadLetterRecord, ReplayTo,
+    Replayed, Selection,
 };
 #[cfg(feature = "postgres")]
 pub use idempotency::PostgresStore;
-pub use idempotency::{Begin, IdempotencyLayer, IdempotencyStore, MarkKey, MemoryStore};
+pub use idempotency::{
+    Begin, Idempotency, IdempotencyFuture, IdempotencyLayer, IdempotencyStore, MarkKey, MemoryStore,
+};
 pub use inspect::{Inspect, InspectLayer};
-pub use recover::{Caught, OnFailure, Recover, RecoverFuture};
-pub use retry::{Retry, RetryFuture, RetryLayer, RetryPolicy, RetryTiers, RetryTopicLayer};
+pub use retry::{Retry, RetryFuture, RetryLayer, RetryPolicy};
+// Old name, removed once every caller uses the new one.
+#[doc(hidden)]
+pub use dead_letter::DeadLetterAdmin as DeadLetters;
+pub use retry_tiers::{
+    RetryTiers, RetryTiersFuture, RetryTiersInbound, RetryTiersLayer, RetryTiersService,
+};

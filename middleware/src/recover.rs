@@ -1,21 +1,22 @@
-//! The service shape shared by layers that act on a handler's failure.
+//! The plumbing shared by layers that act on a handler's last failure (dead letter,
+//! retry tiers): run the handler, and only if it failed, hand the delivery to a hook.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use std::panic::AssertUnwindSafe;
-
 use futures::future::BoxFuture;
 use futures::ready;
 use pin_project_lite::pin_project;
-use switchyard_core::{Delivery, FailureKind, HandlerError};
+use switchyard_core::{Delivery, HandlerError};
 use tower::Service;
+
+use crate::catch::Caught;
 
 /// What a layer does with a failed delivery: recover (`Ok`, the runtime acks) or pass
 /// a failure on (`Err`, the runtime nacks).
-pub trait OnFailure: Clone + Send + Sync + 'static {
+pub(crate) trait OnFailure: Send + Sync + 'static {
     /// Handles `error`, the inner service's failure for `delivery`.
     fn on_failure(
         &self,
@@ -25,28 +26,30 @@ pub trait OnFailure: Clone + Send + Sync + 'static {
 }
 
 /// Runs the inner service; on failure, hands the delivery and error to `H`.
-/// [`DeadLetter`](crate::dead_letter::DeadLetter) and
-/// [`RetryTopic`](crate::retry::RetryTopic) are this with their own [`OnFailure`].
-#[derive(Clone)]
-pub struct Recover<S, H> {
+pub(crate) struct Recover<S, H> {
     inner: S,
     // Shared: each call takes a reference for its future (one count, not a deep clone).
     hook: Arc<H>,
 }
 
-impl<S, H> Recover<S, H> {
-    pub(crate) fn new(inner: S, hook: H) -> Self {
+impl<S: Clone, H> Clone for Recover<S, H> {
+    fn clone(&self) -> Self {
         Self {
-            inner,
-            hook: Arc::new(hook),
+            inner: self.inner.clone(),
+            hook: self.hook.clone(),
         }
+    }
+}
+
+impl<S, H> Recover<S, H> {
+    pub(crate) fn new(inner: S, hook: Arc<H>) -> Self {
+        Self { inner, hook }
     }
 }
 
 impl<S, H> Service<Delivery> for Recover<S, H>
 where
     S: Service<Delivery, Response = (), Error = HandlerError>,
-    S::Future: Send + 'static,
     H: OnFailure,
 {
     type Response = ();
@@ -60,7 +63,7 @@ where
     fn call(&mut self, delivery: Delivery) -> Self::Future {
         let handling = Caught::new(self.inner.call(delivery.clone()));
         RecoverFuture {
-            state: RecoverState::Handling {
+            state: State::Handling {
                 handling,
                 after: Some((delivery, self.hook.clone())),
             },
@@ -69,18 +72,17 @@ where
 }
 
 pin_project! {
-    /// The future of a [`Recover`] call: the handler, then the hook only if it failed.
-    /// A named type rather than a boxed one, so the success path allocates nothing:
-    /// the runtime keeps the whole stack's future in a slot it reuses.
-    pub struct RecoverFuture<F, H> {
+    /// The handler, then the hook only if it failed. Named rather than boxed, so the
+    /// success path allocates nothing.
+    pub(crate) struct RecoverFuture<F, H> {
         #[pin]
-        state: RecoverState<F, H>,
+        state: State<F, H>,
     }
 }
 
 pin_project! {
-    #[project = RecoverProj]
-    enum RecoverState<F, H> {
+    #[project = StateProj]
+    enum State<F, H> {
         Handling {
             #[pin]
             handling: Caught<F>,
@@ -103,56 +105,20 @@ where
         let mut state = self.project().state;
         loop {
             match state.as_mut().project() {
-                RecoverProj::Handling { handling, after } => {
+                StateProj::Handling { handling, after } => {
                     let error = match ready!(handling.poll(cx)) {
                         Ok(()) => return Poll::Ready(Ok(())),
                         Err(error) => error,
                     };
-                    let (delivery, hook) = after.take().expect("polled after completion");
+                    let Some((delivery, hook)) = after.take() else {
+                        // Only reachable by polling a finished future: fail it, do not panic.
+                        return Poll::Ready(Err(error));
+                    };
                     let recovering = hook.on_failure(delivery, error);
-                    state.set(RecoverState::Recovering { recovering });
+                    state.set(State::Recovering { recovering });
                 }
-                RecoverProj::Recovering { recovering } => return recovering.as_mut().poll(cx),
+                StateProj::Recovering { recovering } => return recovering.as_mut().poll(cx),
             }
         }
     }
-}
-
-pin_project! {
-    /// A handler future that turns a panic into a [`FailureKind::Panic`] failure, so
-    /// layers that must clean up or record a failure see panics too.
-    pub struct Caught<F> {
-        #[pin]
-        inner: F,
-    }
-}
-
-impl<F> Caught<F> {
-    pub(crate) fn new(inner: F) -> Self {
-        Self { inner }
-    }
-}
-
-impl<F> Future for Caught<F>
-where
-    F: Future<Output = Result<(), HandlerError>>,
-{
-    type Output = Result<(), HandlerError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let inner = self.project().inner;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(poll) => poll,
-            Err(panic) => Poll::Ready(Err(panic_error(panic))),
-        }
-    }
-}
-
-fn panic_error(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
-    let text = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "handler panicked".into());
-    HandlerError::new(FailureKind::Panic, format!("handler panicked: {text}"))
 }

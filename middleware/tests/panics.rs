@@ -12,7 +12,7 @@ use switchyard_core::{
 };
 use switchyard_memory::MemoryBroker;
 use switchyard_middleware::{
-    DeadLetterLayer, DeadLetters, IdempotencyLayer, MemoryStore, RetryPolicy,
+    DeadLetterAdmin, DeadLetterLayer, IdempotencyLayer, MemoryStore, RetryLayer, RetryPolicy,
 };
 use tower::ServiceBuilder;
 
@@ -64,7 +64,7 @@ async fn a_panic_releases_the_idempotency_mark() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_is_dead_lettered_as_a_panic() {
     let broker = Arc::new(MemoryBroker::new());
-    let letters = DeadLetters::new(broker.clone()).idle(Duration::from_millis(200));
+    let letters = DeadLetterAdmin::new(broker.clone()).idle(Duration::from_millis(200));
     let service = ServiceBuilder::new()
         .layer(DeadLetterLayer::new(broker.clone()))
         .service(handler_fn(|_d: Delivery| async move {
@@ -115,7 +115,7 @@ async fn a_panic_is_retried_in_process_like_a_transient_failure() {
         .unwrap();
     let service = ServiceBuilder::new()
         .layer(DeadLetterLayer::new(broker.clone()))
-        .layer(retry.layer())
+        .layer(RetryLayer::new(retry))
         .service(handler_fn(handler));
     let token = CancellationToken::new();
     let running = Consumer::new(SubscribeOptions::new("r", "g"), service)
@@ -129,6 +129,6 @@ async fn a_panic_is_retried_in_process_like_a_transient_failure() {
     assert_eq!(runs.load(Ordering::SeqCst), 2);
     assert_eq!(report.acked, 1);
     assert_eq!(report.nacked, 0, "retried in process, never nacked");
-    let letters = DeadLetters::new(broker.clone()).idle(Duration::from_millis(100));
+    let letters = DeadLetterAdmin::new(broker.clone()).idle(Duration::from_millis(100));
     assert!(letters.list("r.dlq").await.unwrap().is_empty());
 }

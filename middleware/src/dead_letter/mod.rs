@@ -3,7 +3,8 @@
 //!
 //! [`DeadLetterLayer`] publishes a failed message to `<topic>.dlq` (configurable) with
 //! the failure in headers, and only then lets the original be acked; if that publish
-//! fails, the original is nacked, so nothing is lost. [`DeadLetters`] lists and replays.
+//! fails, the original is nacked, so nothing is lost. [`DeadLetterAdmin`] lists dead letters
+//! as [`DeadLetterRecord`]s and replays chosen ones.
 //!
 //! Headers added to a dead letter (all strings; times are RFC 3339 UTC):
 //!
@@ -11,11 +12,11 @@
 //! |---|---|
 //! | `x-dlq-error` | the error's text |
 //! | `x-dlq-error-kind` | `transient`, `permanent`, `decode` or `panic` |
-//! | `x-dlq-attempts` | deliveries by the broker (the delivery's attempt count) |
-//! | `x-dlq-retries` | in-process retries of the last delivery |
+//! | `x-dlq-attempts` | deliveries by the broker, the last one included |
+//! | `x-dlq-retries` | in-process retries within the last delivery |
 //! | `x-dlq-original-topic`, `x-dlq-original-group` | where it was consumed |
 //! | `x-dlq-original-partition`, `x-dlq-original-offset` | where the backend has them |
-//! | `x-dlq-first-failure`, `x-dlq-last-failure` | first failure of the last delivery's attempts, and the last |
+//! | `x-dlq-first-failure`, `x-dlq-last-failure` | the last delivery's first failed attempt, and its last |
 //! | `x-dlq-original-key` | the message key (the dead letter itself has none) |
 //!
 //! The message keeps its id, payload and headers, so a replayed message is the same
@@ -23,11 +24,18 @@
 //! to keep in order, and a keyless dead letter is never held back behind another one with
 //! the same key while a reader lists without acking. Replay puts the key back.
 
+mod future;
 mod layer;
+mod letter;
+mod record;
 mod replay;
+mod service;
 
-pub use layer::{DeadLetter, DeadLetterLayer};
-pub use replay::{DeadLetterRecord, DeadLetters, ReplayTo, Replayed, Selection};
+pub use future::DeadLetterFuture;
+pub use layer::DeadLetterLayer;
+pub use record::{DeadLetterRecord, Selection};
+pub use replay::{DeadLetterAdmin, ReplayTo, Replayed};
+pub use service::DeadLetter;
 
 /// Header names written to dead letters.
 pub mod headers {
@@ -35,9 +43,9 @@ pub mod headers {
     pub const ERROR: &str = "x-dlq-error";
     /// The failure kind.
     pub const ERROR_KIND: &str = "x-dlq-error-kind";
-    /// Broker deliveries.
+    /// Deliveries by the broker, the last one included.
     pub const ATTEMPTS: &str = "x-dlq-attempts";
-    /// In-process retries of the last delivery.
+    /// In-process retries within the last delivery.
     pub const RETRIES: &str = "x-dlq-retries";
     /// The original topic.
     pub const ORIGINAL_TOPIC: &str = "x-dlq-original-topic";
@@ -47,9 +55,9 @@ pub mod headers {
     pub const ORIGINAL_PARTITION: &str = "x-dlq-original-partition";
     /// The original offset.
     pub const ORIGINAL_OFFSET: &str = "x-dlq-original-offset";
-    /// First failure time.
+    /// When the last delivery's first attempt failed.
     pub const FIRST_FAILURE: &str = "x-dlq-first-failure";
-    /// Last failure time.
+    /// When its last attempt failed.
     pub const LAST_FAILURE: &str = "x-dlq-last-failure";
     /// The original message key.
     pub const ORIGINAL_KEY: &str = "x-dlq-original-key";

@@ -1,100 +1,12 @@
-//! Reading dead letters and sending them back to where they came from.
+//! Listing dead letters and sending them back to where they came from.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use switchyard_core::{
-    AnyBroker, Delivery, Error, Message, Result, SubscribeOptions, Subscription,
-};
+use switchyard_core::{AnyBroker, Delivery, Error, Result, SubscribeOptions, Subscription};
 
 use super::headers;
-
-/// Which dead letters to replay.
-#[derive(Clone, Debug)]
-pub enum Selection {
-    /// Every dead letter.
-    All,
-    /// Those with these message ids.
-    Ids(HashSet<String>),
-    /// Those whose last failure lies in `[from, to)`.
-    FailedBetween(SystemTime, SystemTime),
-}
-
-/// A dead letter as read back, with its failure headers parsed.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct DeadLetterRecord {
-    /// The message as stored in the dead-letter topic (failure headers included).
-    pub message: Message,
-    /// The error's text.
-    pub error: String,
-    /// The failure kind (`transient`, `permanent`, `decode`, `panic`).
-    pub kind: String,
-    /// Broker deliveries before it was dead-lettered.
-    pub attempts: u32,
-    /// The topic to replay it to.
-    pub original_topic: Option<String>,
-    /// The group that failed.
-    pub original_group: Option<String>,
-    /// The original message key.
-    pub original_key: Option<String>,
-    /// The last failure.
-    pub failed_at: Option<SystemTime>,
-    /// The dead letter's own partition in the dead-letter topic, where there is one.
-    pub partition: Option<i32>,
-    /// The dead letter's own offset in the dead-letter topic, where there is one.
-    pub offset: Option<i64>,
-}
-
-impl DeadLetterRecord {
-    fn from_delivery(d: &Delivery) -> Self {
-        let origin = d.origin();
-        let mut record = Self::from_message(d.message().clone());
-        record.partition = origin.partition;
-        record.offset = origin.offset;
-        record
-    }
-
-    fn from_message(message: Message) -> Self {
-        let get = |k: &str| message.headers.get(k).cloned();
-        Self {
-            partition: None,
-            offset: None,
-            error: get(headers::ERROR).unwrap_or_default(),
-            kind: get(headers::ERROR_KIND).unwrap_or_default(),
-            attempts: get(headers::ATTEMPTS)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
-            original_topic: get(headers::ORIGINAL_TOPIC),
-            original_group: get(headers::ORIGINAL_GROUP),
-            original_key: get(headers::ORIGINAL_KEY),
-            failed_at: get(headers::LAST_FAILURE).and_then(|v| humantime::parse_rfc3339(&v).ok()),
-            message,
-        }
-    }
-
-    fn selected(&self, selection: &Selection) -> bool {
-        match selection {
-            Selection::All => true,
-            Selection::Ids(ids) => ids.contains(&self.message.id),
-            Selection::FailedBetween(from, to) => {
-                self.failed_at.is_some_and(|t| t >= *from && t < *to)
-            }
-        }
-    }
-
-    /// The original message: same id, key, payload and headers, failure headers removed
-    /// (the dead-letter ones and the retry tiers' `x-retry-*`, so a replay starts afresh).
-    pub fn original(&self) -> Message {
-        let mut m = self.message.clone();
-        m.key = m.headers.get(headers::ORIGINAL_KEY).cloned();
-        for h in headers::ALL {
-            m.headers.remove(*h);
-        }
-        m.headers.retain(|k, _| !k.starts_with("x-retry-"));
-        m
-    }
-}
+use super::record::{DeadLetterRecord, Selection};
 
 /// What a replay did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -106,7 +18,7 @@ pub struct Replayed {
     /// Dead letters left in the dead-letter topic.
     pub kept: usize,
     /// Of the kept ones, those published again to the dead-letter topic so the reading
-    /// group's log position could move past them (see [`DeadLetters`]).
+    /// group's log position could move past them (see [`DeadLetterAdmin`]).
     pub moved: usize,
     /// Ids selected but kept because they lack the header naming where they go
     /// (`x-dlq-original-topic`, and `x-dlq-original-group` when replaying to the group).
@@ -135,7 +47,7 @@ pub enum ReplayTo {
 ///
 /// It reads a dead-letter topic as its own group (default `switchyard-dlq`) and never
 /// acks what it only lists, so listing is repeatable. On brokers without replay
-/// (RabbitMQ), call [`DeadLetters::prepare`] once at start-up so that group exists before
+/// (RabbitMQ), call [`DeadLetterAdmin::prepare`] once at start-up so that group exists before
 /// the first message is dead-lettered.
 ///
 /// A dead letter is known by its message id and the group that failed: a message that
@@ -155,7 +67,7 @@ pub enum ReplayTo {
 /// crash after a kept letter was moved and before its old copy was acked leaves it
 /// twice in the dead-letter topic (listing shows it once; a replay settles both).
 #[derive(Clone)]
-pub struct DeadLetters {
+pub struct DeadLetterAdmin {
     broker: AnyBroker,
     group: String,
     idle: Duration,
@@ -176,7 +88,7 @@ enum Plan {
     Copy(usize),
 }
 
-impl DeadLetters {
+impl DeadLetterAdmin {
     /// Dead letters on `broker`.
     pub fn new(broker: AnyBroker) -> Self {
         Self {
@@ -233,7 +145,7 @@ impl DeadLetters {
 
     /// Sends the selected dead letters back to their original group (or topic, see
     /// [`Self::to`]) with their ids and keys, then removes them from `dlq_topic`; every
-    /// other letter read stays there. Each letter is replayed once: see [`DeadLetters`]
+    /// other letter read stays there. Each letter is replayed once: see [`DeadLetterAdmin`]
     /// for how kept letters are settled too, and where a duplicate can still occur.
     ///
     /// It stops at the first failure to send or settle a letter, leaving the letters
@@ -446,7 +358,7 @@ impl DeadLetters {
         if out.len() >= self.max {
             tracing::warn!(
                 max = self.max,
-                "more dead letters than one read takes; raise DeadLetters::max"
+                "more dead letters than one read takes; raise DeadLetterAdmin::max"
             );
         }
         Ok(out)
@@ -460,78 +372,4 @@ fn letter_key(d: &Delivery) -> (String, Option<String>) {
         m.id.clone(),
         m.headers.get(headers::ORIGINAL_GROUP).cloned(),
     )
-}
-
-#[cfg(test)]
-mod proptests {
-    use super::*;
-    use proptest::prelude::*;
-    use std::collections::BTreeMap;
-    use std::time::UNIX_EPOCH;
-
-    fn dlq_value() -> impl Strategy<Value = String> {
-        prop_oneof![
-            "\\PC{0,24}",
-            any::<u64>().prop_map(|n| n.to_string()),
-            any::<i64>().prop_map(|n| n.to_string()),
-            "[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,12})?(Z|[+-][0-9]{2}:[0-9]{2})?",
-        ]
-    }
-
-    fn headers() -> impl Strategy<Value = BTreeMap<String, String>> {
-        let name = prop_oneof![
-            3 => proptest::sample::select(headers::ALL.to_vec()).prop_map(String::from),
-            1 => Just("x-retry-tier".to_string()),
-            1 => "\\PC{0,12}",
-        ];
-        proptest::collection::btree_map(name, dlq_value(), 0..16)
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
-
-        /// Whatever a dead letter's headers hold (another client may write the
-        /// dead-letter topic too), it reads as a record, and its original is the
-        /// message without the failure headers.
-        #[test]
-        fn any_dead_letter_headers_parse(hs in headers(), key in proptest::option::of("\\PC{0,8}")) {
-            let mut m = Message::new("p").with_id("id");
-            m.key = key;
-            m.headers = hs.clone();
-            let r = DeadLetterRecord::from_message(m.clone());
-            let get = |k: &str| hs.get(k).cloned();
-            prop_assert_eq!(&r.error, &get(headers::ERROR).unwrap_or_default());
-            prop_assert_eq!(&r.kind, &get(headers::ERROR_KIND).unwrap_or_default());
-            prop_assert_eq!(
-                r.attempts,
-                get(headers::ATTEMPTS).and_then(|v| v.parse().ok()).unwrap_or(0)
-            );
-            prop_assert_eq!(r.original_topic.clone(), get(headers::ORIGINAL_TOPIC));
-            prop_assert_eq!(r.original_group.clone(), get(headers::ORIGINAL_GROUP));
-            prop_assert_eq!(r.original_key.clone(), get(headers::ORIGINAL_KEY));
-            prop_assert_eq!(
-                r.failed_at.is_some(),
-                get(headers::LAST_FAILURE).is_some_and(|v| humantime::parse_rfc3339(&v).is_ok())
-            );
-            let original = r.original();
-            prop_assert_eq!(&original.id, &m.id);
-            prop_assert_eq!(&original.payload, &m.payload);
-            prop_assert_eq!(original.key, get(headers::ORIGINAL_KEY));
-            for (k, v) in &original.headers {
-                prop_assert!(!headers::ALL.contains(&k.as_str()) && !k.starts_with("x-retry-"), "{k}");
-                prop_assert_eq!(hs.get(k), Some(v));
-            }
-        }
-
-        /// The failure time the dead-letter layer writes reads back to the millisecond.
-        #[test]
-        fn written_failure_times_parse_back(ms in 0..253_402_300_799_999u64) {
-            let at = UNIX_EPOCH + Duration::from_millis(ms);
-            let m = Message::new("p").with_header(
-                headers::LAST_FAILURE,
-                humantime::format_rfc3339_millis(at).to_string(),
-            );
-            prop_assert_eq!(DeadLetterRecord::from_message(m).failed_at, Some(at));
-        }
-    }
 }

@@ -1,10 +1,10 @@
 //! An in-process idempotency store: bounded, with expiry.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use switchyard_core::Result;
 
 use super::{Begin, IdempotencyStore, MarkKey};
@@ -130,20 +130,12 @@ impl MemoryStore {
 
     /// How many marks it holds (expired ones included until a call drops them).
     pub fn len(&self) -> usize {
-        self.lock().marks.len()
+        self.inner.lock().marks.len()
     }
 
     /// Whether it holds no mark.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Marks> {
-        // A panic while holding the lock leaves the marks consistent: every change is
-        // a remove then an insert of whole entries.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -167,7 +159,7 @@ impl IdempotencyStore for MemoryStore {
     async fn begin(&self, key: MarkKey<'_>, lease: Duration) -> Result<Begin> {
         let key = joined(key);
         let now = Instant::now();
-        let mut marks = self.lock();
+        let mut marks = self.inner.lock();
         marks.sweep(now);
         // Whatever is left after the sweep is unexpired.
         if let Some(mark) = marks.marks.get(&key) {
@@ -183,7 +175,7 @@ impl IdempotencyStore for MemoryStore {
     async fn complete(&self, key: MarkKey<'_>, retention: Duration) -> Result<()> {
         let key = joined(key);
         let now = Instant::now();
-        let mut marks = self.lock();
+        let mut marks = self.inner.lock();
         marks.sweep(now);
         marks.remove(&key);
         marks.insert(key, State::Completed, expiry(now, retention), self.capacity);
@@ -192,7 +184,7 @@ impl IdempotencyStore for MemoryStore {
 
     async fn release(&self, key: MarkKey<'_>) -> Result<()> {
         let key = joined(key);
-        let mut marks = self.lock();
+        let mut marks = self.inner.lock();
         if marks.marks.get(&key).map(|m| m.state) == Some(State::InFlight) {
             marks.remove(&key);
         }

@@ -1,4 +1,4 @@
-//! Idempotent consumers (the seed's Q2): a message whose id was already handled by this
+//! Idempotent consumers: a message whose id was already handled by this
 //! group is acked without running the handler again.
 //!
 //! The [`IdempotencyStore`] keeps one mark per `group/message-id`: *in flight* (with a
@@ -29,16 +29,18 @@ mod layer;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod service;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use switchyard_core::Result;
 
-pub use layer::{Idempotency, IdempotencyFuture, IdempotencyLayer};
+pub use layer::IdempotencyLayer;
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
+pub use service::{Idempotency, IdempotencyFuture};
 
 /// The answer to [`IdempotencyStore::begin`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,10 +2,9 @@
 //!
 //! Why PostgreSQL rather than Redis: marks must outlive restarts of the store itself
 //! (Redis here keeps nothing on disk), and a relational store lets the handler's own
-//! writes and the completed mark share one database — the seed's
-//! `processedEventRepository` pattern. Each mark is one row; `begin` is a single
-//! `INSERT … ON CONFLICT … DO UPDATE … WHERE expired` statement, so two consumers racing
-//! for one id cannot both win.
+//! writes and the completed mark share one database. Each mark is one row; `begin` is a
+//! single `INSERT … ON CONFLICT … DO UPDATE … WHERE expired` statement, so two consumers
+//! racing for one id cannot both win.
 //!
 //! Connections come from a pool that replaces closed ones, so the store recovers by
 //! itself after a PostgreSQL restart; until then its calls fail, and
