@@ -47,7 +47,8 @@ async fn wait_for(what: impl Fn() -> bool) {
 async fn main() -> switchyard::Result<ExitCode> {
     let url = std::env::args().skip_while(|a| a != "--url").nth(1);
     let broker = switchyard::connect(url.as_deref().unwrap_or("memory://")).await?;
-    // A name of its own per run, so a durable broker's leftovers never mix in.
+    // A name of its own per run, so a durable broker's leftovers never mix in; the group
+    // is ephemeral, so its broker state goes when the run ends (RabbitMQ: a minute later).
     let topic = format!("payments-{}", &switchyard::new_id()[24..]);
     let dlq = format!("{topic}.dlq");
     // Replay to the topic: every backend can (only RabbitMQ can address the failed group).
@@ -82,7 +83,10 @@ async fn main() -> switchyard::Result<ExitCode> {
         )?))
         .service(handler_fn(charge));
     let shutdown = CancellationToken::new();
-    let consumer = Consumer::new(SubscribeOptions::new(&topic, "payment"), service);
+    let consumer = Consumer::new(
+        SubscribeOptions::new(&topic, "payment").ephemeral(true),
+        service,
+    );
     let running = consumer.start(broker.clone(), shutdown.clone()).await?;
     for order in 0..ORDERS {
         broker.publish_json(&topic, None, &order).await?;
