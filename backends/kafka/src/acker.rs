@@ -4,13 +4,13 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use rdkafka::consumer::{CommitMode, Consumer};
 use switchyard_core::{Acker, Error, Nack, Result};
 
-use crate::broker::{kafka_error, BACKEND};
+use crate::broker::BACKEND;
 use crate::config::CommitStrategy;
 use crate::subscription::Shared;
 
+/// The ack handle of one delivery: where it came from, under which assignment.
 pub(crate) struct KafkaAcker {
     pub(crate) shared: Arc<Shared>,
     pub(crate) partition: i32,
@@ -78,31 +78,18 @@ impl Shared {
     }
 
     /// `commit=sync`: commit the partition's watermark before the ack returns.
-    pub(crate) async fn commit_sync(&self, partition: i32) -> Result<()> {
+    pub(crate) async fn commit_sync(self: &Arc<Self>, partition: i32) -> Result<()> {
         let _serial = self.sync_commit.lock().await;
-        let only: HashSet<i32> = [partition].into_iter().collect();
-        let offsets = self.state().to_commit(Some(&only));
-        let consumer = self.consumer.lock().clone();
-        let (Some(consumer), false) = (consumer, offsets.is_empty()) else {
-            return Ok(());
+        let Some(consumer) = self.consumer.lock().clone() else {
+            return Ok(()); // the member is gone: its next owner commits
         };
-        let commit_tpl = self.offsets(&offsets);
+        let shared = self.clone();
         // A synchronous commit blocks on a broker round trip.
-        let r = tokio::task::spawn_blocking(move || consumer.commit(&commit_tpl, CommitMode::Sync))
-            .await
-            .map_err(|e| Error::permanent(BACKEND, e.to_string()))?;
-        match r {
-            Ok(()) => {
-                self.state().mark_committed(&offsets);
-                Ok(())
-            }
-            Err(e) => Err(kafka_error(
-                format!(
-                    "committing offsets of {} for group {}",
-                    self.topic, self.group
-                ),
-                e,
-            )),
-        }
+        tokio::task::spawn_blocking(move || {
+            let only: HashSet<i32> = [partition].into();
+            shared.commit(&consumer, Some(&only))
+        })
+        .await
+        .map_err(|e| Error::permanent(BACKEND, e.to_string()))?
     }
 }

@@ -234,12 +234,12 @@ mod tests {
     use switchyard_core::{Error, SubscribeOptions, Subscription};
 
     use crate::config::KafkaConfig;
-    use crate::subscription::{KafkaSubscription, MAX_BUFFERED_BYTES};
+    use crate::subscription::KafkaSubscription;
 
     fn shared() -> Arc<Shared> {
         let config = KafkaConfig::new("127.0.0.1:9092");
         let options = SubscribeOptions::new("t", "g");
-        Arc::new(Shared::new(&config, &options, MAX_BUFFERED_BYTES))
+        Arc::new(Shared::new(&config, &options, &config.consumer("g", true)))
     }
 
     /// The subscription of a member whose poll thread runs `body`.

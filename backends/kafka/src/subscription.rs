@@ -14,11 +14,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use switchyard_core::{Delivery, Error, Origin, Result, StartFrom, SubscribeOptions, Subscription};
 
 use crate::acker::KafkaAcker;
-use crate::broker::{kafka_error, BACKEND};
+use crate::broker::{config_error, kafka_error, BACKEND};
 use crate::config::{CommitStrategy, KafkaConfig};
 use crate::poll::{poll_loop, spawn_member};
 use crate::rebalance::MemberContext;
@@ -27,10 +27,11 @@ use crate::state::{Entry, Fetching, State};
 /// Payload bytes a member buffers (received, not yet handed out) before it pauses
 /// fetching, unless `queued.max.messages.kbytes` (librdkafka's bound on its own prefetch
 /// queue, 64 MiB by default too) says otherwise.
-pub(crate) const MAX_BUFFERED_BYTES: usize = 64 << 20;
+const MAX_BUFFERED_BYTES: usize = 64 << 20;
 
 /// State shared by the subscription, its poll thread and its ack handles.
 pub(crate) struct Shared {
+    /// The member's settings, from the subscribe options and the config.
     pub(crate) topic: Arc<str>,
     pub(crate) group: Arc<str>,
     pub(crate) prefetch: usize,
@@ -61,12 +62,17 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// A member of `options.group` that has not joined yet.
+    /// A member of `options.group`, not joined yet, whose consumer has the settings
+    /// `client`.
     pub(crate) fn new(
         config: &KafkaConfig,
         options: &SubscribeOptions,
-        max_buffered_bytes: usize,
+        client: &ClientConfig,
     ) -> Self {
+        let max_buffered_bytes = client
+            .get("queued.max.messages.kbytes")
+            .and_then(|kb| kb.parse::<usize>().ok())
+            .map_or(MAX_BUFFERED_BYTES, |kb| kb.saturating_mul(1024));
         Self {
             topic: options.topic.as_str().into(),
             group: options.group.as_str().into(),
@@ -91,6 +97,7 @@ impl Shared {
         }
     }
 
+    /// The member's state, locked.
     pub(crate) fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock()
     }
@@ -105,28 +112,42 @@ impl Shared {
         tpl
     }
 
-    /// Commits the watermarks (of `only`, or all partitions) synchronously.
+    /// Commits the watermarks (of `only`, or all partitions): a blocking round trip.
+    pub(crate) fn commit(
+        &self,
+        consumer: &BaseConsumer<MemberContext>,
+        only: Option<&HashSet<i32>>,
+    ) -> Result<()> {
+        if self.commit == CommitStrategy::Auto {
+            return Ok(());
+        }
+        let offsets = self.state().to_commit(only);
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        tracing::debug!(topic = %self.topic, group = %self.group, ?offsets, "committing");
+        consumer
+            .commit(&self.offsets(&offsets), CommitMode::Sync)
+            .map_err(|e| {
+                let what = format!(
+                    "committing offsets of {} for group {}",
+                    self.topic, self.group
+                );
+                kafka_error(what, e)
+            })?;
+        self.state().mark_committed(&offsets);
+        Ok(())
+    }
+
+    /// [`commit`](Self::commit) from the poll thread, where a failure only waits for
+    /// the next commit.
     pub(crate) fn commit_now(
         &self,
         consumer: &BaseConsumer<MemberContext>,
         only: Option<&HashSet<i32>>,
     ) {
-        if self.commit == CommitStrategy::Auto {
-            return;
-        }
-        let offsets = self.state().to_commit(only);
-        if offsets.is_empty() {
-            return;
-        }
-        tracing::debug!(topic = %self.topic, group = %self.group, ?offsets, "committing");
-        match consumer.commit(&self.offsets(&offsets), CommitMode::Sync) {
-            Ok(()) => {
-                tracing::debug!(topic = %self.topic, group = %self.group, "committed");
-                self.state().mark_committed(&offsets)
-            }
-            Err(e) => {
-                tracing::warn!(topic = %self.topic, group = %self.group, error = %e, "offset commit failed; it is retried with the next commit")
-            }
+        if let Err(e) = self.commit(consumer, only) {
+            tracing::warn!(error = %e, "offset commit failed; it is retried with the next commit");
         }
     }
 }
@@ -134,7 +155,9 @@ impl Shared {
 /// One member of a consumer group on one topic.
 pub(crate) struct KafkaSubscription {
     pub(crate) shared: Arc<Shared>,
+    /// The poll thread, joined by `close`.
     pub(crate) thread: Option<JoinHandle<()>>,
+    /// `close` ran (or `start` gave up): dropping need not stop the member again.
     pub(crate) closed: bool,
 }
 
@@ -144,24 +167,12 @@ impl KafkaSubscription {
     pub(crate) async fn start(config: &KafkaConfig, options: SubscribeOptions) -> Result<Self> {
         let earliest = !matches!(options.start, StartFrom::Latest);
         let client = config.consumer(&options.group, earliest);
-        let max_buffered_bytes = client
-            .get("queued.max.messages.kbytes")
-            .and_then(|kb| kb.parse::<usize>().ok())
-            .map_or(MAX_BUFFERED_BYTES, |kb| kb.saturating_mul(1024));
-        let shared = Arc::new(Shared::new(config, &options, max_buffered_bytes));
+        let shared = Arc::new(Shared::new(config, &options, &client));
         let consumer: BaseConsumer<MemberContext> = client
             .create_with_context(MemberContext {
                 shared: shared.clone(),
             })
-            .map_err(|e| {
-                Error::config(
-                    "url",
-                    format!(
-                        "librdkafka rejected the consumer settings: {}",
-                        crate::config::describe_client_error(&e)
-                    ),
-                )
-            })?;
+            .map_err(|e| config_error("consumer", e))?;
         consumer
             .subscribe(&[&options.topic])
             .map_err(|e| kafka_error(format!("subscribing to {}", options.topic), e))?;
@@ -213,12 +224,15 @@ impl KafkaSubscription {
         Ok(sub)
     }
 
+    /// Asks the member to stop: nothing more is handed out, a revocation waits no
+    /// more, and the poll thread commits, leaves the group and ends.
     pub(crate) fn stop(&self) {
         self.shared.state().stopping = true;
         self.shared.settled.notify_all();
         self.shared.wake.notify_waiters();
     }
 
+    /// A handed-out record as a delivery whose ack handle settles it here.
     pub(crate) fn delivery(&self, entry: Entry) -> Delivery {
         let origin = Origin::new(
             self.shared.topic.clone(),
