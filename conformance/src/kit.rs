@@ -89,7 +89,18 @@ impl Ctx {
     }
 }
 
+/// A scenario's body.
 pub(crate) type ScenarioFn = fn(Arc<Ctx>) -> Pin<Box<dyn Future<Output = Check> + Send>>;
+
+/// One scenario of the suite.
+pub(crate) struct Scenario {
+    /// Its area: the file it lives in, and the module its generated test sits in.
+    pub(crate) area: &'static str,
+    /// Its name, also its test's name.
+    pub(crate) name: &'static str,
+    /// Its body.
+    pub(crate) run: ScenarioFn,
+}
 
 /// One scenario's result.
 #[derive(Debug)]
@@ -166,75 +177,80 @@ const SCENARIO_LIMIT: Duration = Duration::from_secs(180);
 
 /// Runs every scenario against brokers from `connect` (called once per scenario) and
 /// prints a line per scenario plus the summary line to stdout (past the test harness's
-/// capture, so `cargo test` shows it).
+/// capture, so `cargo test` shows it). The `SWITCHYARD_SCENARIO` environment variable,
+/// a substring, narrows it to the scenarios whose name contains it.
+///
+/// [`conformance_tests!`](crate::conformance_tests) makes one test per scenario instead,
+/// which `cargo test` filters by name.
 pub async fn run<F, Fut>(backend: &str, connect: F) -> Report
 where
-    F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<AnyBroker>> + Send + 'static,
-{
-    run_only(backend, connect, |_| true).await
-}
-
-/// Like [`run`], for the scenarios whose name `filter` accepts
-/// (the `SWITCHYARD_SCENARIO` environment variable narrows [`run`] the same way).
-pub async fn run_only<F, Fut>(backend: &str, connect: F, filter: impl Fn(&str) -> bool) -> Report
-where
-    F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<AnyBroker>> + Send + 'static,
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<AnyBroker>>,
 {
     let only = std::env::var("SWITCHYARD_SCENARIO").ok();
     let mut results = Vec::new();
-    let mut out = std::io::stdout();
-    for (name, scenario) in SCENARIOS {
-        if !filter(name) || only.as_deref().is_some_and(|o| !name.contains(o)) {
+    for scenario in SCENARIOS {
+        if only.as_deref().is_some_and(|o| !scenario.name.contains(o)) {
             continue;
         }
-        let start = Instant::now();
-        let outcome = match connect().await {
-            Err(e) => Outcome::Failed(format!("could not connect the backend: {e}")),
-            Ok(broker) => {
-                let caps = broker.capabilities();
-                // The tail of a UUIDv7 is random; its head is the clock, shared by close calls.
-                let run_id = uuid::Uuid::now_v7().simple().to_string()[20..].to_string();
-                let ctx = Arc::new(Ctx {
-                    broker: broker.clone(),
-                    caps,
-                    run_id,
-                });
-                // Its own task, so a panic in a scenario is a failure, not the end of the suite.
-                let task = tokio::spawn(scenario(ctx));
-                let outcome = match tokio::time::timeout(SCENARIO_LIMIT, task).await {
-                    Err(_) => Outcome::Failed(format!("did not finish within {SCENARIO_LIMIT:?}")),
-                    Ok(Err(join)) => Outcome::Failed(format!("scenario panicked: {join}")),
-                    Ok(Ok(Ok(()))) => Outcome::Passed,
-                    Ok(Ok(Err(o))) => o,
-                };
-                if let Err(e) = broker.close().await {
-                    let _ = writeln!(out, "  (closing the broker failed: {e})");
-                }
-                outcome
-            }
-        };
-        let elapsed = start.elapsed();
-        let line = match &outcome {
-            Outcome::Passed => "passed".to_string(),
-            Outcome::Failed(why) => format!("FAILED: {why}"),
-            Outcome::NotApplicable(why) => format!("not applicable: {why}"),
-        };
-        let _ = writeln!(
-            out,
-            "scenario backend={backend} {name}: {line} ({elapsed:.1?})"
-        );
-        results.push(ScenarioResult {
-            name,
-            outcome,
-            elapsed,
-        });
+        results.push(run_one(backend, scenario, connect()).await);
     }
     let report = Report {
         backend: backend.to_string(),
         results,
     };
-    let _ = writeln!(out, "{}", report.summary());
+    let _ = writeln!(std::io::stdout(), "{}", report.summary());
     report
+}
+
+/// Runs one scenario against the broker `connect` yields, closes that broker and prints
+/// the scenario's line.
+pub(crate) async fn run_one(
+    backend: &str,
+    scenario: &Scenario,
+    connect: impl Future<Output = Result<AnyBroker>>,
+) -> ScenarioResult {
+    let mut out = std::io::stdout();
+    let start = Instant::now();
+    let outcome = match connect.await {
+        Err(e) => Outcome::Failed(format!("could not connect the backend: {e}")),
+        Ok(broker) => {
+            let caps = broker.capabilities();
+            // The tail of a UUIDv7 is random; its head is the clock, shared by close calls.
+            let run_id = uuid::Uuid::now_v7().simple().to_string()[20..].to_string();
+            let ctx = Arc::new(Ctx {
+                broker: broker.clone(),
+                caps,
+                run_id,
+            });
+            // Its own task, so a panic in a scenario is a failure, not the end of the suite.
+            let task = tokio::spawn((scenario.run)(ctx));
+            let outcome = match tokio::time::timeout(SCENARIO_LIMIT, task).await {
+                Err(_) => Outcome::Failed(format!("did not finish within {SCENARIO_LIMIT:?}")),
+                Ok(Err(join)) => Outcome::Failed(format!("scenario panicked: {join}")),
+                Ok(Ok(Ok(()))) => Outcome::Passed,
+                Ok(Ok(Err(o))) => o,
+            };
+            if let Err(e) = broker.close().await {
+                let _ = writeln!(out, "  (closing the broker failed: {e})");
+            }
+            outcome
+        }
+    };
+    let elapsed = start.elapsed();
+    let line = match &outcome {
+        Outcome::Passed => "passed".to_string(),
+        Outcome::Failed(why) => format!("FAILED: {why}"),
+        Outcome::NotApplicable(why) => format!("not applicable: {why}"),
+    };
+    let name = scenario.name;
+    let _ = writeln!(
+        out,
+        "scenario backend={backend} {name}: {line} ({elapsed:.1?})"
+    );
+    ScenarioResult {
+        name,
+        outcome,
+        elapsed,
+    }
 }

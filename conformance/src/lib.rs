@@ -1,34 +1,41 @@
 //! # switchyard-conformance
 //!
 //! The scenarios every switchyard backend must pass, written once. A backend (ours or a
-//! third party's) runs the whole suite with one call and a factory that connects a
-//! broker:
+//! third party's) gets one test per scenario from one macro call in a test file, given an
+//! expression that connects a broker:
 //!
 //! ```
+//! // tests/conformance_memory.rs
 //! use std::sync::Arc;
-//! use switchyard_core::{AnyBroker, Broker};
-//! # use switchyard_core::*;
-//! # use async_trait_stub as _;
-//! # mod async_trait_stub {}
-//! # async fn demo(make: impl Fn() -> AnyBroker + Send + Sync + 'static) {
-//! let report = switchyard_conformance::run("mybackend", move || {
-//!     let broker = make();
-//!     async move { Ok(broker) }
-//! })
-//! .await;
-//! report.assert_all_passed();
-//! # }
+//! use switchyard_core::AnyBroker;
+//! use switchyard_memory::MemoryBroker;
+//!
+//! switchyard_conformance::conformance_tests!(memory, || async {
+//!     Ok(Arc::new(MemoryBroker::new()) as AnyBroker)
+//! });
+//! # fn main() {}
 //! ```
+//!
+//! `cargo test --test conformance_memory ordering` then runs the ordering scenarios
+//! (`memory::ordering::…`).
+//! [`run`] runs the whole suite from one call instead and returns a [`Report`].
 //!
 //! Each scenario gets fresh, randomly named topics and groups, so scenarios never see
 //! each other's messages. A scenario needing an ability the backend's
 //! [`Capabilities`](switchyard_core::Capabilities) lack is reported as not applicable,
-//! never as passed. The report prints one line per scenario and the summary line
+//! never as passed. Each scenario prints its line, and the suite prints the summary line
 //! `conformance backend=<name> passed=<n> failed=<n> not_applicable=<n>`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
 mod kit;
+mod libtest;
 mod scenarios;
 
-pub use kit::{run, run_only, Ctx, Outcome, Report, ScenarioResult};
+pub use kit::{run, Ctx, Outcome, Report, ScenarioResult};
+
+/// What the tests [`conformance_tests!`] makes call; not for direct use.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::libtest::{run_test, Connecting};
+}

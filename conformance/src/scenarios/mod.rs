@@ -14,7 +14,7 @@ use switchyard_middleware::{DeadLetters, RetryPolicy};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::kit::{ensure, Check, Ctx, OrFail, Outcome, ScenarioFn};
+use crate::kit::{ensure, Check, Ctx, OrFail, Outcome, Scenario};
 
 mod delivery;
 mod forged;
@@ -26,100 +26,81 @@ mod replay;
 mod settlement;
 mod tracing;
 
-/// Every scenario, in the order they run.
-pub(crate) const SCENARIOS: &[(&str, ScenarioFn)] = &[
-    ("roundtrip_bytes_exact", |c| {
-        Box::pin(delivery::roundtrip_bytes_exact(c))
-    }),
-    ("fanout_three_groups", |c| {
-        Box::pin(delivery::fanout_three_groups(c))
-    }),
-    ("competing_consumers_share_work", |c| {
-        Box::pin(delivery::competing_consumers(c))
-    }),
-    ("per_key_order_at_concurrency_16", |c| {
-        Box::pin(ordering::per_key_order(c))
-    }),
-    ("nack_redelivers_with_rising_attempt", |c| {
-        Box::pin(settlement::nack_redelivers(c))
-    }),
-    ("unacked_returned_when_subscriber_closes", |c| {
-        Box::pin(settlement::unacked_returned(c))
-    }),
-    ("graceful_shutdown_1000_in_flight", |c| {
-        Box::pin(lifecycle::graceful_shutdown(c))
-    }),
-    ("shutdown_deadline_returns_unfinished_work", |c| {
-        Box::pin(lifecycle::shutdown_deadline(c))
-    }),
-    ("late_group_earliest_and_latest", |c| {
-        Box::pin(delivery::late_group(c))
-    }),
-    ("topics_isolated", |c| {
-        Box::pin(delivery::topics_isolated(c))
-    }),
-    ("concurrent_publishers", |c| {
-        Box::pin(delivery::concurrent_publishers(c))
-    }),
-    ("handler_panic_contained", |c| {
-        Box::pin(settlement::panic_contained(c))
-    }),
-    ("double_ack_is_typed_error", |c| {
-        Box::pin(settlement::double_ack(c))
-    }),
-    ("tower_layers_wrap_handlers", |c| {
-        Box::pin(middleware::tower_layers(c))
-    }),
-    ("bad_input_typed_errors", |c| {
-        Box::pin(settlement::bad_input(c))
-    }),
-    ("undecodable_payload_dead_lettered_with_reason", |c| {
-        Box::pin(middleware::undecodable_to_dlq(c))
-    }),
-    ("poison_dead_lettered_after_retries_then_replayed", |c| {
-        Box::pin(middleware::poison_and_replay(c))
-    }),
-    ("dlq_replay_selections_replay_each_letter_once", |c| {
-        Box::pin(replay::selections_replay_each_letter_once(c))
-    }),
-    ("duplicates_run_the_handler_once", |c| {
-        Box::pin(middleware::duplicates_once(c))
-    }),
-    ("transient_failures_20_percent_exactly_once", |c| {
-        Box::pin(load::transient_20_percent(c))
-    }),
-    (
-        "permanent_failures_1_percent_exactly_those_dead_lettered",
-        |c| Box::pin(load::permanent_1_percent(c)),
-    ),
-    ("retry_tier_delay_honoured_and_non_blocking", |c| {
-        Box::pin(middleware::retry_tiers(c))
-    }),
-    ("reserved_headers_refused_on_publish", |c| {
-        Box::pin(forged::reserved_headers_refused(c))
-    }),
-    ("forged_retry_headers_ignored", |c| {
-        Box::pin(forged::forged_retry_headers_ignored(c))
-    }),
-    ("subscribe_close_cycles_lose_nothing", |c| {
-        Box::pin(lifecycle::subscribe_close_cycles(c))
-    }),
-    ("publishers_racing_member_churn_lose_nothing", |c| {
-        Box::pin(lifecycle::publishers_and_churn(c))
-    }),
-    ("per_key_order_while_members_join_and_leave", |c| {
-        Box::pin(ordering::order_through_membership_changes(c))
-    }),
-    ("large_message_1_mib", |c| {
-        Box::pin(delivery::large_message(c))
-    }),
-    ("load_100k_4_members_20_percent_nacks", |c| {
-        Box::pin(load::load_100k(c))
-    }),
-    ("trace_context_travels_with_messages", |c| {
-        Box::pin(tracing::trace_context(c))
-    }),
-];
+/// Every scenario, by area (the file it lives in): `test_name = function;`. The one list
+/// both [`SCENARIOS`] and [`conformance_tests!`](crate::conformance_tests) are made from.
+/// `$mode` picks what to make; the list follows it as `area { name = function; … } …`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __scenario_list {
+    ($mode:ident $args:tt) => {
+        $crate::$mode! { $args
+            delivery {
+                roundtrip_bytes_exact = roundtrip_bytes_exact;
+                fanout_three_groups = fanout_three_groups;
+                competing_consumers_share_work = competing_consumers;
+                late_group_earliest_and_latest = late_group;
+                topics_isolated = topics_isolated;
+                concurrent_publishers = concurrent_publishers;
+                large_message_1_mib = large_message;
+            }
+            ordering {
+                per_key_order_at_concurrency_16 = per_key_order;
+                per_key_order_while_members_join_and_leave = order_through_membership_changes;
+            }
+            settlement {
+                nack_redelivers_with_rising_attempt = nack_redelivers;
+                unacked_returned_when_subscriber_closes = unacked_returned;
+                handler_panic_contained = panic_contained;
+                double_ack_is_typed_error = double_ack;
+                bad_input_typed_errors = bad_input;
+            }
+            lifecycle {
+                graceful_shutdown_1000_in_flight = graceful_shutdown;
+                shutdown_deadline_returns_unfinished_work = shutdown_deadline;
+                subscribe_close_cycles_lose_nothing = subscribe_close_cycles;
+                publishers_racing_member_churn_lose_nothing = publishers_and_churn;
+            }
+            middleware {
+                tower_layers_wrap_handlers = tower_layers;
+                undecodable_payload_dead_lettered_with_reason = undecodable_to_dlq;
+                poison_dead_lettered_after_retries_then_replayed = poison_and_replay;
+                duplicates_run_the_handler_once = duplicates_once;
+                retry_tier_delay_honoured_and_non_blocking = retry_tiers;
+            }
+            replay {
+                dlq_replay_selections_replay_each_letter_once = selections_replay_each_letter_once;
+            }
+            forged {
+                reserved_headers_refused_on_publish = reserved_headers_refused;
+                forged_retry_headers_ignored = forged_retry_headers_ignored;
+            }
+            load {
+                transient_failures_20_percent_exactly_once = transient_20_percent;
+                permanent_failures_1_percent_exactly_those_dead_lettered = permanent_1_percent;
+                load_100k_4_members_20_percent_nacks = load_100k;
+            }
+            tracing {
+                trace_context_travels_with_messages = trace_context;
+            }
+        }
+    };
+}
+
+/// Makes [`SCENARIOS`] from the list.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __scenario_table {
+    (() $($area:ident { $($name:ident = $f:ident;)* })*) => {
+        /// Every scenario, in the order [`run`](crate::run) runs them.
+        pub(crate) const SCENARIOS: &[Scenario] = &[$($(Scenario {
+            area: stringify!($area),
+            name: stringify!($name),
+            run: |c| Box::pin($area::$f(c)),
+        },)*)*];
+    };
+}
+
+crate::__scenario_list!(__scenario_table());
 
 const LONG: Duration = Duration::from_secs(90);
 
