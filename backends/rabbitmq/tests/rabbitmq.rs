@@ -2,60 +2,23 @@
 //! `SWITCHYARD_AMQP_URL` overrides). These tests fail, never skip, when the broker is
 //! unreachable. Each uses random names and deletes what it created.
 
+mod common;
+
 use std::collections::HashMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lapin::options::{
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use common::{cleanup_groups, raw, unique, url};
+use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Connection, ExchangeKind};
 use switchyard_core::{
     Broker, CancellationToken, Consumer, Delivery, Error, HandlerError, Message, Publisher,
     SubscribeOptions, Subscriber,
 };
 use switchyard_rabbitmq::{DeclareConflict, RabbitBroker, Unroutable};
-
-fn base_url() -> String {
-    std::env::var("SWITCHYARD_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
-}
-
-fn unique(label: &str) -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    format!("syr-{label}-{}", &id[20..])
-}
-
-async fn raw() -> Connection {
-    Connection::connect(&base_url(), ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ must be reachable at 127.0.0.1:5672 for these tests")
-}
-
-/// Deletes a group's queues and the topic's exchange.
-async fn cleanup(topic: &str, groups: &[&str], partitions: u32) {
-    let conn = raw().await;
-    for group in groups {
-        let mut names: Vec<String> = (0..partitions)
-            .map(|p| format!("{topic}:{group}.p{p}"))
-            .collect();
-        names.push(format!("{topic}:{group}.members"));
-        for q in names {
-            let ch = conn.create_channel().await.unwrap();
-            let _ = ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-    }
-    let ch = conn.create_channel().await.unwrap();
-    let _ = ch
-        .exchange_delete(topic.into(), ExchangeDeleteOptions::default())
-        .await;
-    let _ = conn.close(200, "cleanup".into()).await;
-}
 
 /// Ready messages and consumers of a queue.
 async fn queue_stats(conn: &Connection, queue: &str) -> (u32, u32) {
@@ -105,7 +68,7 @@ fn kill_connections(marker: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connection_kills_during_a_20k_run_lose_nothing() {
     let marker = unique("kill");
-    let url = format!("{}?connection_name={marker}", base_url());
+    let url = format!("{}?connection_name={marker}", url());
     let broker = Arc::new(RabbitBroker::connect(&url).await.unwrap());
     let topic = unique("killrun");
     let group = "workers";
@@ -207,12 +170,12 @@ async fn connection_kills_during_a_20k_run_lose_nothing() {
         "20k run: {kills} kills closed {killed_connections} connections; {publish_failures} publish \
          batches retried; {again} messages handled more than once (redelivered after a kill)"
     );
-    cleanup(&topic, &[group], 8).await;
+    cleanup_groups(&topic, &[group], 8).await;
 }
 
 #[tokio::test]
 async fn conflicting_queue_declaration_is_a_clear_error() {
-    let broker = RabbitBroker::connect(&base_url()).await.unwrap();
+    let broker = RabbitBroker::connect(&url()).await.unwrap();
     let topic = unique("conflict");
     let group = "g";
     let queue = format!("{topic}:{group}.p0");
@@ -278,13 +241,13 @@ async fn conflicting_queue_declaration_is_a_clear_error() {
     let _ = ch
         .exchange_delete(other.as_str().into(), ExchangeDeleteOptions::default())
         .await;
-    cleanup(&topic, &[group], 8).await;
-    cleanup(&ok_topic, &["g"], 8).await;
+    cleanup_groups(&topic, &[group], 8).await;
+    cleanup_groups(&ok_topic, &["g"], 8).await;
 }
 
 #[tokio::test]
 async fn unroutable_publish_is_an_error() {
-    let broker = RabbitBroker::connect(&base_url()).await.unwrap();
+    let broker = RabbitBroker::connect(&url()).await.unwrap();
     let topic = unique("nobody");
     let err = broker
         .publish(&topic, Message::new("lost?"))
@@ -304,12 +267,12 @@ async fn unroutable_publish_is_an_error() {
         .unwrap_err();
     assert!(err.to_string().contains("unroutable"), "{err}");
     broker.close().await.unwrap();
-    cleanup(&topic, &[], 8).await;
+    cleanup_groups(&topic, &[], 8).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_cancels_consumers_and_leaves_nothing_unacked() {
-    let broker = Arc::new(RabbitBroker::connect(&base_url()).await.unwrap());
+    let broker = Arc::new(RabbitBroker::connect(&url()).await.unwrap());
     let topic = unique("graceful");
     let group = "g";
     let handled = Arc::new(AtomicUsize::new(0));
@@ -360,12 +323,12 @@ async fn graceful_shutdown_cancels_consumers_and_leaves_nothing_unacked() {
     assert!(ready > 0, "shutdown came after everything was handled");
     broker.close().await.unwrap();
     let _ = conn.close(200, "done".into()).await;
-    cleanup(&topic, &[group], 8).await;
+    cleanup_groups(&topic, &[group], 8).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_key_order_holds_while_members_join_and_partitions_move() {
-    let broker = Arc::new(RabbitBroker::connect(&base_url()).await.unwrap());
+    let broker = Arc::new(RabbitBroker::connect(&url()).await.unwrap());
     let topic = unique("reorder");
     let group = "g";
     let keys = 40;
@@ -460,266 +423,5 @@ async fn per_key_order_holds_while_members_join_and_partitions_move() {
         v.first()
     );
     assert!(worked >= 2, "only {worked} members did any work");
-    cleanup(&topic, &[group], 8).await;
-}
-
-/// Deletes a group's delayed-redelivery objects: its hold queues and their exchanges,
-/// and its return exchange.
-async fn cleanup_delays(topic: &str, group: &str, delays_ms: &[u64]) {
-    let conn = raw().await;
-    for ms in delays_ms {
-        let hold = format!("{topic}:{group}.delay.{ms}");
-        let ch = conn.create_channel().await.unwrap();
-        let _ = ch
-            .queue_delete(hold.as_str().into(), QueueDeleteOptions::default())
-            .await;
-        let _ = ch
-            .exchange_delete(hold.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
-    }
-    let ch = conn.create_channel().await.unwrap();
-    let back = format!("{topic}:{group}.return");
-    let _ = ch
-        .exchange_delete(back.as_str().into(), ExchangeDeleteOptions::default())
-        .await;
-    let _ = conn.close(200, "cleanup".into()).await;
-}
-
-/// Whether a queue (or, with `exchange`, an exchange) exists, by passive declaration.
-async fn exists(conn: &Connection, name: &str, exchange: bool) -> bool {
-    let ch = conn.create_channel().await.unwrap();
-    let r = if exchange {
-        ch.exchange_declare(
-            name.into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map(|_| ())
-    } else {
-        ch.queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map(|_| ())
-    };
-    r.is_ok()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redeliver_after_returns_to_the_group_only_after_the_delay_in_its_key_slot() {
-    let broker = RabbitBroker::connect(&base_url()).await.unwrap();
-    assert!(broker.capabilities().delayed_delivery);
-    let topic = unique("delay");
-    let (group, other) = ("g", "other");
-    let mut sub = broker
-        .subscribe(SubscribeOptions::new(&topic, group))
-        .await
-        .unwrap();
-    let mut other_sub = broker
-        .subscribe(SubscribeOptions::new(&topic, other))
-        .await
-        .unwrap();
-    // 16 keyed messages and one unkeyed, with a binary payload and Unicode headers.
-    let mut sent: Vec<Message> = (0..16)
-        .map(|i| {
-            Message::new(vec![0xff, 0x00, i as u8, 0xfe])
-                .with_key(format!("kéy-{i}"))
-                .with_header("ünï", format!("välue {i} ✓"))
-                .with_header("empty", "")
-        })
-        .collect();
-    sent.push(Message::new("no key").with_header("h", "v"));
-    broker.publish_batch(&topic, sent.clone()).await.unwrap();
-    let by_id: HashMap<String, Message> = sent.iter().map(|m| (m.id.clone(), m.clone())).collect();
-
-    // The group takes each message, remembers its partition, and hands it back for later.
-    let delay = Duration::from_millis(1500);
-    let mut partition_of: HashMap<String, Option<i32>> = HashMap::new();
-    let mut redelivered_at = None;
-    for _ in 0..sent.len() {
-        let d = sub.recv().await.unwrap().unwrap();
-        partition_of.insert(d.id().to_string(), d.origin().partition);
-        redelivered_at.get_or_insert_with(Instant::now);
-        broker
-            .redeliver_after(&topic, group, d.message().clone(), delay)
-            .await
-            .unwrap();
-        d.ack().await.unwrap();
-    }
-    let first_redelivery = redelivered_at.unwrap();
-    // The other group got the originals once, nothing more.
-    for _ in 0..sent.len() {
-        let d = other_sub.recv().await.unwrap().unwrap();
-        d.ack().await.unwrap();
-    }
-
-    let mut back = 0;
-    while back < sent.len() {
-        let d = tokio::time::timeout(Duration::from_secs(60), sub.recv())
-            .await
-            .expect("the redelivered messages arrive")
-            .unwrap()
-            .unwrap();
-        assert!(
-            first_redelivery.elapsed() >= delay,
-            "redelivered after {:?}, before the {delay:?} delay",
-            first_redelivery.elapsed()
-        );
-        let original = &by_id[d.id()];
-        let got = d.message();
-        assert_eq!(got.key, original.key, "key of {}", d.id());
-        assert_eq!(got.headers, original.headers, "headers of {}", d.id());
-        assert_eq!(got.payload, original.payload, "payload of {}", d.id());
-        assert_eq!(d.attempt(), 1);
-        if original.key.is_some() {
-            assert_eq!(
-                d.origin().partition,
-                partition_of[d.id()],
-                "{} left its key's partition",
-                d.id()
-            );
-        }
-        d.ack().await.unwrap();
-        back += 1;
-    }
-    // Nothing came back twice, and the other group's queues stay empty.
-    assert!(
-        tokio::time::timeout(Duration::from_secs(1), sub.recv())
-            .await
-            .is_err(),
-        "a redelivered message came back twice"
-    );
-    assert_eq!(broker.lag(&topic, other).await.unwrap(), 0);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), other_sub.recv())
-            .await
-            .is_err(),
-        "the other group received a redelivery meant for {group}"
-    );
-
-    sub.close().await.unwrap();
-    other_sub.close().await.unwrap();
-    broker.close().await.unwrap();
-    cleanup_delays(&topic, group, &[1500]).await;
-    cleanup(&topic, &[group, other], 8).await;
-    let conn = raw().await;
-    for (name, exchange) in [
-        (format!("{topic}:{group}.delay.1500"), false),
-        (format!("{topic}:{group}.delay.1500"), true),
-        (format!("{topic}:{group}.return"), true),
-        (format!("{topic}:{group}.p0"), false),
-        (topic.clone(), true),
-    ] {
-        assert!(
-            !exists(&conn, &name, exchange).await,
-            "{name} was left behind"
-        );
-    }
-    let _ = conn.close(200, "done".into()).await;
-}
-
-#[tokio::test]
-async fn redeliver_after_refuses_a_delay_beyond_the_ttl_limit_and_bad_names() {
-    let broker = RabbitBroker::connect(&base_url()).await.unwrap();
-    let err = broker
-        .redeliver_after(
-            "t",
-            "g",
-            Message::new("x"),
-            Duration::from_secs(50 * 24 * 3600),
-        )
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::Config { .. }), "{err}");
-    let err = broker
-        .redeliver_after("t", "no:colons", Message::new("x"), Duration::ZERO)
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::InvalidName { .. }), "{err}");
-    broker.close().await.unwrap();
-}
-
-#[tokio::test]
-async fn topics_lists_topics_and_groups_with_their_lag_through_the_management_api() {
-    let broker = RabbitBroker::connect(&base_url()).await.unwrap();
-    let topic = unique("listed");
-    let sub = broker
-        .subscribe(SubscribeOptions::new(&topic, "g"))
-        .await
-        .unwrap();
-    // Subscribed, but the group keeps what it does not take: 3 ready messages.
-    sub.close().await.unwrap();
-    let sub2 = broker
-        .subscribe(SubscribeOptions::new(&topic, "idle"))
-        .await
-        .unwrap();
-    sub2.close().await.unwrap();
-    let batch = (0..3).map(|i| Message::new(format!("{i}"))).collect();
-    broker.publish_batch(&topic, batch).await.unwrap();
-    let topics = broker.topics().await.unwrap();
-    let info = topics
-        .iter()
-        .find(|t| t.name == topic)
-        .unwrap_or_else(|| panic!("{topic} is not listed"));
-    let lags: HashMap<&str, Option<u64>> = info
-        .groups
-        .iter()
-        .map(|g| (g.name.as_str(), g.lag))
-        .collect();
-    assert_eq!(lags.len(), 2, "{:?}", info.groups);
-    assert_eq!(lags["g"], Some(3));
-    assert_eq!(lags["idle"], Some(3));
-    assert_eq!(lags["g"], Some(broker.lag(&topic, "g").await.unwrap()));
-    // Objects that are not topics stay out: the broker's own, and a group's hold and
-    // return exchanges.
-    broker
-        .redeliver_after(&topic, "g", Message::new("later"), Duration::from_secs(60))
-        .await
-        .unwrap();
-    let names: Vec<String> = broker
-        .topics()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|t| t.name)
-        .collect();
-    assert!(
-        names
-            .iter()
-            .all(|n| !n.starts_with("amq.") && !n.contains(':')),
-        "{names:?}"
-    );
-    broker.close().await.unwrap();
-    cleanup_delays(&topic, "g", &[60_000]).await;
-    cleanup(&topic, &["g", "idle"], 8).await;
-}
-
-#[tokio::test]
-async fn topics_without_the_management_api_names_the_plugin() {
-    let url = format!("{}?management_url=http://127.0.0.1:9", base_url());
-    let broker = RabbitBroker::connect(&url).await.unwrap();
-    let err = broker.topics().await.unwrap_err();
-    let Error::Backend { source, .. } = &err else {
-        panic!("unexpected error {err}");
-    };
-    let unavailable = source
-        .downcast_ref::<switchyard_rabbitmq::ManagementUnavailable>()
-        .unwrap_or_else(|| panic!("source is not ManagementUnavailable: {source}"));
-    assert_eq!(unavailable.url, "http://127.0.0.1:9");
-    assert!(
-        err.to_string()
-            .contains("rabbitmq-plugins enable rabbitmq_management"),
-        "{err}"
-    );
-    broker.close().await.unwrap();
+    cleanup_groups(&topic, &[group], 8).await;
 }

@@ -2,8 +2,11 @@
 //! connection, and removal of what a group declared.
 #![allow(dead_code)] // each test binary uses its own share of these
 
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use lapin::{Connection, ConnectionProperties};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
 
 /// Partitions of a group declared with the default settings.
 pub(crate) const PARTITIONS: u32 = 8;
@@ -42,4 +45,79 @@ pub(crate) async fn cleanup(conn: &Connection, topic: &str, group: &str) {
         .exchange_delete(topic.into(), ExchangeDeleteOptions::default())
         .await;
     let _ = ch.close(200, "done".into()).await;
+}
+
+/// Deletes the queues of `groups` (with `partitions` partitions each) and the topic's
+/// exchange, over a connection of its own.
+pub(crate) async fn cleanup_groups(topic: &str, groups: &[&str], partitions: u32) {
+    let conn = raw().await;
+    for group in groups {
+        let mut names: Vec<String> = (0..partitions)
+            .map(|p| format!("{topic}:{group}.p{p}"))
+            .collect();
+        names.push(format!("{topic}:{group}.members"));
+        for q in names {
+            let ch = conn.create_channel().await.unwrap();
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+    let ch = conn.create_channel().await.unwrap();
+    let _ = ch
+        .exchange_delete(topic.into(), ExchangeDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "cleanup".into()).await;
+}
+
+/// Deletes a group's delayed-redelivery objects: its hold queues and their exchanges,
+/// and its return exchange.
+pub(crate) async fn cleanup_delays(topic: &str, group: &str, delays_ms: &[u64]) {
+    let conn = raw().await;
+    for ms in delays_ms {
+        let hold = format!("{topic}:{group}.delay.{ms}");
+        let ch = conn.create_channel().await.unwrap();
+        let _ = ch
+            .queue_delete(hold.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = ch
+            .exchange_delete(hold.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+    let ch = conn.create_channel().await.unwrap();
+    let back = format!("{topic}:{group}.return");
+    let _ = ch
+        .exchange_delete(back.as_str().into(), ExchangeDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "cleanup".into()).await;
+}
+
+/// Whether a queue (or, with `exchange`, an exchange) exists, by passive declaration.
+pub(crate) async fn exists(conn: &Connection, name: &str, exchange: bool) -> bool {
+    let ch = conn.create_channel().await.unwrap();
+    let r = if exchange {
+        ch.exchange_declare(
+            name.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|_| ())
+    } else {
+        ch.queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|_| ())
+    };
+    r.is_ok()
 }
