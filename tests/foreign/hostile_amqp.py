@@ -25,7 +25,7 @@ import uuid
 import pika
 
 KEY_HEADER = "x-switchyard-key"
-SLOT_BITS = 10
+SLOTS = 1024
 PARTITIONS = 8
 # Found by publishing growing header tables to RabbitMQ 3.10 with frame_max 131072: a
 # content-header frame payload over frame_max - 8 closes the connection (FRAME_ERROR
@@ -46,8 +46,8 @@ def fnv1a64(data):
 
 
 def routing_key(key):
-    s = fnv1a64(key if isinstance(key, bytes) else key.encode()) % (1 << SLOT_BITS)
-    return ".".join("1" if s >> bit & 1 else "0" for bit in reversed(range(SLOT_BITS)))
+    """The key's slot as a decimal number: the routing key of switchyard's direct exchange."""
+    return str(fnv1a64(key if isinstance(key, bytes) else key.encode()) % SLOTS)
 
 
 def wait_for_member(conn, topic, group):

@@ -11,7 +11,7 @@ use switchyard_core::{
 };
 
 use crate::config::RabbitConfig;
-use crate::{connection, management, publisher, subscription, topology, BACKEND};
+use crate::{connection, error, management, publisher, subscription, topology, BACKEND};
 
 /// Connects to RabbitMQ from an `amqp://` or `amqps://` URL.
 pub async fn connect(url: &str) -> Result<AnyBroker> {
@@ -220,7 +220,7 @@ impl Depths {
                         .conn
                         .create_channel()
                         .await
-                        .map_err(|e| topology::map_err("opening a channel", e))?;
+                        .map_err(|e| error::map_err("opening a channel", e))?;
                     self.channel = Some(c.clone());
                     c
                 }
@@ -236,8 +236,8 @@ impl Depths {
                 Ok(q) => total += u64::from(q.message_count()),
                 // A passive declaration of a missing queue closes its channel; the next
                 // one opens another.
-                Err(e) if topology::soft_code(&e) == Some(404) => self.channel = None,
-                Err(e) => return Err(topology::map_err("reading a queue's depth", e)),
+                Err(e) if error::soft_code(&e) == Some(404) => self.channel = None,
+                Err(e) => return Err(error::map_err("reading a queue's depth", e)),
             }
         }
         Ok(total)

@@ -10,21 +10,21 @@
 //!
 //! # For foreign clients
 //!
-//! - **Publish** to topic `T` by publishing to the durable topic exchange `T` (declare
-//!   it `type=topic, durable=true`, no arguments, if it may not exist yet), mandatory
+//! - **Publish** to topic `T` by publishing to the durable direct exchange `T` (declare
+//!   it `type=direct, durable=true`, no arguments, if it may not exist yet), mandatory
 //!   and with publisher confirms if you want switchyard's guarantees. The **routing
-//!   key** is the key's slot: FNV-1a 64 of the key's UTF-8 bytes (offset basis
-//!   `0xcbf29ce484222325`, prime `0x100000001b3`), modulo 1024, written as its 10 bits,
-//!   most significant first, joined by dots (`"customer-7"` → slot 497 →
-//!   `"0.1.1.1.1.1.0.0.0.1"`). Partition `i` of a group with `n` partitions binds
-//!   `#.<low log2(n) bits of i>`, so any 10-bit key reaches exactly one partition of
-//!   every group; a message without a key may use any slot. Put the key in the header
+//!   key** is the key's slot as a decimal number: FNV-1a 64 of the key's UTF-8 bytes
+//!   (offset basis `0xcbf29ce484222325`, prime `0x100000001b3`), modulo 1024
+//!   (`"customer-7"` → `"497"`). Partition `i` of a group with `n` partitions is bound
+//!   once for each slot `s` with `s % n == i`, so each of `"0"` … `"1023"` reaches
+//!   exactly one partition of every group; a message without a key may use any slot,
+//!   and any other routing key reaches no group. Put the key in the header
 //!   `x-switchyard-key` (long string), the id in `message_id`, your headers in the
 //!   `headers` table as strings (other types are ignored on receipt). Without a
 //!   `message_id`, switchyard derives the id from the message's content and properties
 //!   (see `decode`), so two identical publishes share an id: set one.
 //! - **Consume** what switchyard publishes by binding your own queue to exchange `T`
-//!   (`#` for everything, or a partition pattern); read the id from `message_id`, the
+//!   once per slot you want (all 1024 for everything); read the id from `message_id`, the
 //!   key from `x-switchyard-key`, headers from the `headers` table, the payload as is.
 //!   Bind before publishing starts: RabbitMQ routes only to queues that exist.
 //! - A switchyard group `G` consumes the queues `T:G.p0 … T:G.p<n-1>` (default 8); do not

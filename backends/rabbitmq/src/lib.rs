@@ -8,8 +8,8 @@
 //!
 //! | switchyard | RabbitMQ |
 //! |---|---|
-//! | topic `T` | durable **topic exchange** `T` |
-//! | group `G` of `T` | `partitions` durable classic queues `T:G.p0` … `T:G.p{n-1}`, bound to `T` |
+//! | topic `T` | durable **direct exchange** `T` |
+//! | group `G` of `T` | `partitions` durable classic queues `T:G.p0` … `T:G.p{n-1}`, each bound to `T` once per slot it owns (1024 bindings per group) |
 //! | group membership | durable classic queue `T:G.members`; each member consumes it (no messages ever go there); its `x-max-length` records the partition count |
 //! | partition ownership | one **exclusive consumer** per partition queue, on the owning member's connection |
 //! | point-to-point `queue(N)` | topic `N`, group `N`: queues `N:N.p{i}` |
@@ -19,15 +19,22 @@
 //! 255 bytes.) Everything is declared idempotently at subscribe time, and the exchange
 //! at publish time, on throwaway channels: an object that already exists with other
 //! settings is a permanent [`Error::Backend`] whose source is a [`DeclareConflict`]
-//! naming it.
+//! naming it. A topic of the earlier layout (a topic exchange routing slot bits through
+//! `#.<bits>` bindings) is refused the same way with an [`OldLayout`] naming the
+//! migration: stop its clients of the earlier release and delete the exchange; the
+//! partition queues keep their messages and each key its partition. It is not migrated
+//! in place, as nothing tells whether a client of the earlier release still publishes
+//! to it.
 //!
 //! ## Per-key order with competing members
 //!
-//! A publisher hashes the key (FNV-1a) to one of 1024 slots and sends the slot's bits
-//! as the routing key (`"0.1.1.0.0.1.0.1.1.0"`); partition `i` of `n` (a power of two)
-//! binds the pattern `#.<low log2(n) bits of i>`. So a key always lands in the same
-//! partition of every group, publishers need not know partition counts, and unkeyed
-//! messages go round-robin over the slots.
+//! A publisher hashes the key (FNV-1a) to one of 1024 slots and sends the slot number
+//! as the routing key (`"497"`); partition `i` of `n` (a power of two) is bound to the
+//! slots `s` with `s % n == i`. So a key always lands in the same partition of every
+//! group, publishers need not know partition counts, and unkeyed messages go
+//! round-robin over the slots. A direct exchange matches a routing key by one lookup;
+//! the topic exchange with `#.<bits>` patterns this replaces cost publishers about 3×
+//! (raw lapin here, persistent with confirms: 6.4–7.3 k msg/s against 22.8–25.9 k).
 //!
 //! Each partition is consumed by **one member at a time**, through an exclusive
 //! consumer (RabbitMQ refuses a second one, and drops it with its channel or connection,
@@ -66,9 +73,9 @@
 //! [`Broker::redeliver_after`] needs no plugin: group `G` of `T` gets a hold queue
 //! `T:G.delay.<ms>` per delay, with `x-message-ttl = ms` and `x-dead-letter-exchange =
 //! T:G.return`, fed through a fanout exchange of the same name. The message goes in with
-//! the routing key a publish would give it (its slot bits); on expiry RabbitMQ
-//! dead-letters it with that routing key to `T:G.return`, which binds the group's
-//! partition queues with the same patterns as `T` does: the message comes back to `G`
+//! the routing key a publish would give it (its slot number); on expiry RabbitMQ
+//! dead-letters it with that routing key to `T:G.return`, a direct exchange that binds
+//! the group's partition queues to the same slots as `T` does: the message comes back to `G`
 //! only, in its key's partition, with its id, key, headers and payload unchanged (the
 //! `x-first-death-*` headers the broker adds are dropped on receipt, its `x-death`
 //! table is never a header). It arrives as attempt 1: the hold queue is a new
@@ -85,7 +92,8 @@
 //! AMQP cannot list objects, so [`Broker::topics`] asks the management plugin's HTTP API
 //! (`GET /api/exchanges/<vhost>` and `/api/queues/<vhost>`) at `management_url`
 //! (default `http://<amqp host>:15672`, basic auth with the AMQP URL's user and
-//! password): every topic exchange is a topic, every set of partition queues `T:G.p<i>`
+//! password): every direct exchange is a topic (and every topic exchange, which is a
+//! topic of the earlier layout, so it shows up to migrate), every set of partition queues `T:G.p<i>`
 //! a group, and a group's lag is read as [`Broker::lag`] reads it. Without the plugin
 //! the error names it: `rabbitmq-plugins enable rabbitmq_management`.
 //!
@@ -167,6 +175,7 @@ mod broker;
 mod codec;
 mod config;
 mod connection;
+mod error;
 mod gate;
 mod management;
 mod prefetch;
@@ -179,9 +188,9 @@ mod topology;
 pub use broker::{connect, RabbitBroker};
 pub use codec::KEY_HEADER;
 pub use config::RabbitConfig;
+pub use error::{DeclareConflict, OldLayout};
 pub use management::ManagementUnavailable;
 pub use publisher::Unroutable;
-pub use topology::DeclareConflict;
 
 pub(crate) const BACKEND: &str = "rabbitmq";
 

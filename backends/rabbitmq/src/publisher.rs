@@ -19,8 +19,9 @@ use tokio::time::Instant;
 use crate::codec::properties;
 use crate::config::RabbitConfig;
 use crate::connection::{connect_once, RECONNECT};
+use crate::error::map_err;
 use crate::topology::{
-    declare_delay, declare_exchange, key_hash, map_err, slot_routing_keys, GroupNames, SLOTS,
+    declare_delay, declare_topic, key_hash, slot_routing_keys, GroupNames, SLOTS,
 };
 use crate::BACKEND;
 
@@ -143,7 +144,7 @@ impl PublisherCore {
         match needs {
             Needs::Topic(topic) => {
                 if !l.declared.contains(topic) {
-                    declare_exchange(&l.conn, topic).await?;
+                    declare_topic(&l.conn, topic).await?;
                     l.declared.insert(topic.to_string());
                 }
             }
@@ -167,9 +168,9 @@ impl PublisherCore {
 
     fn routing_key(&self, message: &Message) -> ShortString {
         let slot = match &message.key {
-            Some(k) => key_hash(k) as usize % SLOTS,
+            Some(k) => (key_hash(k) % u64::from(SLOTS)) as usize,
             // Unkeyed messages go round-robin over the slots, so over every partition.
-            None => self.next_slot.fetch_add(1, Ordering::Relaxed) as usize % SLOTS,
+            None => (self.next_slot.fetch_add(1, Ordering::Relaxed) % u64::from(SLOTS)) as usize,
         };
         self.routing[slot].clone()
     }

@@ -82,7 +82,8 @@ pub(crate) async fn subscribe(
         prefetch: options.prefetch,
     });
     let names = GroupNames::new(&options.topic, &options.group);
-    let seed = (crate::topology::key_hash(&switchyard_core::new_id()) % 1024) as u32;
+    let seed = (crate::topology::key_hash(&switchyard_core::new_id())
+        % u64::from(crate::topology::SLOTS)) as u32;
     let mut sup = Supervisor {
         shared: shared.clone(),
         config,

@@ -12,11 +12,12 @@ use switchyard_core::{Error, Result};
 
 use crate::config::RabbitConfig;
 use crate::connection::connect_once;
+use crate::error::{map_err, soft_code};
 use crate::gate::Gate;
 use crate::prefetch::prefetch_shares;
 use crate::pump::pump;
 use crate::subscription::{Part, Shared};
-use crate::topology::{declare_group, map_err, soft_code, GroupNames};
+use crate::topology::{declare_group, GroupNames};
 
 /// How long a delivery may stay unsettled before the member warns that RabbitMQ's
 /// consumer ack timeout (30 min by default) is near.

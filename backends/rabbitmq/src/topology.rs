@@ -1,47 +1,19 @@
 //! Names, routing keys and declarations: how topics and groups map onto exchanges and
 //! queues.
 
-use std::fmt;
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Connection, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 use switchyard_core::{Error, Result};
 
+use crate::error::{conflict, exchange_conflict, map_err, soft_code, DeclareConflict};
 use crate::BACKEND;
 
-/// How many bits of a key's hash the publisher puts in the routing key: a group may
-/// have up to `2^SLOT_BITS` partitions.
-pub(crate) const SLOT_BITS: u32 = 10;
-/// Number of routing slots.
-pub(crate) const SLOTS: usize = 1 << SLOT_BITS;
-
-/// A declaration that clashes with what the broker already has (another exchange type,
-/// other queue arguments). Carried as the source of a permanent [`Error::Backend`], so
-/// callers can downcast to it.
-#[derive(Debug)]
-pub struct DeclareConflict {
-    /// "exchange" or "queue".
-    pub kind: &'static str,
-    /// The object's name.
-    pub name: String,
-    /// The broker's explanation.
-    pub detail: String,
-}
-
-impl fmt::Display for DeclareConflict {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "the {} {:?} already exists with settings switchyard cannot use ({}); \
-             delete it or pick another topic/group name",
-            self.kind, self.name, self.detail
-        )
-    }
-}
-
-impl std::error::Error for DeclareConflict {}
+/// Number of routing slots: a key's hash picks one, and a group may have up to this
+/// many partitions.
+pub(crate) const SLOTS: u32 = 1024;
 
 /// FNV-1a 64: stable across processes, versions and platforms, unlike `DefaultHasher`,
 /// so every publisher sends a key to the same slot.
@@ -54,29 +26,45 @@ pub(crate) fn key_hash(key: &str) -> u64 {
     h
 }
 
-/// The routing key of a slot: its bits as dot-separated words, most significant first
-/// ("0.1.1.0.0.1.0.1.1.0"), so a partition binds to the suffix of its own number's bits
-/// with a topic-exchange pattern and publishers never need to know partition counts.
+/// The routing keys of the slots: slot `s` is the decimal number `s` ("0" … "1023").
 pub(crate) fn slot_routing_keys() -> Vec<ShortString> {
     (0..SLOTS)
-        .map(|slot| {
-            let words: Vec<&str> = (0..SLOT_BITS)
-                .rev()
-                .map(|bit| if slot >> bit & 1 == 1 { "1" } else { "0" })
-                .collect();
-            ShortString::from(words.join("."))
-        })
+        .map(|slot| ShortString::from(slot.to_string()))
         .collect()
 }
 
-/// The binding pattern of partition `p` of `partitions` (a power of two).
-pub(crate) fn partition_pattern(p: u32, partitions: u32) -> String {
-    let bits = partitions.trailing_zeros();
-    let mut pattern = String::from("#");
-    for bit in (0..bits).rev() {
-        pattern.push_str(if p >> bit & 1 == 1 { ".1" } else { ".0" });
+/// The slots partition `p` of `partitions` (a power of two) owns: those equal to `p`
+/// modulo `partitions`, so each slot has one partition in every group and publishers
+/// never need to know partition counts.
+pub(crate) fn partition_slots(p: u32, partitions: u32) -> impl Iterator<Item = u32> {
+    (p..SLOTS).step_by(partitions as usize)
+}
+
+/// Binds partition `p`'s queue to `exchange` once per slot it owns. The bindings go
+/// without waiting for each reply (a refused one closes the channel, which the last,
+/// awaited one reports), so a group's 1024 bindings cost about one round trip.
+async fn bind_slots(
+    ch: &Channel,
+    queue: &str,
+    exchange: &str,
+    p: u32,
+    partitions: u32,
+) -> Result<()> {
+    let slots: Vec<u32> = partition_slots(p, partitions).collect();
+    for (i, slot) in slots.iter().enumerate() {
+        ch.queue_bind(
+            queue.into(),
+            exchange.into(),
+            slot.to_string().into(),
+            QueueBindOptions {
+                nowait: i + 1 < slots.len(),
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| map_err(&format!("binding queue {queue:?} to {exchange:?}"), e))?;
     }
-    pattern
+    Ok(())
 }
 
 /// The broker-side names of one group.
@@ -133,44 +121,11 @@ pub(crate) fn is_hold_queue(queue: &str) -> bool {
     })
 }
 
-/// Maps a lapin error to switchyard's: connection trouble is transient, broker refusals
-/// (access, precondition) are permanent.
-pub(crate) fn map_err(what: &str, e: lapin::Error) -> Error {
-    let transient = !e.is_amqp_soft_error() || e.is_io_error();
-    let source = format!("{what}: {e}");
-    if transient {
-        Error::transient(BACKEND, source)
-    } else {
-        Error::permanent(BACKEND, source)
-    }
-}
-
-/// The broker's soft error code (404, 403, 405, 406...), if that is what `e` is.
-pub(crate) fn soft_code(e: &lapin::Error) -> Option<u16> {
-    match e.kind() {
-        lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
-        _ => None,
-    }
-}
-
-fn conflict(kind: &'static str, name: &str, e: lapin::Error) -> Error {
-    match soft_code(&e) {
-        Some(406) | Some(405) => Error::permanent(
-            BACKEND,
-            DeclareConflict {
-                kind,
-                name: name.to_string(),
-                detail: e.to_string(),
-            },
-        ),
-        _ => map_err(&format!("declaring {kind} {name:?}"), e),
-    }
-}
-
-/// Declares the topic's exchange on a throwaway channel: a refused declaration closes
-/// the channel it was made on, and the working channels must survive it.
-pub(crate) async fn declare_exchange(conn: &Connection, exchange: &str) -> Result<()> {
-    declare_exchange_of(conn, exchange, ExchangeKind::Topic).await
+/// Declares the topic's exchange, a durable direct exchange, on a throwaway channel: a
+/// refused declaration closes the channel it was made on, and the working channels must
+/// survive it. One of the earlier layout is an [`OldLayout`](crate::OldLayout) error.
+pub(crate) async fn declare_topic(conn: &Connection, exchange: &str) -> Result<()> {
+    declare_exchange_of(conn, exchange, ExchangeKind::Direct).await
 }
 
 /// Declares a durable exchange of `kind` on a throwaway channel.
@@ -179,6 +134,7 @@ async fn declare_exchange_of(conn: &Connection, exchange: &str, kind: ExchangeKi
         .create_channel()
         .await
         .map_err(|e| map_err("opening a channel", e))?;
+    let direct = kind == ExchangeKind::Direct;
     let r = ch
         .exchange_declare(
             exchange.into(),
@@ -195,6 +151,7 @@ async fn declare_exchange_of(conn: &Connection, exchange: &str, kind: ExchangeKi
             let _ = ch.close(200, "declared".into()).await;
             Ok(())
         }
+        Err(e) if direct => Err(exchange_conflict(exchange, e)),
         Err(e) => Err(conflict("exchange", exchange, e)),
     }
 }
@@ -231,8 +188,7 @@ fn add_expires(args: &mut FieldTable, expires: Option<Duration>) {
     }
 }
 
-/// Declares a group: the exchange, `partitions` classic queues bound by slot-suffix
-/// patterns, and the membership queue whose `x-max-length` records the partition count
+/// Declares a group: the exchange, `partitions` classic queues each bound to its slots, and the membership queue whose `x-max-length` records the partition count
 /// (a member configured with another count gets a clear error instead of duplicates).
 /// With `expires` (an ephemeral group) every queue of the group has that `x-expires`,
 /// so the broker removes the group once it has gone that long without a member; a
@@ -244,9 +200,10 @@ pub(crate) async fn declare_group(
     dead_letter: Option<&str>,
     expires: Option<Duration>,
 ) -> Result<()> {
-    declare_exchange(conn, &names.exchange).await?;
+    declare_topic(conn, &names.exchange).await?;
     if let Some(dlx) = dead_letter {
-        declare_exchange(conn, dlx).await?;
+        // A topic exchange, so a dead-letter queue binds `#` whatever the routing key.
+        declare_exchange_of(conn, dlx, ExchangeKind::Topic).await?;
     }
     let ch = conn
         .create_channel()
@@ -306,15 +263,7 @@ pub(crate) async fn declare_group(
         )
         .await
         .map_err(|e| conflict("queue", &queue, e))?;
-        ch.queue_bind(
-            queue.as_str().into(),
-            names.exchange.as_str().into(),
-            partition_pattern(p, partitions).into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| map_err(&format!("binding queue {queue:?}"), e))?;
+        bind_slots(&ch, &queue, &names.exchange, p, partitions).await?;
     }
     let _ = ch.close(200, "declared".into()).await;
     Ok(())
@@ -374,10 +323,10 @@ async fn group_exists(conn: &Connection, names: &GroupNames, partitions: u32) ->
 
 /// Declares what a delayed redelivery of `ms` milliseconds to one group needs: the
 /// group itself (so a partition count that disagrees is the usual clear error), its
-/// return exchange bound to each partition queue with that partition's pattern (as on
-/// the topic's exchange), and the hold queue `T:G.delay.<ms>` behind a fanout exchange
+/// return exchange (direct) bound to each partition queue with that partition's slots (as
+/// on the topic's exchange), and the hold queue `T:G.delay.<ms>` behind a fanout exchange
 /// of the same name. The hold queue has `x-message-ttl = ms` and dead-letters to the
-/// return exchange; RabbitMQ keeps the routing key (the slot bits) when it dead-letters,
+/// return exchange; RabbitMQ keeps the routing key (the slot number) when it dead-letters,
 /// so an expired message lands in its key's partition of this group only. One TTL per
 /// queue keeps it first-in first-out, so messages expire in order at its head.
 pub(crate) async fn declare_delay(
@@ -395,7 +344,7 @@ pub(crate) async fn declare_delay(
     }
     let back = names.return_exchange();
     let hold = names.hold(ms);
-    declare_exchange_of(conn, &back, ExchangeKind::Topic).await?;
+    declare_exchange_of(conn, &back, ExchangeKind::Direct).await?;
     declare_exchange_of(conn, &hold, ExchangeKind::Fanout).await?;
     let ch = conn
         .create_channel()
@@ -403,15 +352,7 @@ pub(crate) async fn declare_delay(
         .map_err(|e| map_err("opening a channel", e))?;
     for p in 0..partitions {
         let queue = names.partition(p);
-        ch.queue_bind(
-            queue.as_str().into(),
-            back.as_str().into(),
-            partition_pattern(p, partitions).into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| map_err(&format!("binding queue {queue:?} to {back:?}"), e))?;
+        bind_slots(&ch, &queue, &back, p, partitions).await?;
     }
     let mut args = partition_args(None, None);
     args.insert(
@@ -450,15 +391,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn patterns_match_slot_suffixes() {
+    fn every_slot_has_one_partition_and_routes_by_its_number() {
         let keys = slot_routing_keys();
-        assert_eq!(keys[0].as_str(), "0.0.0.0.0.0.0.0.0.0");
-        assert_eq!(keys[5].as_str(), "0.0.0.0.0.0.0.1.0.1");
-        assert_eq!(partition_pattern(0, 1), "#");
-        assert_eq!(partition_pattern(1, 4), "#.0.1");
-        assert_eq!(partition_pattern(5, 8), "#.1.0.1");
-        // slot 5 of 8 partitions lands in partition 5: its pattern is the key's suffix.
-        assert!(keys[5].as_str().ends_with(".1.0.1"));
+        assert_eq!((keys[0].as_str(), keys[497].as_str()), ("0", "497"));
+        for partitions in [1, 2, 8, 1024] {
+            let mut owner = vec![None; SLOTS as usize];
+            for p in 0..partitions {
+                for slot in partition_slots(p, partitions) {
+                    assert!(
+                        owner[slot as usize].replace(p).is_none(),
+                        "slot {slot} twice"
+                    );
+                    assert_eq!(slot % partitions, p);
+                }
+            }
+            assert!(
+                owner.iter().all(Option::is_some),
+                "{partitions}: a slot has no partition"
+            );
+        }
+        assert_eq!(
+            partition_slots(5, 8).take(3).collect::<Vec<_>>(),
+            [5, 13, 21]
+        );
     }
 
     #[test]

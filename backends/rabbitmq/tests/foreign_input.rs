@@ -15,14 +15,11 @@ use switchyard_rabbitmq::RabbitBroker;
 
 use common::{cleanup, raw, unique, url};
 
-/// A routing key that reaches partition `p` of an 8-partition group: the slot's 10 bits,
-/// most significant first, joined by dots (the wire format in the backend's docs).
+/// A routing key that reaches partition `p` of an 8-partition group: slot `p`, written as
+/// its decimal number (the wire format in the backend's docs; slot `s` belongs to
+/// partition `s % partitions`).
 fn routing_key_for_partition(p: u32) -> String {
-    (0..10)
-        .rev()
-        .map(|bit| ((p >> bit) & 1).to_string())
-        .collect::<Vec<_>>()
-        .join(".")
+    p.to_string()
 }
 
 #[tokio::test]

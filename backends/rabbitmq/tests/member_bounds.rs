@@ -51,20 +51,15 @@ async fn wait_all_consumed(conn: &Connection, topic: &str, group: &str) {
     }
 }
 
-/// The routing key of `key`'s slot: FNV-1a 64 of the key modulo 1024, as 10 bits, most
-/// significant first, joined by dots (the wire format in the backend's docs).
+/// The routing key of `key`'s slot: FNV-1a 64 of the key modulo 1024, as a decimal number
+/// (the wire format in the backend's docs).
 fn routing_key(key: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in key.as_bytes() {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    let slot = h % 1024;
-    (0..10)
-        .rev()
-        .map(|bit| ((slot >> bit) & 1).to_string())
-        .collect::<Vec<_>>()
-        .join(".")
+    (h % 1024).to_string()
 }
 
 /// A member of an 8-partition group with prefetch 12 used to take 12 messages on every

@@ -18,7 +18,7 @@ use switchyard_core::{
     Broker, CancellationToken, Consumer, Delivery, Error, HandlerError, Message, Publisher,
     SubscribeOptions, Subscriber,
 };
-use switchyard_rabbitmq::{DeclareConflict, RabbitBroker, Unroutable};
+use switchyard_rabbitmq::{DeclareConflict, OldLayout, RabbitBroker, Unroutable};
 
 /// Ready messages and consumers of a queue.
 async fn queue_stats(conn: &Connection, queue: &str) -> (u32, u32) {
@@ -243,6 +243,87 @@ async fn conflicting_queue_declaration_is_a_clear_error() {
         .await;
     cleanup_groups(&topic, &[group], 8).await;
     cleanup_groups(&ok_topic, &["g"], 8).await;
+}
+
+/// A topic exchange where the topic's exchange should be is the earlier layout: subscribe
+/// and publish refuse it with an error that names it and the migration, and after the
+/// migration (deleting the exchange) the group's queues keep their messages and are
+/// bound again by the next subscribe.
+#[tokio::test]
+async fn a_topic_of_the_earlier_layout_is_refused_with_the_migration() {
+    let conn = raw().await;
+    let broker = RabbitBroker::connect(&url()).await.unwrap();
+    let topic = unique("earlier");
+    // A group as this release makes it, holding one message; then the exchange is
+    // swapped for one of the earlier layout.
+    let sub = broker
+        .subscribe(SubscribeOptions::new(&topic, "g"))
+        .await
+        .unwrap();
+    sub.close().await.unwrap();
+    broker
+        .publish(&topic, Message::new("kept").with_key("k"))
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_delete(topic.as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+    ch.exchange_declare(
+        topic.as_str().into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let fresh = RabbitBroker::connect(&url()).await.unwrap();
+    let subscribe_err = fresh
+        .subscribe(SubscribeOptions::new(&topic, "g"))
+        .await
+        .err()
+        .expect("subscribing to the earlier layout must fail");
+    let publish_err = fresh.publish(&topic, Message::new("x")).await.unwrap_err();
+    for err in [&subscribe_err, &publish_err] {
+        let Error::Backend { source, .. } = err else {
+            panic!("unexpected error {err}");
+        };
+        let old = source
+            .downcast_ref::<OldLayout>()
+            .unwrap_or_else(|| panic!("source is not OldLayout: {source}"));
+        assert_eq!(old.exchange, topic);
+        assert!(!err.is_transient(), "{err}");
+        let shown = err.to_string();
+        assert!(
+            shown.contains("migrate") && shown.contains(&topic),
+            "{shown}"
+        );
+    }
+    // The migration: delete the exchange. The message waits in its partition.
+    ch.exchange_delete(topic.as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+    let mut sub = fresh
+        .subscribe(SubscribeOptions::new(&topic, "g"))
+        .await
+        .unwrap();
+    let d = sub.recv().await.unwrap().unwrap();
+    assert_eq!(&d.message().payload[..], b"kept");
+    d.ack().await.unwrap();
+    fresh
+        .publish(&topic, Message::new("after").with_key("k"))
+        .await
+        .unwrap();
+    let d = sub.recv().await.unwrap().unwrap();
+    assert_eq!(&d.message().payload[..], b"after");
+    d.ack().await.unwrap();
+    sub.close().await.unwrap();
+    fresh.close().await.unwrap();
+    broker.close().await.unwrap();
+    cleanup_groups(&topic, &["g"], 8).await;
 }
 
 #[tokio::test]
