@@ -42,9 +42,10 @@ struct Book {
 async fn main() -> switchyard::Result<ExitCode> {
     let url = std::env::args().skip_while(|a| a != "--url").nth(1);
     let broker = switchyard::connect(url.as_deref().unwrap_or("memory://")).await?;
-    // A name of its own per run, so a durable broker's leftovers never mix in; the group
-    // is ephemeral, so its broker state goes when the run ends (RabbitMQ: a minute later).
-    let topic = format!("shipments-{}", &switchyard::new_id()[24..]);
+    // Names of their own per run (a Kafka group spans topics), so leftovers and other
+    // runs never mix in; ephemeral groups, so their broker state goes when the run ends.
+    let run = switchyard::new_id()[24..].to_string();
+    let topic = format!("shipments-{run}");
     let book: Arc<Mutex<Book>> = Arc::default();
 
     let shutdown = CancellationToken::new();
@@ -70,7 +71,7 @@ async fn main() -> switchyard::Result<ExitCode> {
             }
         };
         // Same topic, same group: the members compete for its messages.
-        let options = SubscribeOptions::new(&topic, "shipping").ephemeral(true);
+        let options = SubscribeOptions::new(&topic, format!("shipping-{run}")).ephemeral(true);
         app = app.consumer(Consumer::handler(options, ship).concurrency(8));
     }
     let running = app.start(shutdown.clone()).await?;

@@ -31,8 +31,10 @@ struct Jobs {
 async fn main() -> switchyard::Result<ExitCode> {
     let url = std::env::args().skip_while(|a| a != "--url").nth(1);
     let broker = switchyard::connect(url.as_deref().unwrap_or("memory://")).await?;
-    // A name of its own per run, so a durable broker's leftovers never mix in.
-    let topic = format!("exports-{}", &switchyard::new_id()[24..]);
+    // Names of their own per run (a Kafka group spans topics), so leftovers and other
+    // runs never mix in.
+    let run = switchyard::new_id()[24..].to_string();
+    let topic = format!("exports-{run}");
     let jobs: Arc<Mutex<Jobs>> = Arc::default();
     let book = jobs.clone();
     let export = move |Json(job): Json<u64>| {
@@ -45,10 +47,13 @@ async fn main() -> switchyard::Result<ExitCode> {
         }
     };
     let consumer = || {
-        Consumer::handler(SubscribeOptions::new(&topic, "exporter"), export.clone())
-            .concurrency(4)
-            // Long enough for a running job to finish; one running past it stays unacked.
-            .shutdown_timeout(Duration::from_secs(5))
+        Consumer::handler(
+            SubscribeOptions::new(&topic, format!("exporter-{run}")),
+            export.clone(),
+        )
+        .concurrency(4)
+        // Long enough for a running job to finish; one running past it stays unacked.
+        .shutdown_timeout(Duration::from_secs(5))
     };
 
     let shutdown = switchyard::shutdown_on_signal();

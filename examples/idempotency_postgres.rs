@@ -30,8 +30,10 @@ fn arg(name: &str, default: &str) -> String {
 async fn main() -> switchyard::Result<ExitCode> {
     let postgres = arg("--postgres", "postgres://postgres@127.0.0.1:5432/test");
     let broker = switchyard::connect(&arg("--url", "memory://")).await?;
-    // A name of its own per run, so a durable broker's leftovers never mix in.
-    let topic = format!("charges-{}", &switchyard::new_id()[24..]);
+    // Names of their own per run (a Kafka group spans topics), so leftovers and other
+    // runs never mix in.
+    let run = switchyard::new_id()[24..].to_string();
+    let topic = format!("charges-{run}");
     let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
     let book = runs.clone();
     let charge = move |d: Delivery| {
@@ -58,7 +60,10 @@ async fn main() -> switchyard::Result<ExitCode> {
             .layer(IdempotencyLayer::new(Arc::new(store)))
             .service(handler_fn(charge.clone()));
         let shutdown = CancellationToken::new();
-        let consumer = Consumer::new(SubscribeOptions::new(&topic, "billing"), service);
+        let consumer = Consumer::new(
+            SubscribeOptions::new(&topic, format!("billing-{run}")),
+            service,
+        );
         let running = consumer.start(broker.clone(), shutdown.clone()).await?;
         let last = batch.last().map(|m| m.id.clone()).unwrap_or_default();
         broker.publish_batch(&topic, batch).await?;

@@ -4,7 +4,7 @@
 //! Run: `cargo run --features kafka --example kafka_replay [-- --url kafka://127.0.0.1:9092]`
 //! (a Kafka-compatible broker listening there; the default is the local one).
 //!
-//! The group `reports` reads ten events and stops; `KafkaBroker::replay` moves its
+//! A group `reports-…` reads ten events and stops; `KafkaBroker::replay` moves its
 //! committed position, first to the offset of event 6, then to the time between events 4
 //! and 5, and each time the group's next member starts there. Stop a group's members
 //! before moving it: a running member would commit over the new position. The last line
@@ -17,11 +17,16 @@ use std::time::{Duration, SystemTime};
 use switchyard::kafka::{KafkaBroker, ReplayFrom};
 use switchyard::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
 
-/// Reads `n` messages as a member of the group `reports` (then waits briefly for extras), acks
-/// them, and leaves the group; returns their payloads in order.
-async fn read(broker: &KafkaBroker, topic: &str, n: usize) -> switchyard::Result<Vec<String>> {
+/// Reads `n` messages as a member of `group` (then waits briefly for extras), acks them,
+/// and leaves the group; returns their payloads in order.
+async fn read(
+    broker: &KafkaBroker,
+    topic: &str,
+    group: &str,
+    n: usize,
+) -> switchyard::Result<Vec<String>> {
     let mut member = broker
-        .subscribe(SubscribeOptions::new(topic, "reports"))
+        .subscribe(SubscribeOptions::new(topic, group))
         .await?;
     let mut payloads = Vec::new();
     let mut wait = Duration::from_secs(30);
@@ -41,8 +46,10 @@ async fn read(broker: &KafkaBroker, topic: &str, n: usize) -> switchyard::Result
 async fn main() -> switchyard::Result<ExitCode> {
     let url = std::env::args().skip_while(|a| a != "--url").nth(1);
     let broker = KafkaBroker::connect(url.as_deref().unwrap_or("kafka://127.0.0.1:9092"))?;
-    // A name of its own per run, so a durable broker's leftovers never mix in.
-    let topic = format!("reports-{}", &switchyard::new_id()[24..]);
+    // Names of their own per run (a Kafka group spans topics), so leftovers and other
+    // runs never mix in.
+    let run = switchyard::new_id()[24..].to_string();
+    let (topic, group) = (format!("ledger-{run}"), format!("reports-{run}"));
     let event = |i: usize| Message::new(format!("event-{i}")).with_key("account-1");
 
     // One key, so every event lands on one partition and offsets count them.
@@ -57,7 +64,7 @@ async fn main() -> switchyard::Result<ExitCode> {
         .await?;
     let all: Vec<String> = (0..10).map(|i| format!("event-{i}")).collect();
 
-    let read_all = read(&broker, &topic, 10).await?;
+    let read_all = read(&broker, &topic, &group, 10).await?;
 
     let (partition, offset) = match (second[1].partition, second[1].offset) {
         (Some(p), Some(o)) => (p, o),
@@ -71,16 +78,16 @@ async fn main() -> switchyard::Result<ExitCode> {
     broker
         .replay(
             &topic,
-            "reports",
+            &group,
             ReplayFrom::Offsets(vec![(partition, offset)]),
         )
         .await?;
-    let from_offset = read(&broker, &topic, 4).await?;
+    let from_offset = read(&broker, &topic, &group, 4).await?;
 
     broker
-        .replay(&topic, "reports", ReplayFrom::Timestamp(between))
+        .replay(&topic, &group, ReplayFrom::Timestamp(between))
         .await?;
-    let from_time = read(&broker, &topic, 5).await?;
+    let from_time = read(&broker, &topic, &group, 5).await?;
     broker.close().await?;
 
     let ok = read_all == all && from_offset == all[6..] && from_time == all[5..];

@@ -50,9 +50,10 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     });
 
     let broker = switchyard::connect(url.as_deref().unwrap_or("memory://")).await?;
-    // A name of its own per run, so a durable broker's leftovers never mix in; the group
-    // is ephemeral, so its broker state goes when the run ends (RabbitMQ: a minute later).
-    let topic = format!("clicks-{}", &switchyard::new_id()[24..]);
+    // Names of their own per run (a Kafka group spans topics), so leftovers and other
+    // runs never mix in; ephemeral groups, so their broker state goes when the run ends.
+    let run = switchyard::new_id()[24..].to_string();
+    let topic = format!("clicks-{run}");
     let shutdown = CancellationToken::new();
     // One delivery fails once (a flaky downstream), so the failed counter has something.
     let failed_once = Arc::new(AtomicBool::new(false));
@@ -68,7 +69,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
     };
     let consumer = Consumer::handler(
-        SubscribeOptions::new(&topic, "counter").ephemeral(true),
+        SubscribeOptions::new(&topic, format!("counter-{run}")).ephemeral(true),
         count,
     )
     .redelivery_backoff(Duration::from_millis(1), Duration::from_millis(10));

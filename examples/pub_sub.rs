@@ -34,9 +34,10 @@ type Seen = Arc<Mutex<HashMap<String, u32>>>;
 async fn main() -> switchyard::Result<ExitCode> {
     let url = std::env::args().skip_while(|a| a != "--url").nth(1);
     let broker = switchyard::connect(url.as_deref().unwrap_or("memory://")).await?;
-    // A name of its own per run, so a durable broker's leftovers never mix in; the group
-    // is ephemeral, so its broker state goes when the run ends (RabbitMQ: a minute later).
-    let topic = format!("signups-{}", &switchyard::new_id()[24..]);
+    // Names of their own per run (a Kafka group spans topics), so leftovers and other
+    // runs never mix in; ephemeral groups, so their broker state goes when the run ends.
+    let run = switchyard::new_id()[24..].to_string();
+    let topic = format!("signups-{run}");
 
     let shutdown = CancellationToken::new();
     let mut app = App::new(broker.clone());
@@ -48,7 +49,7 @@ async fn main() -> switchyard::Result<ExitCode> {
             async { Ok::<_, HandlerError>(()) }
         };
         app = app.consumer(Consumer::handler(
-            SubscribeOptions::new(&topic, *group).ephemeral(true),
+            SubscribeOptions::new(&topic, format!("{group}-{run}")).ephemeral(true),
             handler,
         ));
     }

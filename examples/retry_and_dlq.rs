@@ -47,12 +47,14 @@ async fn wait_for(what: impl Fn() -> bool) {
 async fn main() -> switchyard::Result<ExitCode> {
     let url = std::env::args().skip_while(|a| a != "--url").nth(1);
     let broker = switchyard::connect(url.as_deref().unwrap_or("memory://")).await?;
-    // A name of its own per run, so a durable broker's leftovers never mix in; the group
-    // is ephemeral, so its broker state goes when the run ends (RabbitMQ: a minute later).
-    let topic = format!("payments-{}", &switchyard::new_id()[24..]);
+    // Names of their own per run (a Kafka group spans topics), so leftovers and other
+    // runs never mix in; ephemeral groups, so their broker state goes when the run ends.
+    let run = switchyard::new_id()[24..].to_string();
+    let topic = format!("payments-{run}");
     let dlq = format!("{topic}.dlq");
     // Replay to the topic: every backend can (only RabbitMQ can address the failed group).
     let dead_letters = DeadLetterAdmin::new(broker.clone())
+        .group(format!("dlq-reader-{run}"))
         .idle(Duration::from_millis(300))
         .to(ReplayTo::Topic);
     dead_letters.prepare(&dlq).await?; // the reading group exists before the first letter
@@ -84,7 +86,7 @@ async fn main() -> switchyard::Result<ExitCode> {
         .service(handler_fn(charge));
     let shutdown = CancellationToken::new();
     let consumer = Consumer::new(
-        SubscribeOptions::new(&topic, "payment").ephemeral(true),
+        SubscribeOptions::new(&topic, format!("payment-{run}")).ephemeral(true),
         service,
     );
     let running = consumer.start(broker.clone(), shutdown.clone()).await?;
@@ -106,7 +108,7 @@ async fn main() -> switchyard::Result<ExitCode> {
         .collect();
     for r in &letters {
         eprintln!(
-            "dead letter {} kind={} error={:?}",
+            "dead letter {} kind={:?} error={:?}",
             r.message.id, r.kind, r.error
         );
     }

@@ -40,9 +40,10 @@ struct Stock {
 async fn main() -> switchyard::Result<ExitCode> {
     let url = std::env::args().skip_while(|a| a != "--url").nth(1);
     let broker = switchyard::connect(url.as_deref().unwrap_or("memory://")).await?;
-    // A name of its own per run, so a durable broker's leftovers never mix in; the group
-    // is ephemeral, so its broker state goes when the run ends (RabbitMQ: a minute later).
-    let topic = format!("stock-{}", &switchyard::new_id()[24..]);
+    // Names of their own per run (a Kafka group spans topics), so leftovers and other
+    // runs never mix in; ephemeral groups, so their broker state goes when the run ends.
+    let run = switchyard::new_id()[24..].to_string();
+    let topic = format!("stock-{run}");
 
     let stock: Arc<Mutex<Stock>> = Arc::default();
     let shared = stock.clone();
@@ -69,7 +70,7 @@ async fn main() -> switchyard::Result<ExitCode> {
         .layer(DeadLetterLayer::new(broker.clone()))
         .layer(RetryTiersLayer::new(tiers.clone()))
         .service(handler_fn(update));
-    let options = SubscribeOptions::new(&topic, "inventory").ephemeral(true);
+    let options = SubscribeOptions::new(&topic, format!("inventory-{run}")).ephemeral(true);
     let shutdown = CancellationToken::new();
     let app = tiers.add_consumers(App::new(broker.clone()), options, service);
     let running = app.start(shutdown.clone()).await?;
