@@ -30,8 +30,8 @@ use switchyard::middleware::dead_letter::DeadLetterAdmin;
 use switchyard::middleware::retry_tiers::{RetryTiers, RetryTiersLayer};
 use switchyard::middleware::DeadLetterLayer;
 use switchyard::{
-    handler_fn, AnyBroker, App, CancellationToken, Codec, Consumer, Delivery, HandlerError,
-    Headers, JsonCodec, Message, SubscribeOptions,
+    handler_fn, AnyBroker, App, CancellationToken, Codec, Consumer, Delivery, FailureKind,
+    HandlerError, Headers, JsonCodec, Message, SubscribeOptions,
 };
 use tower::ServiceBuilder;
 
@@ -410,7 +410,8 @@ async fn check_dead_letters(letters: &DeadLetterAdmin, topic: &str, group: &str,
     for r in &records {
         let marker = marker_of(&r.message);
         assert_eq!(
-            r.kind, "decode",
+            r.kind,
+            Some(FailureKind::Decode),
             "{marker} dead-lettered as a decode failure"
         );
         assert!(

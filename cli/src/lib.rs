@@ -27,7 +27,9 @@ use base64::Engine;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use switchyard::middleware::dead_letter::ReplayTo;
 use switchyard::middleware::{DeadLetterAdmin, Selection};
-use switchyard::{AnyBroker, Delivery, Error, Message, Result, StartFrom, SubscribeOptions};
+use switchyard::{
+    AnyBroker, Delivery, Error, FailureKind, Message, Result, StartFrom, SubscribeOptions,
+};
 
 /// Talk to message brokers through switchyard.
 #[derive(Debug, Parser)]
@@ -348,10 +350,10 @@ async fn run_command(cli: Cli, input: impl BufRead, out: &mut impl Write) -> Res
                 match format {
                     Format::Raw => writeln!(
                         out,
-                        "{} kind={} attempts={} failed_at={} error={}",
+                        "{} kind={} deliveries={} failed_at={} error={}",
                         r.message.id,
-                        r.kind,
-                        r.attempts,
+                        r.kind.map_or("?", FailureKind::as_str),
+                        r.deliveries,
                         r.message
                             .headers
                             .get(switchyard::middleware::dead_letter::headers::LAST_FAILURE)
@@ -362,8 +364,8 @@ async fn run_command(cli: Cli, input: impl BufRead, out: &mut impl Write) -> Res
                     Format::Json => {
                         let mut v = message_json(&r.message);
                         v["error"] = r.error.clone().into();
-                        v["kind"] = r.kind.clone().into();
-                        v["attempts"] = r.attempts.into();
+                        v["kind"] = r.kind.map(FailureKind::as_str).into();
+                        v["deliveries"] = r.deliveries.into();
                         v["original_topic"] = r.original_topic.clone().into();
                         v["original_group"] = r.original_group.clone().into();
                         writeln!(out, "{v}").map_err(io)?;

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_core::{
-    handler_fn, CancellationToken, Consumer, Delivery, HandlerError, Message, Publisher,
-    SubscribeOptions,
+    handler_fn, CancellationToken, Consumer, Delivery, FailureKind, HandlerError, Message,
+    Publisher, SubscribeOptions,
 };
 use switchyard_memory::MemoryBroker;
 use switchyard_middleware::{
@@ -88,7 +88,7 @@ async fn a_panicking_handler_is_dead_lettered_as_a_panic() {
     token.cancel();
     let report = running.join().await.unwrap();
     assert_eq!(found.len(), 1);
-    assert_eq!(found[0].kind, "panic");
+    assert_eq!(found[0].kind, Some(FailureKind::Panic));
     assert!(found[0].error.contains("always"), "{}", found[0].error);
     assert_eq!(report.acked, 1, "acked once dead-lettered");
 }

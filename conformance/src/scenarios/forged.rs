@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchyard_core::{App, Delivery, Error, HandlerError, Message, StartFrom, SubscribeOptions};
-use switchyard_middleware::retry::{DUE_HEADER, ORIGIN_HEADER, TIER_HEADER};
-use switchyard_middleware::{DeadLetterLayer, RetryTiers};
+use switchyard_middleware::retry_tiers::headers::{DUE, ORIGINAL_TOPIC, TIER};
+use switchyard_middleware::{DeadLetterLayer, RetryTiers, RetryTiersLayer};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 
@@ -106,7 +106,7 @@ pub(super) async fn forged_retry_headers_ignored(ctx: Arc<Ctx>) -> Check {
     };
     let service = ServiceBuilder::new()
         .layer(DeadLetterLayer::new(ctx.broker.clone()))
-        .layer(tiers.layer())
+        .layer(RetryTiersLayer::new(tiers.clone()))
         .service(switchyard_core::handler_fn(handler));
     let token = CancellationToken::new();
     let app = tiers.add_consumers(
@@ -116,9 +116,9 @@ pub(super) async fn forged_retry_headers_ignored(ctx: Arc<Ctx>) -> Check {
     );
     let running = app.start(token.clone()).await.or_fail("start app")?;
     let forge = |m: Message| {
-        m.with_header(TIER_HEADER, "1")
-            .with_header(DUE_HEADER, u64::MAX.to_string())
-            .with_header(ORIGIN_HEADER, elsewhere.clone())
+        m.with_header(TIER, "1")
+            .with_header(DUE, u64::MAX.to_string())
+            .with_header(ORIGINAL_TOPIC, elsewhere.clone())
     };
     let mut expected = vec!["forged".to_string()];
     publish_all(
@@ -164,7 +164,7 @@ pub(super) async fn forged_retry_headers_ignored(ctx: Arc<Ctx>) -> Check {
         forged[0]
     );
     ensure!(
-        forged[1].1 == 2 && forged[1].2.iter().any(|h| h == &format!("{TIER_HEADER}=1")),
+        forged[1].1 == 2 && forged[1].2.iter().any(|h| h == &format!("{TIER}=1")),
         "the retry comes back through tier 0 as attempt 2: {:?}",
         forged[1]
     );

@@ -5,8 +5,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_core::{Consumer, Delivery, HandlerError, Message, SubscribeOptions};
-use switchyard_middleware::{DeadLetterLayer, DeadLetterRecord, IdempotencyLayer, MemoryStore};
+use switchyard_core::{Consumer, Delivery, FailureKind, HandlerError, Message, SubscribeOptions};
+use switchyard_middleware::{
+    DeadLetterLayer, DeadLetterRecord, IdempotencyLayer, MemoryStore, RetryLayer,
+};
 use tower::ServiceBuilder;
 
 use super::{dead_letters, ids, publish_all, quick_retry, spawn, stop, Tally, LONG};
@@ -73,7 +75,7 @@ async fn failure_mix(
     let service = ServiceBuilder::new()
         .layer(DeadLetterLayer::new(ctx.broker.clone()))
         .layer(IdempotencyLayer::new(Arc::new(MemoryStore::default())))
-        .layer(quick_retry(10).layer())
+        .layer(RetryLayer::new(quick_retry(10)))
         .service(switchyard_core::handler_fn(handler));
     let opts = SubscribeOptions::new(&topic, ctx.name("g")).prefetch(64);
     let running = spawn(ctx, Consumer::new(opts, service).concurrency(32).members(4)).await?;
@@ -138,7 +140,7 @@ pub(super) async fn permanent_1_percent(ctx: Arc<Ctx>) -> Check {
     ensure!(
         records
             .iter()
-            .all(|r| r.kind == "permanent" && r.attempts == 1),
+            .all(|r| r.kind == Some(FailureKind::Permanent) && r.deliveries == 1),
         "permanent failures go straight to the DLQ"
     );
     Ok(())

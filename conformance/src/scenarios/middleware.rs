@@ -6,10 +6,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use switchyard_core::{App, Consumer, Delivery, HandlerError, Json, Message, SubscribeOptions};
+use switchyard_core::{
+    App, Consumer, Delivery, FailureKind, HandlerError, Json, Message, SubscribeOptions,
+};
 use switchyard_middleware::dead_letter::{self, ReplayTo};
 use switchyard_middleware::{
-    DeadLetterLayer, IdempotencyLayer, InspectLayer, MemoryStore, RetryTiers, Selection,
+    DeadLetterLayer, IdempotencyLayer, InspectLayer, MemoryStore, RetryLayer, RetryTiers,
+    RetryTiersLayer, Selection,
 };
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
@@ -116,7 +119,7 @@ pub(super) async fn undecodable_to_dlq(ctx: Arc<Ctx>) -> Check {
         "dead letter is {} not {bad_id}",
         r.message.id
     );
-    ensure!(r.kind == "decode", "kind {:?}", r.kind);
+    ensure!(r.kind == Some(FailureKind::Decode), "kind {:?}", r.kind);
     ensure!(
         r.error.contains("u64"),
         "the reason should name the target type: {:?}",
@@ -162,7 +165,7 @@ pub(super) async fn poison_and_replay(ctx: Arc<Ctx>) -> Check {
     };
     let service = ServiceBuilder::new()
         .layer(DeadLetterLayer::new(ctx.broker.clone()))
-        .layer(quick_retry(3).layer())
+        .layer(RetryLayer::new(quick_retry(3)))
         .service(switchyard_core::handler_fn(handler));
     let running = spawn(
         &ctx,
@@ -208,7 +211,11 @@ pub(super) async fn poison_and_replay(ctx: Arc<Ctx>) -> Check {
         "retries header {:?}",
         h.get(dead_letter::headers::RETRIES)
     );
-    ensure!(records[0].kind == "transient", "kind {:?}", records[0].kind);
+    ensure!(
+        records[0].kind == Some(FailureKind::Transient),
+        "kind {:?}",
+        records[0].kind
+    );
     ensure!(
         records[0].original_key.as_deref() == Some("k3"),
         "original key {:?}",
@@ -371,7 +378,7 @@ pub(super) async fn retry_tiers(ctx: Arc<Ctx>) -> Check {
     };
     let service = ServiceBuilder::new()
         .layer(DeadLetterLayer::new(ctx.broker.clone()))
-        .layer(tiers.layer())
+        .layer(RetryTiersLayer::new(tiers.clone()))
         .service(switchyard_core::handler_fn(handler));
     // Another group of the same topic: a retry is for the group that failed, not for it.
     let other = Tally::default();
@@ -451,12 +458,12 @@ pub(super) async fn retry_tiers(ctx: Arc<Ctx>) -> Check {
     ensure!(
         r.original_topic.as_deref() == Some(topic.as_str())
             && r.original_group.as_deref() == Some(group.as_str())
-            && r.attempts == 3
+            && r.deliveries == 3
             && doomed_runs.load(Ordering::SeqCst) == 3,
-        "dead letter names its origin {:?}/{:?} after {} attempts ({} runs); want {topic}/{group}, 3",
+        "dead letter names its origin {:?}/{:?} after {} deliveries ({} runs); want {topic}/{group}, 3",
         r.original_topic,
         r.original_group,
-        r.attempts,
+        r.deliveries,
         doomed_runs.load(Ordering::SeqCst)
     );
     Ok(())

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use switchyard_core::{Error, Message, SubscribeOptions};
 use switchyard_middleware::dead_letter::{headers, ReplayTo};
-use switchyard_middleware::{DeadLetters, Selection};
+use switchyard_middleware::{DeadLetterAdmin, Selection};
 
 use super::{expect_nothing, recv_n, subscribe};
 use crate::kit::{ensure, Check, Ctx, OrFail};
@@ -24,20 +24,20 @@ fn failed_at(i: usize) -> SystemTime {
 
 /// Readers that wait no longer than the broker needs to hand out what it holds: every
 /// list or replay on Kafka is a group join plus this wait.
-fn reader(ctx: &Ctx) -> DeadLetters {
+fn reader(ctx: &Ctx) -> DeadLetterAdmin {
     let idle = match ctx.broker.backend() {
         "memory" => 300,
         "kafka" => 2000,
         _ => 1000,
     };
-    DeadLetters::new(ctx.broker.clone()).idle(Duration::from_millis(idle))
+    DeadLetterAdmin::new(ctx.broker.clone()).idle(Duration::from_millis(idle))
 }
 
 fn letter(topic: &str, group: &str, i: usize) -> Message {
     Message::new(format!("letter-{i}"))
         .with_header(headers::ERROR, "handler said no")
         .with_header(headers::ERROR_KIND, "permanent")
-        .with_header(headers::ATTEMPTS, "1")
+        .with_header(headers::DELIVERIES, "1")
         .with_header(headers::ORIGINAL_TOPIC, topic)
         .with_header(headers::ORIGINAL_GROUP, group)
         .with_header(headers::ORIGINAL_KEY, format!("k{i}"))

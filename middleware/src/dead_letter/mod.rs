@@ -3,8 +3,8 @@
 //!
 //! [`DeadLetterLayer`] publishes a failed message to `<topic>.dlq` (configurable) with
 //! the failure in headers, and only then lets the original be acked; if that publish
-//! fails, the original is nacked, so nothing is lost. [`DeadLetterAdmin`] lists dead letters
-//! as [`DeadLetterRecord`]s and replays chosen ones.
+//! fails, the original is nacked, so nothing is lost. [`DeadLetterAdmin`] lists dead
+//! letters as [`DeadLetterRecord`]s and replays chosen ones.
 //!
 //! Headers added to a dead letter (all strings; times are RFC 3339 UTC):
 //!
@@ -12,7 +12,7 @@
 //! |---|---|
 //! | `x-dlq-error` | the error's text |
 //! | `x-dlq-error-kind` | `transient`, `permanent`, `decode` or `panic` |
-//! | `x-dlq-attempts` | deliveries by the broker, the last one included |
+//! | `x-dlq-deliveries` | deliveries by the broker, the last one included |
 //! | `x-dlq-retries` | in-process retries within the last delivery |
 //! | `x-dlq-original-topic`, `x-dlq-original-group` | where it was consumed |
 //! | `x-dlq-original-partition`, `x-dlq-original-offset` | where the backend has them |
@@ -44,7 +44,7 @@ pub mod headers {
     /// The failure kind.
     pub const ERROR_KIND: &str = "x-dlq-error-kind";
     /// Deliveries by the broker, the last one included.
-    pub const ATTEMPTS: &str = "x-dlq-attempts";
+    pub const DELIVERIES: &str = "x-dlq-deliveries";
     /// In-process retries within the last delivery.
     pub const RETRIES: &str = "x-dlq-retries";
     /// The original topic.
@@ -69,7 +69,7 @@ pub mod headers {
     pub const ALL: &[&str] = &[
         ERROR,
         ERROR_KIND,
-        ATTEMPTS,
+        DELIVERIES,
         RETRIES,
         ORIGINAL_TOPIC,
         ORIGINAL_GROUP,

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::SystemTime;
 
-use switchyard_core::{Delivery, Message};
+use switchyard_core::{Delivery, FailureKind, Message};
 
 use super::headers;
 use crate::retry_tiers;
@@ -27,10 +27,10 @@ pub struct DeadLetterRecord {
     pub message: Message,
     /// The error's text.
     pub error: String,
-    /// The failure kind (`transient`, `permanent`, `decode`, `panic`).
-    pub kind: String,
-    /// Broker deliveries before it was dead-lettered.
-    pub attempts: u32,
+    /// The failure kind; `None` when the header is missing or names no kind known here.
+    pub kind: Option<FailureKind>,
+    /// Deliveries by the broker, the last one included.
+    pub deliveries: u32,
     /// The topic to replay it to.
     pub original_topic: Option<String>,
     /// The group that failed.
@@ -60,8 +60,8 @@ impl DeadLetterRecord {
             partition: None,
             offset: None,
             error: get(headers::ERROR).unwrap_or_default(),
-            kind: get(headers::ERROR_KIND).unwrap_or_default(),
-            attempts: get(headers::ATTEMPTS)
+            kind: get(headers::ERROR_KIND).and_then(|k| failure_kind(&k)),
+            deliveries: get(headers::DELIVERIES)
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
             original_topic: get(headers::ORIGINAL_TOPIC),
@@ -94,6 +94,19 @@ impl DeadLetterRecord {
             .retain(|k, _| !k.starts_with(retry_tiers::headers::PREFIX));
         m
     }
+}
+
+/// The kind a dead letter's header names: the names [`FailureKind::as_str`] writes.
+fn failure_kind(name: &str) -> Option<FailureKind> {
+    [
+        FailureKind::Transient,
+        FailureKind::Permanent,
+        FailureKind::Decode,
+        FailureKind::Panic,
+        FailureKind::Unavailable,
+    ]
+    .into_iter()
+    .find(|k| k.as_str() == name)
 }
 
 #[cfg(test)]
@@ -135,10 +148,13 @@ mod proptests {
             let r = DeadLetterRecord::from_message(m.clone());
             let get = |k: &str| hs.get(k).cloned();
             prop_assert_eq!(&r.error, &get(headers::ERROR).unwrap_or_default());
-            prop_assert_eq!(&r.kind, &get(headers::ERROR_KIND).unwrap_or_default());
             prop_assert_eq!(
-                r.attempts,
-                get(headers::ATTEMPTS).and_then(|v| v.parse().ok()).unwrap_or(0)
+                r.kind.map(FailureKind::as_str),
+                get(headers::ERROR_KIND).as_deref().and_then(|k| failure_kind(k).map(FailureKind::as_str))
+            );
+            prop_assert_eq!(
+                r.deliveries,
+                get(headers::DELIVERIES).and_then(|v| v.parse().ok()).unwrap_or(0)
             );
             prop_assert_eq!(r.original_topic.clone(), get(headers::ORIGINAL_TOPIC));
             prop_assert_eq!(r.original_group.clone(), get(headers::ORIGINAL_GROUP));
@@ -155,6 +171,20 @@ mod proptests {
                 prop_assert!(!headers::ALL.contains(&k.as_str()) && !k.starts_with(retry_tiers::headers::PREFIX), "{k}");
                 prop_assert_eq!(hs.get(k), Some(v));
             }
+        }
+
+        /// Every kind the dead-letter layer writes reads back as itself.
+        #[test]
+        fn written_kinds_parse_back(i in 0..5usize) {
+            let kind = [
+                FailureKind::Transient,
+                FailureKind::Permanent,
+                FailureKind::Decode,
+                FailureKind::Panic,
+                FailureKind::Unavailable,
+            ][i];
+            let m = Message::new("p").with_header(headers::ERROR_KIND, kind.as_str());
+            prop_assert_eq!(DeadLetterRecord::from_message(m).kind, Some(kind));
         }
 
         /// The failure time the dead-letter layer writes reads back to the millisecond.

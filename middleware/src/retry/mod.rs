@@ -104,15 +104,4 @@ impl RetryPolicy {
     pub fn max_attempts(&self) -> u32 {
         self.max_attempts
     }
-
-    #[doc(hidden)]
-    pub fn layer(self) -> RetryLayer {
-        RetryLayer::new(self)
-    }
 }
-
-// Old names, removed once every caller uses the new ones.
-#[doc(hidden)]
-pub use crate::retry_tiers::headers::{
-    DUE as DUE_HEADER, ORIGINAL_TOPIC as ORIGIN_HEADER, TIER as TIER_HEADER,
-};

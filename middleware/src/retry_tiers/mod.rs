@@ -128,11 +128,6 @@ impl RetryTiers {
         self.native
     }
 
-    #[doc(hidden)]
-    pub fn layer(&self) -> RetryTiersLayer {
-        RetryTiersLayer::new(self.clone())
-    }
-
     /// Tier `n`'s topic for `group` of `topic`, where tier topics are used:
     /// `<topic>.<group>.retry.<n>`, consumed by the group `<group>.retry.<n>`.
     pub fn tier_topic(&self, topic: &str, group: &str, n: usize) -> String {
