@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
@@ -60,20 +60,6 @@ pub trait Acker: Send + Sync + 'static {
     /// Every handle to the delivery was dropped without settling it. Backends that can
     /// should return the message for redelivery here, so a forgotten delivery is not lost.
     fn dropped_unsettled(&self) {}
-
-    /// Acks without waiting, if this backend can (in-process bookkeeping only); `None`
-    /// means "use [`Acker::ack`]". Saves a boxed future per message on the hot path.
-    fn try_ack_now(&self) -> Option<Result<()>> {
-        None
-    }
-
-    /// The topic and group of the delivery this handle settles, if the handle holds
-    /// them (most do, to settle). Deliveries built with [`Delivery::from_acker`] read
-    /// them from here and make their [`Origin`] only when asked for it, which saves two
-    /// reference counts per message. `None` by default.
-    fn source(&self) -> Option<(&Arc<str>, &Arc<str>)> {
-        None
-    }
 }
 
 const UNSETTLED: u8 = 0;
@@ -85,10 +71,7 @@ const NACKED: u8 = 3;
 struct Inner<A: ?Sized + Acker> {
     message: Arc<Message>,
     attempt: u32,
-    /// Given, or made from the acker's source and `position` on first use.
-    origin: OnceLock<Origin>,
-    /// Partition and offset, for an origin made later.
-    position: (Option<i32>, Option<i64>),
+    origin: Origin,
     state: AtomicU8,
     acker: A,
 }
@@ -115,42 +98,10 @@ pub struct Delivery {
 impl Delivery {
     /// Builds a delivery; called by backends.
     pub fn new(message: Arc<Message>, attempt: u32, origin: Origin, acker: impl Acker) -> Self {
-        let position = (origin.partition, origin.offset);
-        Self::build(message, attempt, OnceLock::from(origin), position, acker)
-    }
-
-    /// Builds a delivery whose topic and group come from `acker`'s
-    /// [`source`](Acker::source); its [`Origin`] is made only if someone asks for it.
-    /// For backends whose ack handles hold the names anyway: it saves two reference
-    /// counts per message. An acker without a source gives empty names.
-    pub fn from_acker(
-        message: Arc<Message>,
-        attempt: u32,
-        partition: Option<i32>,
-        offset: Option<i64>,
-        acker: impl Acker,
-    ) -> Self {
-        Self::build(
-            message,
-            attempt,
-            OnceLock::new(),
-            (partition, offset),
-            acker,
-        )
-    }
-
-    fn build(
-        message: Arc<Message>,
-        attempt: u32,
-        origin: OnceLock<Origin>,
-        position: (Option<i32>, Option<i64>),
-        acker: impl Acker,
-    ) -> Self {
         let inner: Arc<Inner<dyn Acker>> = Arc::new(Inner {
             message,
             attempt: attempt.max(1),
             origin,
-            position,
             state: AtomicU8::new(UNSETTLED),
             acker,
         });
@@ -162,8 +113,8 @@ impl Delivery {
         &self.inner.message
     }
 
-    /// The message, shared.
-    pub fn message_arc(&self) -> &Arc<Message> {
+    /// The message, shared (for the `Arc<Message>` handler argument).
+    pub(crate) fn message_arc(&self) -> &Arc<Message> {
         &self.inner.message
     }
 
@@ -189,34 +140,17 @@ impl Delivery {
 
     /// Where the message came from.
     pub fn origin(&self) -> &Origin {
-        let inner = &*self.inner;
-        inner.origin.get_or_init(|| {
-            let (partition, offset) = inner.position;
-            match inner.acker.source() {
-                Some((topic, group)) => {
-                    Origin::new(topic.clone(), group.clone(), partition, offset)
-                }
-                None => Origin::new("".into(), "".into(), partition, offset),
-            }
-        })
+        &self.inner.origin
     }
 
     /// The topic it came from.
     pub fn topic(&self) -> &str {
-        match (self.inner.origin.get(), self.inner.acker.source()) {
-            (Some(origin), _) => &origin.topic,
-            (None, Some((topic, _))) => topic,
-            (None, None) => &self.origin().topic,
-        }
+        &self.inner.origin.topic
     }
 
     /// The group that received it.
     pub fn group(&self) -> &str {
-        match (self.inner.origin.get(), self.inner.acker.source()) {
-            (Some(origin), _) => &origin.group,
-            (None, Some((_, group))) => group,
-            (None, None) => &self.origin().group,
-        }
+        &self.inner.origin.group
     }
 
     /// Whether it was acked or nacked already.
@@ -226,32 +160,15 @@ impl Delivery {
 
     /// Acknowledges the message: it was handled. Errors if already settled.
     pub async fn ack(&self) -> Result<()> {
-        self.settle(ACKED, |a| match a.try_ack_now() {
-            Some(done) => Box::pin(futures::future::ready(done)),
-            None => a.ack(),
-        })
-        .await
+        self.settle(ACKED, |a| a.ack()).await
     }
 
-    /// Acks without waiting where the backend can; `None` if it must wait (then call
-    /// [`Delivery::ack`]). Errors as `ack` does.
-    pub fn try_ack_now(&self) -> Option<Result<()>> {
-        if let Err(state) = self.begin_settle() {
-            return Some(Err(state));
-        }
-        match self.inner.acker.try_ack_now() {
-            Some(result) => {
-                let next = if result.is_ok() { ACKED } else { UNSETTLED };
-                self.inner.state.store(next, Ordering::Release);
-                Some(result)
-            }
-            None => {
-                self.inner.state.store(UNSETTLED, Ordering::Release);
-                None
-            }
-        }
+    /// Negatively acknowledges the message. Errors if already settled.
+    pub async fn nack(&self, action: Nack) -> Result<()> {
+        self.settle(NACKED, |a| a.nack(action)).await
     }
 
+    /// Claims the right to settle: only one caller moves the state off `UNSETTLED`.
     fn begin_settle(&self) -> Result<()> {
         self.inner
             .state
@@ -267,32 +184,12 @@ impl Delivery {
             })
     }
 
-    /// Negatively acknowledges the message. Errors if already settled.
-    pub async fn nack(&self, action: Nack) -> Result<()> {
-        self.settle(NACKED, |a| a.nack(action)).await
-    }
-
     async fn settle<'a>(
         &'a self,
         target: u8,
         op: impl FnOnce(&'a dyn Acker) -> BoxFuture<'a, Result<()>>,
     ) -> Result<()> {
-        if let Err(state) = self.inner.state.compare_exchange(
-            UNSETTLED,
-            SETTLING,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
-            drop(op);
-            return Err(Error::AlreadySettled {
-                id: self.inner.message.id.clone(),
-                state: match state {
-                    NACKED => "nacked",
-                    SETTLING => "being settled",
-                    _ => "acked",
-                },
-            });
-        }
+        self.begin_settle()?;
         // Only the caller that won the state change reaches the backend.
         let result = op(&self.inner.acker).await;
         // A failed settle leaves the delivery open, so the caller may try again or nack.
@@ -370,46 +267,5 @@ mod tests {
         assert_eq!(acker.1.load(Ordering::SeqCst), 0, "a clone is still alive");
         drop(copy);
         assert_eq!(acker.1.load(Ordering::SeqCst), 1);
-    }
-
-    struct Sourced(Arc<str>, Arc<str>);
-
-    impl Acker for Sourced {
-        fn ack(&self) -> BoxFuture<'_, Result<()>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn nack(&self, _: Nack) -> BoxFuture<'_, Result<()>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn source(&self) -> Option<(&Arc<str>, &Arc<str>)> {
-            Some((&self.0, &self.1))
-        }
-    }
-
-    #[test]
-    fn an_origin_from_the_acker_is_made_on_demand() {
-        let topic: Arc<str> = "orders".into();
-        let acker = Sourced(topic.clone(), "email".into());
-        let d = Delivery::from_acker(Arc::new(Message::new("x")), 2, None, Some(7), acker);
-        assert_eq!((d.topic(), d.group(), d.attempt()), ("orders", "email", 2));
-        assert_eq!(Arc::strong_count(&topic), 2, "no origin made yet");
-        let origin = d.origin();
-        assert_eq!(
-            origin,
-            &Origin::new("orders".into(), "email".into(), None, Some(7))
-        );
-        assert_eq!(Arc::strong_count(&topic), 3);
-        assert_eq!(d.topic(), "orders");
-        let plain = Delivery::from_acker(
-            Arc::new(Message::new("y")),
-            1,
-            Some(1),
-            None,
-            Counting::default(),
-        );
-        assert_eq!(
-            (plain.topic(), plain.group(), plain.origin().partition),
-            ("", "", Some(1))
-        );
     }
 }

@@ -11,8 +11,8 @@ use tokio::sync::Notify;
 
 use switchyard_core::{
     check_headers, validate_name, Acker, Broker, BrokerUrl, Capabilities, Delivery, Error,
-    GroupInfo, Message, Nack, Publisher, Receipt, Result, StartFrom, SubscribeOptions, Subscriber,
-    Subscription, TopicInfo,
+    GroupInfo, Message, Nack, Origin, Publisher, Receipt, Result, StartFrom, SubscribeOptions,
+    Subscriber, Subscription, TopicInfo,
 };
 
 use crate::group::{AckQueue, Entry, Group, Settled};
@@ -678,15 +678,13 @@ impl MemorySubscription {
             link: self.link.clone(),
             offset: entry.offset,
         };
-        // The ack handle holds the topic and group names: the delivery's Origin is
-        // made from them only if someone asks for it.
-        Delivery::from_acker(
-            entry.message,
-            entry.attempt,
+        let origin = Origin::new(
+            self.link.topic.name.clone(),
+            self.link.group_name.clone(),
             None,
             Some(entry.offset as i64),
-            acker,
-        )
+        );
+        Delivery::new(entry.message, entry.attempt, origin, acker)
     }
 
     /// Takes up to `max` deliverable entries (within the prefetch window) into `scratch`.
@@ -892,16 +890,5 @@ impl Acker for MemoryAcker {
 
     fn dropped_unsettled(&self) {
         let _ = self.settle(Some(Nack::Requeue));
-    }
-
-    fn try_ack_now(&self) -> Option<Result<()>> {
-        match self.ack_delay() {
-            None => Some(self.ack_now()),
-            Some(_) => None,
-        }
-    }
-
-    fn source(&self) -> Option<(&Arc<str>, &Arc<str>)> {
-        Some((&self.link.topic.name, &self.link.group_name))
     }
 }

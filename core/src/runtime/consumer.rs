@@ -9,6 +9,7 @@ use tower::Service;
 
 use super::member::{run_member, MemberSettings};
 use super::{ConsumerReport, Stats};
+use crate::backoff::Backoff;
 use crate::broker::{SubscribeOptions, Subscriber};
 use crate::delivery::Delivery;
 use crate::error::{Error, HandlerError, Result};
@@ -36,7 +37,7 @@ pub struct Consumer<S> {
     concurrency: usize,
     members: usize,
     shutdown_timeout: Duration,
-    redelivery_backoff: (Duration, Duration),
+    redelivery_backoff: Backoff,
 }
 
 impl<H, Args> Consumer<HandlerService<H, Args>>
@@ -58,7 +59,7 @@ impl<S> Consumer<S> {
             concurrency: 16,
             members: 1,
             shutdown_timeout: Duration::from_secs(30),
-            redelivery_backoff: (Duration::from_millis(5), Duration::from_secs(1)),
+            redelivery_backoff: Backoff::new(Duration::from_millis(5), Duration::from_secs(1)),
         }
     }
 
@@ -86,7 +87,7 @@ impl<S> Consumer<S> {
     /// message does not spin and members do not retry in lockstep.
     /// Real retry policy belongs in the retry middleware; this only paces redelivery.
     pub fn redelivery_backoff(mut self, base: Duration, max: Duration) -> Self {
-        self.redelivery_backoff = (base, max);
+        self.redelivery_backoff = Backoff::new(base, max);
         self
     }
 

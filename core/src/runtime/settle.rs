@@ -1,32 +1,71 @@
-//! Settling a delivery once its handler is done: ack on success, nack for redelivery
-//! (after the backoff pause) on failure, with the span and counters to match.
+//! Running one delivery's handler to the end and settling it: ack on success, nack for
+//! redelivery (after the backoff pause) on failure, with the span and counters to match.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::task::Poll;
 
 use futures::FutureExt;
 use tokio::time::Instant;
+use tower::Service;
 use tracing::Instrument;
 
-use super::member::{MemberSettings, Slot};
+use super::member::MemberSettings;
 use super::Stats;
 use crate::delivery::{Delivery, Nack};
-use crate::error::{Error, FailureKind, HandlerError};
+use crate::error::{FailureKind, HandlerError};
 use crate::observe::{TraceContext, TRACEPARENT};
 
+/// Calls the handler for one delivery (`ready` is what the service's `poll_ready` said:
+/// an error fails the delivery) and returns the future that runs it to the end and
+/// settles the delivery. A panic, in the call or while the handler runs, is a failure.
+pub(super) fn handle<'a, S>(
+    service: &mut S,
+    ready: Result<(), HandlerError>,
+    delivery: Delivery,
+    settings: &'a MemberSettings,
+    stats: &'a Stats,
+) -> impl Future<Output = ()> + Send + 'a
+where
+    S: Service<Delivery, Response = (), Error = HandlerError>,
+    S::Future: Send + 'static,
+{
+    stats.in_flight.increment(1.0);
+    let observed = Observed::new(&delivery);
+    let call = ready.and_then(|()| {
+        observed
+            .within(|| {
+                std::panic::catch_unwind(AssertUnwindSafe(|| service.call(delivery.clone())))
+            })
+            .map_err(panic_error)
+    });
+    async move {
+        let outcome = match call {
+            Err(e) => Err(e),
+            Ok(fut) => {
+                let caught = AssertUnwindSafe(fut.instrument(observed.span.clone())).catch_unwind();
+                let polled = match observed.trace {
+                    Some(ctx) => ctx.scope(caught).await,
+                    None => caught.await,
+                };
+                polled.unwrap_or_else(|panic| Err(panic_error(panic)))
+            }
+        };
+        finish(outcome, &delivery, settings, stats, &observed).await;
+        stats.in_flight.decrement(1.0);
+    }
+}
+
 /// What the runtime observes about one delivery: its span, trace context and start time.
-pub(super) struct Observed {
-    pub(super) span: tracing::Span,
-    pub(super) trace: Option<TraceContext>,
+struct Observed {
+    span: tracing::Span,
+    trace: Option<TraceContext>,
     /// Only read when a subscriber records the span: a clock read per message is not free.
     started: Option<Instant>,
 }
 
 impl Observed {
-    pub(super) fn new(delivery: &Delivery) -> Self {
+    fn new(delivery: &Delivery) -> Self {
         // Continue the producer's trace: this handling is a child span of the sender's.
         let parent = delivery
             .message()
@@ -56,7 +95,7 @@ impl Observed {
     }
 
     /// Runs `f` inside the span and with the trace context current.
-    pub(super) fn within<R>(&self, f: impl FnOnce() -> R) -> R {
+    fn within<R>(&self, f: impl FnOnce() -> R) -> R {
         let _entered = self.span.enter();
         match self.trace {
             Some(ctx) => ctx.sync_scope(f),
@@ -64,7 +103,7 @@ impl Observed {
         }
     }
 
-    pub(super) fn finish(&self, outcome: &'static str) {
+    fn finish(&self, outcome: &'static str) {
         if let Some(started) = self.started {
             self.span.record("outcome", outcome);
             self.span
@@ -74,7 +113,7 @@ impl Observed {
 }
 
 /// A caught panic as the handler's failure.
-pub(super) fn panic_error(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
+fn panic_error(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
     let text = panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -83,61 +122,19 @@ pub(super) fn panic_error(panic: Box<dyn std::any::Any + Send>) -> HandlerError 
     HandlerError::new(FailureKind::Panic, format!("handler panicked: {text}"))
 }
 
-/// A handler still running (in its slot), or its outcome.
-pub(super) enum Handling<F> {
-    Running(Slot<F>),
-    Finished(Result<(), HandlerError>),
-}
-
 /// Acks after the handler succeeded, and counts it.
-pub(super) async fn ack(delivery: &Delivery, stats: &Stats, observed: &Observed) {
-    let result = match delivery.try_ack_now() {
-        Some(done) => done,
-        None => delivery.ack().await,
-    };
-    match result {
+async fn ack(delivery: &Delivery, stats: &Stats, observed: &Observed) {
+    match delivery.ack().await {
         Ok(()) => {
             stats.acked.fetch_add(1, Ordering::Relaxed);
             stats.handled.increment(1);
             observed.finish("acked");
         }
-        Err(e) => ack_failed(delivery, observed, &e),
-    }
-}
-
-/// Records an ack the backend refused; the broker redelivers the message.
-pub(super) fn ack_failed(delivery: &Delivery, observed: &Observed, e: &Error) {
-    observed.finish("ack-failed");
-    tracing::warn!(id = delivery.id(), error = %e, "ack failed; the broker will redeliver")
-}
-
-/// Finishes a handler still running (or takes its outcome) and settles the delivery.
-pub(super) async fn settle<F>(
-    handling: Handling<F>,
-    delivery: Delivery,
-    settings: Arc<MemberSettings>,
-    stats: Arc<Stats>,
-    observed: Observed,
-) where
-    F: Future<Output = Result<(), HandlerError>>,
-{
-    let outcome = match handling {
-        Handling::Finished(r) => r,
-        Handling::Running(mut slot) => {
-            let fut = futures::future::poll_fn(move |cx| match slot.as_mut().as_pin_mut() {
-                Some(fut) => fut.poll(cx),
-                None => Poll::Ready(Ok(())),
-            });
-            let caught = AssertUnwindSafe(fut.instrument(observed.span.clone())).catch_unwind();
-            let polled = match observed.trace {
-                Some(ctx) => ctx.scope(caught).await,
-                None => caught.await,
-            };
-            polled.unwrap_or_else(|panic| Err(panic_error(panic)))
+        Err(e) => {
+            observed.finish("ack-failed");
+            tracing::warn!(id = delivery.id(), error = %e, "ack failed; the broker will redeliver")
         }
-    };
-    finish(outcome, &delivery, &settings, &stats, &observed).await;
-    stats.in_flight.decrement(1.0);
+    }
 }
 
 /// Acks or, after the backoff pause, nacks for redelivery, unless the handler settled it.
@@ -171,8 +168,7 @@ async fn finish(
             "handler failed; nacking for redelivery"
         )
     });
-    let (base, max) = settings.backoff;
-    let pause = crate::backoff::Backoff::new(base, max).pause(delivery.attempt());
+    let pause = settings.backoff.pause(delivery.attempt());
     if !pause.is_zero() {
         tokio::time::sleep(pause).await;
     }
