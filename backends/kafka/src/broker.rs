@@ -19,6 +19,7 @@ use switchyard_core::{
 use crate::config::KafkaConfig;
 use crate::subscription::KafkaSubscription;
 
+/// The backend's name in errors and `Broker::backend`.
 pub(crate) const BACKEND: &str = "kafka";
 
 /// A Kafka client: one idempotent producer shared by every publish, an admin client
@@ -28,6 +29,7 @@ pub struct KafkaBroker {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// What clones of a [`KafkaBroker`] share.
 pub(crate) struct Inner {
     pub(crate) config: KafkaConfig,
     pub(crate) producer: FutureProducer,
@@ -125,10 +127,12 @@ impl KafkaBroker {
         &self.inner.producer
     }
 
+    /// The bootstrap servers, to name the broker in errors.
     pub(crate) fn servers(&self) -> &str {
         &self.inner.config.bootstrap_servers
     }
 
+    /// `Error::Closed` once `close` was called.
     pub(crate) fn check_open(&self) -> Result<()> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed { backend: BACKEND });
@@ -206,6 +210,7 @@ impl KafkaBroker {
         Ok(())
     }
 
+    /// The timeout error of a wait for the broker, naming its address.
     pub(crate) fn unreachable(&self, after: Duration, what: String) -> Error {
         Error::Timeout {
             after,
@@ -217,6 +222,7 @@ impl KafkaBroker {
     }
 }
 
+/// librdkafka refused a client's settings: a configuration error (secrets redacted).
 pub(crate) fn config_error(what: &str, e: KafkaError) -> Error {
     Error::config(
         "url",

@@ -114,6 +114,8 @@ pub(crate) fn spawn_member(
 }
 
 impl Shared {
+    /// The poll thread ended, asked to or not (`panicked` says why if it panicked):
+    /// the member is finished, and every waiter learns it.
     pub(crate) fn member_ended(&self, panicked: Option<String>) {
         let mut st = self.state();
         let died = match panicked {
@@ -141,6 +143,8 @@ impl Shared {
     }
 }
 
+/// The poll thread's body: poll a batch, admit it under one lock, commit when due, until
+/// the member stops; then commit what finished and leave the group.
 pub(crate) fn poll_loop(
     shared: Arc<Shared>,
     consumer: Arc<BaseConsumer<MemberContext>>,
@@ -205,7 +209,9 @@ pub(crate) fn poll_loop(
     drop(consumer);
 }
 
-pub(crate) fn on_poll_error(shared: &Shared, e: KafkaError) {
+/// A consumer error: permanent ones (authorization) are reported by `recv_many`; the
+/// rest librdkafka recovers from by itself.
+fn on_poll_error(shared: &Shared, e: KafkaError) {
     let code = e.rdkafka_error_code();
     let fatal = matches!(
         code,

@@ -18,6 +18,9 @@ use crate::subscription::Shared;
 const META_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Shared {
+    /// Rebalance callback, before librdkafka takes these partitions: after the assign
+    /// delay where another member may still read them, and with a `Latest` group's
+    /// start pinned, each starts afresh under a new epoch.
     pub(crate) fn on_assign(
         &self,
         consumer: &BaseConsumer<MemberContext>,
@@ -140,6 +143,7 @@ impl Shared {
         tracing::debug!(topic = %self.topic, group = %self.group, partitions = gone.len(), "partitions revoked");
     }
 
+    /// The partitions of our topic in `tpl`.
     pub(crate) fn partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
         tpl.elements_for_topic(&self.topic)
             .iter()
@@ -147,6 +151,7 @@ impl Shared {
             .collect()
     }
 
+    /// These partitions of our topic, as librdkafka takes them.
     pub(crate) fn tpl(&self, partitions: impl IntoIterator<Item = i32>) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
         for p in partitions {

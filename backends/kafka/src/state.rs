@@ -36,6 +36,7 @@ impl Entry {
         }
     }
 
+    /// Its payload bytes, what the byte bound counts.
     fn size(&self) -> usize {
         self.message.payload.len()
     }
