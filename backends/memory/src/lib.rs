@@ -32,7 +32,15 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+mod acker;
 mod broker;
+mod config;
+mod faults;
 mod group;
+mod publisher;
+mod subscription;
+mod topic;
 
-pub use broker::{Faults, MemoryBroker, MemoryConfig};
+pub use broker::MemoryBroker;
+pub use config::MemoryConfig;
+pub use faults::Faults;
