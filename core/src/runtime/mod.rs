@@ -22,6 +22,8 @@ mod app;
 mod consumer;
 mod member;
 mod settle;
+#[cfg(test)]
+mod tests;
 
 use std::sync::atomic::AtomicU64;
 
