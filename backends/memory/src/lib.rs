@@ -12,7 +12,7 @@
 //! Bounded: a topic holds at most `capacity` messages. Messages every group has read are
 //! evicted first when it is full (they stay until then, so a late group can start at the
 //! earliest retained one); when nothing can be evicted, publishers wait up to
-//! `publish_timeout` and then get a transient [`Error::Timeout`].
+//! `publish_timeout` and then get a transient [`Error::Timeout`](switchyard_core::Error::Timeout).
 //!
 //! ```
 //! use std::sync::Arc;
