@@ -9,63 +9,20 @@ use std::time::{Duration, SystemTime};
 
 use switchyard_core::{
     Broker, Consumer, Delivery, Error, HandlerError, Message, Publisher, SubscribeOptions,
-    Subscriber, Subscription,
+    Subscriber,
 };
 use switchyard_kafka::{KafkaBroker, ReplayFrom};
 use tokio_util::sync::CancellationToken;
+
+mod common;
+use common::{name, recv_n, url};
 
 /// How long any wait in these tests may take before the test fails (a hang guard, not
 /// a timing assertion).
 const LONG: Duration = Duration::from_secs(90);
 
-fn base_url() -> String {
-    std::env::var("SWITCHYARD_KAFKA_URL").unwrap_or_else(|_| "kafka://127.0.0.1:9092".into())
-}
-
-/// The broker URL with extra settings; panics (fails the test) if nothing listens.
-fn url(settings: &str) -> String {
-    let base = base_url();
-    let addr = base
-        .trim_start_matches("kafka://")
-        .split(['?', ','])
-        .next()
-        .unwrap()
-        .to_string();
-    if let Err(e) = std::net::TcpStream::connect(&addr) {
-        panic!("no Kafka broker at {addr} ({e}): start tansu (scripts/brokers.sh) or set SWITCHYARD_KAFKA_URL");
-    }
-    let sep = if base.contains('?') { '&' } else { '?' };
-    if settings.is_empty() {
-        base
-    } else {
-        format!("{base}{sep}{settings}")
-    }
-}
-
 fn broker(settings: &str) -> KafkaBroker {
     KafkaBroker::connect(&url(settings)).expect("connect")
-}
-
-/// A name unique to this test run.
-fn name(label: &str) -> String {
-    format!(
-        "kt-{label}-{}",
-        &uuid::Uuid::now_v7().simple().to_string()[20..]
-    )
-}
-
-async fn recv_n(sub: &mut Box<dyn Subscription>, n: usize) -> Vec<Delivery> {
-    let mut got = Vec::new();
-    let mut buf = Vec::new();
-    while got.len() < n {
-        let k = tokio::time::timeout(LONG, sub.recv_many(&mut buf, n - got.len()))
-            .await
-            .unwrap_or_else(|_| panic!("received {} of {n} before the guard", got.len()))
-            .expect("recv");
-        assert!(k > 0, "subscription ended early");
-        got.append(&mut buf);
-    }
-    got
 }
 
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {

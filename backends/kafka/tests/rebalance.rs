@@ -11,10 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchyard_core::{
-    Broker, Delivery, Error, Message, Publisher, SubscribeOptions, Subscriber, Subscription,
+    Broker, Error, Message, Publisher, SubscribeOptions, Subscriber, Subscription,
 };
 use switchyard_kafka::KafkaBroker;
 use tokio_util::sync::CancellationToken;
+
+mod common;
+use common::{name, recv_n, url};
 
 /// How long any wait may take before the test fails (a hang guard, not a timing
 /// assertion).
@@ -22,26 +25,6 @@ const LONG: Duration = Duration::from_secs(30);
 /// Records per test: far more than the 16 KiB buffer holds.
 const RECORDS: usize = 200;
 const PARTITIONS: usize = 4;
-
-fn base_url() -> String {
-    std::env::var("SWITCHYARD_KAFKA_URL").unwrap_or_else(|_| "kafka://127.0.0.1:9092".into())
-}
-
-/// The broker URL with extra settings; panics (fails the test) if nothing listens.
-fn url(settings: &str) -> String {
-    let base = base_url();
-    let addr = base
-        .trim_start_matches("kafka://")
-        .split(['?', ','])
-        .next()
-        .unwrap()
-        .to_string();
-    if let Err(e) = std::net::TcpStream::connect(&addr) {
-        panic!("no Kafka broker at {addr} ({e}): start tansu (scripts/brokers.sh) or set SWITCHYARD_KAFKA_URL");
-    }
-    let sep = if base.contains('?') { '&' } else { '?' };
-    format!("{base}{sep}{settings}")
-}
 
 /// A broker whose members pause after 16 KiB of buffered payload.
 fn broker(settings: &str) -> Arc<KafkaBroker> {
@@ -52,14 +35,6 @@ fn broker(settings: &str) -> Arc<KafkaBroker> {
         .try_init();
     let settings = format!("partitions={PARTITIONS}&queued.max.messages.kbytes=16&{settings}");
     Arc::new(KafkaBroker::connect(&url(settings.trim_end_matches('&'))).expect("connect"))
-}
-
-/// A name unique to this test run.
-fn name(label: &str) -> String {
-    format!(
-        "kr-{label}-{}",
-        &uuid::Uuid::now_v7().simple().to_string()[20..]
-    )
 }
 
 /// Publishes [`RECORDS`] 1 KiB records; their ids. Keyed, because librdkafka's sticky
@@ -87,20 +62,6 @@ async fn subscribe(
     .await
     .expect("joined before the guard")
     .expect("subscribe")
-}
-
-async fn recv_n(sub: &mut Box<dyn Subscription>, n: usize) -> Vec<Delivery> {
-    let mut got = Vec::new();
-    let mut buf = Vec::new();
-    while got.len() < n {
-        let k = tokio::time::timeout(LONG, sub.recv_many(&mut buf, n - got.len()))
-            .await
-            .unwrap_or_else(|_| panic!("received {} of {n} before the guard", got.len()))
-            .expect("recv");
-        assert!(k > 0, "subscription ended early");
-        got.append(&mut buf);
-    }
-    got
 }
 
 /// Ids whose ack succeeded, and how often each was delivered.
