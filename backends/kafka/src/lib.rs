@@ -77,6 +77,7 @@ mod acker;
 mod admin;
 mod broker;
 mod config;
+mod fetching;
 mod poll;
 mod publisher;
 mod rebalance;

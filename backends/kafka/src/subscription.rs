@@ -20,9 +20,10 @@ use switchyard_core::{Delivery, Error, Origin, Result, StartFrom, SubscribeOptio
 use crate::acker::KafkaAcker;
 use crate::broker::{config_error, kafka_error, BACKEND};
 use crate::config::{CommitStrategy, KafkaConfig};
+use crate::fetching::Fetching;
 use crate::poll::{poll_loop, spawn_member};
 use crate::rebalance::MemberContext;
-use crate::state::{Entry, Fetching, State};
+use crate::state::{Entry, State};
 
 /// Payload bytes a member buffers (received, not yet handed out) before it pauses
 /// fetching, unless `queued.max.messages.kbytes` (librdkafka's bound on its own prefetch
