@@ -228,7 +228,7 @@ pub(crate) fn config_error(what: &str, e: KafkaError) -> Error {
         "url",
         format!(
             "librdkafka rejected the {what} settings: {}",
-            crate::config::describe_client_error(&e)
+            crate::client::describe_client_error(&e)
         ),
     )
 }

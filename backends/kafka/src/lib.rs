@@ -76,6 +76,7 @@
 mod acker;
 mod admin;
 mod broker;
+mod client;
 mod config;
 mod fetching;
 mod poll;
