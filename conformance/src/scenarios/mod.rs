@@ -24,6 +24,7 @@ mod middleware;
 mod ordering;
 mod replay;
 mod settlement;
+mod tiers;
 mod tracing;
 
 /// Every scenario, by area (the file it lives in): `test_name = function;`. The one list
@@ -65,6 +66,8 @@ macro_rules! __scenario_list {
                 undecodable_payload_dead_lettered_with_reason = undecodable_to_dlq;
                 poison_dead_lettered_after_retries_then_replayed = poison_and_replay;
                 duplicates_run_the_handler_once = duplicates_once;
+            }
+            tiers {
                 retry_tier_delay_honoured_and_non_blocking = retry_tiers;
             }
             replay {
