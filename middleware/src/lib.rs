@@ -88,9 +88,6 @@ pub use idempotency::{
 };
 pub use inspect::{Inspect, InspectLayer};
 pub use retry::{Retry, RetryFuture, RetryLayer, RetryPolicy};
-// Old name, removed once every caller uses the new one.
-#[doc(hidden)]
-pub use dead_letter::DeadLetterAdmin as DeadLetters;
 pub use retry_tiers::{
     RetryTiers, RetryTiersFuture, RetryTiersInbound, RetryTiersLayer, RetryTiersService,
 };

@@ -26,19 +26,11 @@ pub(crate) trait OnFailure: Send + Sync + 'static {
 }
 
 /// Runs the inner service; on failure, hands the delivery and error to `H`.
+#[derive(Clone)]
 pub(crate) struct Recover<S, H> {
     inner: S,
     // Shared: each call takes a reference for its future (one count, not a deep clone).
     hook: Arc<H>,
-}
-
-impl<S: Clone, H> Clone for Recover<S, H> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            hook: self.hook.clone(),
-        }
-    }
 }
 
 impl<S, H> Recover<S, H> {

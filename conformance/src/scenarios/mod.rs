@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 use switchyard_core::{
     Consumer, ConsumerReport, Delivery, HandlerError, Message, SubscribeOptions, Subscription,
 };
-use switchyard_middleware::{DeadLetters, RetryPolicy};
+use switchyard_middleware::{DeadLetterAdmin, RetryPolicy};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -245,14 +245,14 @@ fn plain(n: usize, label: &str) -> Vec<Message> {
         .collect()
 }
 
-fn dead_letters(ctx: &Ctx) -> DeadLetters {
+fn dead_letters(ctx: &Ctx) -> DeadLetterAdmin {
     // Brokers that need a moment to hand out what they hold get more idle time.
     let idle = if ctx.broker.backend() == "memory" {
         300
     } else {
         3000
     };
-    DeadLetters::new(ctx.broker.clone()).idle(Duration::from_millis(idle))
+    DeadLetterAdmin::new(ctx.broker.clone()).idle(Duration::from_millis(idle))
 }
 
 fn quick_retry(attempts: u32) -> RetryPolicy {

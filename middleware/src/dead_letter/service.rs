@@ -12,16 +12,9 @@ use super::{DeadLetterFuture, DeadLetterLayer};
 use crate::recover::{OnFailure, Recover};
 
 /// The service [`DeadLetterLayer`] produces.
+#[derive(Clone)]
 pub struct DeadLetter<S> {
     inner: Recover<S, DeadLetterLayer>,
-}
-
-impl<S: Clone> Clone for DeadLetter<S> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-        }
-    }
 }
 
 impl<S> DeadLetter<S> {

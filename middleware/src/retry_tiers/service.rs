@@ -12,16 +12,9 @@ use super::{header, headers, RetryTiers, RetryTiersFuture};
 use crate::recover::{OnFailure, Recover};
 
 /// The service [`RetryTiersLayer`](super::RetryTiersLayer) produces.
+#[derive(Clone)]
 pub struct RetryTiersService<S> {
     inner: Recover<S, RetryTiers>,
-}
-
-impl<S: Clone> Clone for RetryTiersService<S> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-        }
-    }
 }
 
 impl<S> RetryTiersService<S> {
