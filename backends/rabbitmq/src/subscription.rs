@@ -82,7 +82,7 @@ pub(crate) async fn subscribe(
         prefetch: options.prefetch,
     });
     let names = GroupNames::new(&options.topic, &options.group);
-    let seed = (crate::topology::key_hash(&switchyard_core::new_id())
+    let first_look = (crate::topology::key_hash(&switchyard_core::new_id())
         % u64::from(crate::topology::SLOTS)) as u32;
     let mut sup = Supervisor {
         shared: shared.clone(),
@@ -91,7 +91,7 @@ pub(crate) async fn subscribe(
         conn: None,
         control: None,
         membership: None,
-        seed,
+        first_look,
         expires: options.ephemeral.then_some(options.ephemeral_expiry),
     };
     // The first connection and declarations happen here, so a refused declaration is

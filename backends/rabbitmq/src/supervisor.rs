@@ -42,7 +42,7 @@ pub(crate) struct Supervisor {
     pub(crate) membership: Option<Consumer>,
     /// Where this member starts looking for free partitions, so members do not all
     /// race for partition 0.
-    pub(crate) seed: u32,
+    pub(crate) first_look: u32,
     /// The `x-expires` of an ephemeral group's queues.
     pub(crate) expires: Option<Duration>,
 }
@@ -276,7 +276,7 @@ impl Supervisor {
                 if have >= share {
                     break;
                 }
-                let p = (self.seed + i) % total;
+                let p = (self.first_look + i) % total;
                 if self.shared.state.lock().parts.contains_key(&p) {
                     continue;
                 }

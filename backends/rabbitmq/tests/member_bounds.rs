@@ -62,7 +62,7 @@ fn routing_key(key: &str) -> String {
     (h % 1024).to_string()
 }
 
-/// A member of an 8-partition group with prefetch 12 used to take 12 messages on every
+/// A member of an 8-partition group with prefetch 12 must not take 12 messages on every
 /// partition channel (96 in all) while handing out at most 12. What the broker has
 /// delivered to it and not had settled (in its key gate or handed out) must stay within
 /// its prefetch, also after its partitions changed hands and came back.
@@ -141,8 +141,8 @@ async fn holds_at_most_prefetch(topic: String, group: &'static str) {
 
 /// A keyed message from another AMQP client without a `message_id`, requeued once by
 /// the handler, comes back and heads its key again, and the key's later messages
-/// follow. It used to get a new id on every delivery, so the member never recognised
-/// the redelivery and held the key until the channel died.
+/// follow. With a new id on every delivery the member would not recognise the
+/// redelivery and would hold the key until the channel died.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_requeued_foreign_message_without_an_id_comes_back_and_its_key_flows() {
     let topic = unique("noid");

@@ -32,7 +32,7 @@ async fn member(config: &Arc<RabbitConfig>, topic: &str) -> Supervisor {
         conn: None,
         control: None,
         membership: None,
-        seed: 0,
+        first_look: 0,
         expires: None,
     };
     sup.connect()
@@ -66,12 +66,11 @@ fn received(m: &Supervisor) -> usize {
         .map_or(0, |p| p.gate.len())
 }
 
-/// A partition being released keeps receiving until its channel closes. Its pump
-/// used to drop the consumer at the first such delivery, which sends basic.cancel:
-/// RabbitMQ then let the next member consume while the old channel still held its
-/// unacked messages, and that member got later messages first (found as per-key
-/// order violations while members joined). The next owner must start with the
-/// oldest message.
+/// A partition being released keeps receiving until its channel closes. A pump that
+/// dropped the consumer at the first such delivery would send basic.cancel: RabbitMQ
+/// would then let the next member consume while the old channel still held its unacked
+/// messages, and that member would get later messages first (per-key order violations
+/// while members join). The next owner must start with the oldest message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_owner_starts_with_the_messages_the_last_one_held() {
     let config = Arc::new(RabbitConfig::from_url(&url()).expect("valid URL"));
