@@ -1,6 +1,7 @@
 //! An in-process idempotency store: bounded, with expiry.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -24,12 +25,13 @@ struct Mark {
 }
 
 /// Keys by expiry, soonest first.
-type Queue = BTreeMap<(Instant, u64), String>;
+type Queue = BTreeMap<(Instant, u64), Arc<str>>;
 
 #[derive(Default)]
 struct Marks {
-    /// `<group>/<id>` → mark (group names have no `/`, so keys do not collide).
-    marks: HashMap<String, Mark>,
+    /// `<group>/<id>` → mark (group names have no `/`, so keys do not collide). The
+    /// queues share the key, so a mark costs one allocation.
+    marks: HashMap<Arc<str>, Mark>,
     /// In-flight marks by lease expiry.
     leases: Queue,
     /// Completed marks by retention expiry.
@@ -52,20 +54,27 @@ impl Marks {
         Some(mark)
     }
 
-    /// Files a new mark for `key` (which has none), making room first.
-    fn insert(&mut self, key: String, state: State, expires: Instant, capacity: usize) {
-        while self.marks.len() >= capacity && self.evict_one() {}
+    /// Files `key`'s mark: in place where it has one, else as a new one, making room
+    /// first.
+    fn file(&mut self, key: &str, state: State, expires: Instant, capacity: usize) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.queue(state).insert((expires, seq), key.clone());
-        self.marks.insert(
-            key,
-            Mark {
-                state,
-                expires,
-                seq,
-            },
-        );
+        let mark = Mark {
+            state,
+            expires,
+            seq,
+        };
+        if let Some(held) = self.marks.get_mut(key) {
+            let old = std::mem::replace(held, mark);
+            let shared = self.queue(old.state).remove(&(old.expires, old.seq));
+            let shared = shared.unwrap_or_else(|| Arc::from(key));
+            self.queue(state).insert((expires, seq), shared);
+            return;
+        }
+        while self.marks.len() >= capacity && self.evict_one() {}
+        let shared: Arc<str> = Arc::from(key);
+        self.queue(state).insert((expires, seq), shared.clone());
+        self.marks.insert(shared, mark);
     }
 
     /// Drops every mark expired at `now`.
@@ -162,13 +171,13 @@ impl IdempotencyStore for MemoryStore {
         let mut marks = self.inner.lock();
         marks.sweep(now);
         // Whatever is left after the sweep is unexpired.
-        if let Some(mark) = marks.marks.get(&key) {
+        if let Some(mark) = marks.marks.get(key.as_str()) {
             return Ok(match mark.state {
                 State::InFlight => Begin::InFlight,
                 State::Completed => Begin::Completed,
             });
         }
-        marks.insert(key, State::InFlight, expiry(now, lease), self.capacity);
+        marks.file(&key, State::InFlight, expiry(now, lease), self.capacity);
         Ok(Begin::Started)
     }
 
@@ -177,15 +186,19 @@ impl IdempotencyStore for MemoryStore {
         let now = Instant::now();
         let mut marks = self.inner.lock();
         marks.sweep(now);
-        marks.remove(&key);
-        marks.insert(key, State::Completed, expiry(now, retention), self.capacity);
+        marks.file(
+            &key,
+            State::Completed,
+            expiry(now, retention),
+            self.capacity,
+        );
         Ok(())
     }
 
     async fn release(&self, key: MarkKey<'_>) -> Result<()> {
         let key = joined(key);
         let mut marks = self.inner.lock();
-        if marks.marks.get(&key).map(|m| m.state) == Some(State::InFlight) {
+        if marks.marks.get(key.as_str()).map(|m| m.state) == Some(State::InFlight) {
             marks.remove(&key);
         }
         Ok(())
