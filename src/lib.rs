@@ -36,6 +36,8 @@
 //! # let _ = reports;
 //! # Ok::<_, switchyard::Error>(()) }).unwrap();
 //! ```
+//!
+//! A crate that adds a broker finds what it needs beyond this in [`backend`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
@@ -66,7 +68,7 @@ pub use switchyard_rabbitmq as rabbitmq;
 /// the feature to enable; an unknown scheme is [`Error::UnknownScheme`]. The broker is
 /// wrapped in [`Instrumented`] (trace context, spans, counters: see [`observe`]).
 pub async fn connect(url: &str) -> Result<AnyBroker> {
-    let parsed = BrokerUrl::parse(url)?;
+    let parsed = backend::BrokerUrl::parse(url)?;
     match parsed.scheme.as_str() {
         "memory" => {
             #[cfg(feature = "memory")]
@@ -102,7 +104,7 @@ pub async fn connect(url: &str) -> Result<AnyBroker> {
         }
         other => Err(Error::UnknownScheme {
             scheme: other.to_string(),
-            url: redact(url),
+            url: backend::redact(url),
         }),
     }
 }

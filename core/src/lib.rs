@@ -9,14 +9,17 @@
 //! - one [`Error`] type with [`Error::is_transient`], and [`HandlerError`] for handlers;
 //! - codecs ([`JsonCodec`]) and handler arguments ([`Json<T>`](Json), [`Delivery`], `Bytes`);
 //! - the consumer runtime: [`Consumer`] (bounded concurrency, ack after success, nack on
-//!   failure, panics caught, graceful shutdown) and [`App`] for several consumers.
+//!   failure, panics caught, graceful shutdown) and [`App`] for several consumers;
+//! - for crates that add a broker: [`backend`] (the ack handle to implement, URL parsing
+//!   and redaction, name and header rules, the per-key gate, the retry pause).
 //!
 //! Handlers are `tower::Service<Delivery>`s, so middleware are `tower::Layer`s:
 //!
 //! ```
 //! use std::sync::Arc;
 //! use futures::future::BoxFuture;
-//! use switchyard_core::{handler_fn, Acker, Delivery, HandlerError, Json, Message, Nack, Origin};
+//! use switchyard_core::backend::Acker;
+//! use switchyard_core::{handler_fn, Delivery, HandlerError, Json, Message, Nack, Origin};
 //! use tower::{Service, ServiceBuilder, ServiceExt};
 //!
 //! #[derive(serde::Serialize, serde::Deserialize)]
@@ -49,13 +52,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
-pub mod backoff;
+pub mod backend;
 mod broker;
 mod codec;
 mod delivery;
 mod error;
 mod handler;
-pub mod key_gate;
 mod message;
 mod names;
 pub mod observe;
@@ -67,16 +69,12 @@ pub use broker::{
     SubscribeOptions, Subscriber, Subscription, TopicInfo,
 };
 pub use codec::{Codec, JsonCodec, CONTENT_TYPE_HEADER};
-pub use delivery::{Acker, Delivery, Nack, Origin};
+pub use delivery::{Delivery, Nack, Origin};
 pub use error::{BoxError, Error, FailureKind, HandlerError, Result};
 pub use handler::{handler_fn, FromDelivery, Handler, HandlerFuture, HandlerService, Json};
-pub use message::{
-    check_headers, is_reserved_header, new_id, Headers, Message, Receipt, RESERVED_HEADER_PREFIXES,
-};
-pub use names::{validate_name, MAX_NAME_LEN};
+pub use message::{new_id, Headers, Message, Receipt};
 pub use observe::{Instrumented, TraceContext, TRACEPARENT};
 pub use runtime::{shutdown_on_signal, App, Consumer, ConsumerReport, RunningApp, RunningConsumer};
-pub use url::{redact, BrokerUrl};
 
 /// Re-exported so users and backends name the same versions.
 pub use bytes::Bytes;

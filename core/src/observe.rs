@@ -33,6 +33,7 @@ use parking_lot::RwLock;
 use async_trait::async_trait;
 use tracing::Instrument;
 
+use crate::backend::stamp;
 use crate::broker::{Broker, Capabilities, Publisher, SubscribeOptions, Subscriber, Subscription};
 use crate::error::Result;
 use crate::message::{Message, Receipt};
@@ -148,21 +149,6 @@ impl fmt::Debug for TraceContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_header())
     }
-}
-
-/// Stamps `message` with a `traceparent` (continuing the current handler's trace, or a
-/// new one) unless it has one; returns the context it carries.
-pub fn stamp(message: &mut Message) -> TraceContext {
-    if let Some(ctx) = message
-        .headers
-        .get(TRACEPARENT)
-        .and_then(|v| TraceContext::parse(v))
-    {
-        return ctx;
-    }
-    let ctx = TraceContext::current().map_or_else(TraceContext::new_root, |c| c.child());
-    message.headers.insert(TRACEPARENT.into(), ctx.to_header());
-    ctx
 }
 
 /// A broker wrapped with spans, counters and trace-context stamping on publish.

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 /// A parsed broker URL: scheme, the part before `?`, and the query settings in order.
 ///
 /// ```
-/// let url = switchyard_core::BrokerUrl::parse("kafka://a:9092,b:9092?acks=all&linger.ms=5").unwrap();
+/// let url = switchyard_core::backend::BrokerUrl::parse("kafka://a:9092,b:9092?acks=all&linger.ms=5").unwrap();
 /// assert_eq!(url.scheme, "kafka");
 /// assert_eq!(url.authority, "a:9092,b:9092");
 /// assert_eq!(url.param("linger.ms"), Some("5"));
@@ -176,7 +176,7 @@ const SECRET_WORDS: &[&str] = &[
 /// - a string without `://` is still searched for `user:pass@`.
 ///
 /// ```
-/// use switchyard_core::redact;
+/// use switchyard_core::backend::redact;
 /// assert_eq!(redact("amqp://ann:pa/ss@h:5672/%2f"), "amqp://***@h:5672/%2f");
 /// assert_eq!(
 ///     redact("kafka://h:9092?sasl.username=ann&sasl.password=pw&linger.ms=5"),

@@ -2,7 +2,7 @@
 //! characters the password holds and wherever the secret sits in the URL.
 
 use proptest::prelude::*;
-use switchyard_core::{redact, BrokerUrl};
+use switchyard_core::backend::{redact, BrokerUrl};
 
 /// Generated secrets: printable ASCII, so '/', '?', '#', '@', ':', '%', '&' and '='
 /// all occur. They start with a letter no URL template below contains, so a secret can

@@ -8,7 +8,8 @@ use lapin::types::{
 use lapin::BasicProperties;
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use switchyard_core::{is_reserved_header, Message};
+use switchyard_core::backend::is_reserved_header;
+use switchyard_core::Message;
 use switchyard_rabbitmq::fuzzing::{decode, properties};
 use switchyard_rabbitmq::KEY_HEADER;
 

@@ -4,7 +4,8 @@
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use switchyard_core::{is_reserved_header, Message};
+use switchyard_core::backend::is_reserved_header;
+use switchyard_core::Message;
 use switchyard_kafka::fuzzing::{decode_record, record_headers};
 use switchyard_kafka::ID_HEADER;
 

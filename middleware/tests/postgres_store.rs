@@ -292,7 +292,7 @@ async fn a_ten_kilobyte_id_runs_the_handler_once() {
 
 struct NoAck;
 
-impl switchyard_core::Acker for NoAck {
+impl switchyard_core::backend::Acker for NoAck {
     fn ack(&self) -> futures::future::BoxFuture<'_, switchyard_core::Result<()>> {
         Box::pin(async { Ok(()) })
     }

@@ -4,7 +4,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use switchyard_core::{Acker, Error, Nack, Result};
+use switchyard_core::backend::Acker;
+use switchyard_core::{Error, Nack, Result};
 
 use crate::broker::BACKEND;
 use crate::config::CommitStrategy;

@@ -5,7 +5,8 @@ use std::time::SystemTime;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
-use switchyard_core::{validate_name, Error, Result};
+use switchyard_core::backend::validate_name;
+use switchyard_core::{Error, Result};
 
 use crate::broker::{config_error, kafka_error, KafkaBroker, BACKEND};
 

@@ -11,9 +11,9 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, Producer};
+use switchyard_core::backend::validate_name;
 use switchyard_core::{
-    validate_name, Broker, Capabilities, Error, Result, SubscribeOptions, Subscriber, Subscription,
-    TopicInfo,
+    Broker, Capabilities, Error, Result, SubscribeOptions, Subscriber, Subscription, TopicInfo,
 };
 
 use crate::config::KafkaConfig;

@@ -3,7 +3,8 @@
 
 use rdkafka::error::KafkaError;
 use rdkafka::ClientConfig;
-use switchyard_core::{BrokerUrl, Error, Result};
+use switchyard_core::backend::BrokerUrl;
+use switchyard_core::{Error, Result};
 
 use crate::config::{CommitStrategy, DeliveryGuarantee, KafkaConfig};
 
@@ -111,7 +112,7 @@ pub(crate) fn describe_client_error(e: &KafkaError) -> String {
             let hidden = BrokerUrl::redact_setting(key, value);
             format!("{}: {}", key, desc.replace(value.as_str(), &hidden))
         }
-        other => switchyard_core::redact(&other.to_string()),
+        other => switchyard_core::backend::redact(&other.to_string()),
     }
 }
 

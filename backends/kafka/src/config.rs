@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use switchyard_core::{BrokerUrl, Error, Result};
+use switchyard_core::backend::BrokerUrl;
+use switchyard_core::{Error, Result};
 
 /// When the consumer commits the offsets of processed messages.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -119,7 +120,7 @@ impl std::fmt::Debug for KafkaConfig {
         f.debug_struct("KafkaConfig")
             .field(
                 "bootstrap_servers",
-                &switchyard_core::redact(&self.bootstrap_servers),
+                &switchyard_core::backend::redact(&self.bootstrap_servers),
             )
             .field("partitions", &self.partitions)
             .field("replication", &self.replication)
@@ -163,7 +164,7 @@ impl KafkaConfig {
         if parsed.scheme != "kafka" {
             return Err(Error::UnknownScheme {
                 scheme: parsed.scheme,
-                url: switchyard_core::redact(url),
+                url: switchyard_core::backend::redact(url),
             });
         }
         // The servers end up in every error message, so credentials must not be among

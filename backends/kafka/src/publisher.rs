@@ -7,8 +7,9 @@ use async_trait::async_trait;
 use futures::future::try_join_all;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureRecord};
-use switchyard_core::backoff::Backoff;
-use switchyard_core::{check_headers, validate_name, Error, Message, Publisher, Receipt, Result};
+use switchyard_core::backend::Backoff;
+use switchyard_core::backend::{check_headers, validate_name};
+use switchyard_core::{Error, Message, Publisher, Receipt, Result};
 
 use crate::broker::{kafka_error, KafkaBroker, BACKEND};
 use crate::config::DeliveryGuarantee;

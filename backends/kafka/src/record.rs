@@ -4,7 +4,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
 use rdkafka::Message as _;
-use switchyard_core::{is_reserved_header, Bytes, Headers, Message};
+use switchyard_core::backend::is_reserved_header;
+use switchyard_core::{Bytes, Headers, Message};
 
 /// The record header carrying the switchyard message id. Every other application
 /// header travels as a record header of the same name (the `content-type` header

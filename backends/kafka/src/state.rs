@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use switchyard_core::key_gate::KeyGate;
+use switchyard_core::backend::KeyGate;
 use switchyard_core::{Error, Message, Nack};
 
 /// A record's key, shared by its entry and the gate.

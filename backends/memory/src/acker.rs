@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use switchyard_core::{Acker, Error, Nack, Result};
+use switchyard_core::backend::Acker;
+use switchyard_core::{Error, Nack, Result};
 
 use crate::group::Settled;
 use crate::subscription::MemberLink;

@@ -6,9 +6,8 @@ use std::sync::{Arc, LazyLock, Weak};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use switchyard_core::{
-    validate_name, Broker, BrokerUrl, Capabilities, Error, GroupInfo, Result, TopicInfo,
-};
+use switchyard_core::backend::{validate_name, BrokerUrl};
+use switchyard_core::{Broker, Capabilities, Error, GroupInfo, Result, TopicInfo};
 
 use crate::config::MemoryConfig;
 use crate::faults::{FaultState, Faults};
@@ -67,7 +66,7 @@ impl MemoryBroker {
         if parsed.scheme != "memory" {
             return Err(Error::UnknownScheme {
                 scheme: parsed.scheme,
-                url: switchyard_core::redact(url),
+                url: switchyard_core::backend::redact(url),
             });
         }
         let name = parsed.authority.trim_end_matches('/').to_string();
@@ -79,7 +78,7 @@ impl MemoryBroker {
                     "url",
                     format!(
                         "memory broker {:?} already runs with {:?}; connect without settings to share it, or use another name",
-                        switchyard_core::redact(&format!("memory://{name}")),
+                        switchyard_core::backend::redact(&format!("memory://{name}")),
                         inner.config
                     ),
                 ));

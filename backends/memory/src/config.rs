@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use switchyard_core::{BrokerUrl, Error, Result};
+use switchyard_core::backend::BrokerUrl;
+use switchyard_core::{Error, Result};
 
 /// Settings of a memory broker; also accepted as URL parameters
 /// (`memory://name?capacity=1000000&publish_timeout_ms=30000&max_message_size=1048576`).

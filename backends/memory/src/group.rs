@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
-use switchyard_core::key_gate::KeyGate;
+use switchyard_core::backend::KeyGate;
 use switchyard_core::{Message, Nack};
 
 /// One message as a group holds it.

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
-use switchyard_core::{check_headers, Error, Message, Publisher, Receipt, Result};
+use switchyard_core::backend::check_headers;
+use switchyard_core::{Error, Message, Publisher, Receipt, Result};
 
 use crate::broker::BACKEND;
 use crate::topic::Waiting;

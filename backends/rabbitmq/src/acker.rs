@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
-use switchyard_core::{Acker, Error, Message, Nack, Result};
+use switchyard_core::backend::Acker;
+use switchyard_core::{Error, Message, Nack, Result};
 
 use crate::subscription::Shared;
 

@@ -108,8 +108,8 @@ impl Broker for RabbitBroker {
     /// group that was never declared has none). Unacked deliveries are not counted, nor
     /// messages waiting in its hold queues for a delayed redelivery.
     async fn lag(&self, topic: &str, group: &str) -> Result<u64> {
-        switchyard_core::validate_name("topic", topic)?;
-        switchyard_core::validate_name("group", group)?;
+        switchyard_core::backend::validate_name("topic", topic)?;
+        switchyard_core::backend::validate_name("group", group)?;
         let names = topology::GroupNames::new(topic, group);
         let queues: Vec<String> = (0..self.inner.config.partitions)
             .map(|p| names.partition(p))

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use switchyard_core::{BrokerUrl, Error, Result};
+use switchyard_core::backend::BrokerUrl;
+use switchyard_core::{Error, Result};
 
 /// Settings of the RabbitMQ backend. Given as URL parameters:
 /// `amqp://user:pass@host:5672/vhost?partitions=8&max_message_size=134217728&confirm_timeout_ms=30000&rebalance_ms=250&dead_letter_exchange=name&connection_name=switchyard&management_url=http://host:15672`.
@@ -60,7 +61,7 @@ impl std::fmt::Debug for RabbitConfig {
             .field("connection_name", &self.connection_name)
             .field(
                 "management_url",
-                &switchyard_core::redact(&self.management_url),
+                &switchyard_core::backend::redact(&self.management_url),
             )
             .field("vhost", &self.vhost)
             .finish()
@@ -91,7 +92,7 @@ impl RabbitConfig {
         if parsed.scheme != "amqp" && parsed.scheme != "amqps" {
             return Err(Error::UnknownScheme {
                 scheme: parsed.scheme,
-                url: switchyard_core::redact(url),
+                url: switchyard_core::backend::redact(url),
             });
         }
         let mut passthrough = Vec::new();
@@ -137,7 +138,7 @@ impl RabbitConfig {
         }
         let dead_letter_exchange = parsed.param("dead_letter_exchange").map(str::to_string);
         if let Some(dlx) = &dead_letter_exchange {
-            switchyard_core::validate_name("topic", dlx)?;
+            switchyard_core::backend::validate_name("topic", dlx)?;
         }
         let connection_name = parsed
             .param("connection_name")
@@ -154,7 +155,7 @@ impl RabbitConfig {
                     "management_url",
                     format!(
                         "{:?} is not an http:// or https:// URL",
-                        switchyard_core::redact(u)
+                        switchyard_core::backend::redact(u)
                     ),
                 ))
             }
@@ -168,7 +169,7 @@ impl RabbitConfig {
             vhost: target.vhost,
             connection_name,
             amqp_url,
-            redacted_url: switchyard_core::redact(url),
+            redacted_url: switchyard_core::backend::redact(url),
             partitions,
             max_message_size,
             confirm_timeout,

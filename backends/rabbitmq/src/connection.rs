@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use lapin::{Connection, ConnectionProperties};
-use switchyard_core::backoff::Backoff;
+use switchyard_core::backend::Backoff;
 use switchyard_core::{Error, Result};
 use tokio::time::Instant;
 

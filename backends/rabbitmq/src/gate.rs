@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use switchyard_core::key_gate::KeyGate;
+use switchyard_core::backend::KeyGate;
 use switchyard_core::Message;
 
 /// One received, not yet handed out message.

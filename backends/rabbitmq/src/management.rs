@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use switchyard_core::{redact, validate_name, Error, Result};
+use switchyard_core::backend::{redact, validate_name};
+use switchyard_core::{Error, Result};
 
 use crate::config::RabbitConfig;
 use crate::BACKEND;

@@ -12,7 +12,8 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
 use lapin::{Confirmation, PublisherConfirm};
-use switchyard_core::{validate_name, Error, Message, Receipt, Result};
+use switchyard_core::backend::validate_name;
+use switchyard_core::{Error, Message, Receipt, Result};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
-use switchyard_core::backoff::Backoff;
+use switchyard_core::backend::Backoff;
 use switchyard_core::{Error, Result};
 
 use crate::config::RabbitConfig;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_core::observe::{self};
+use switchyard_core::backend::stamp;
 use switchyard_core::{
     Consumer, Delivery, Error, HandlerError, Message, StartFrom, SubscribeOptions,
 };
@@ -38,7 +38,7 @@ pub(super) async fn roundtrip_bytes_exact(ctx: Arc<Ctx>) -> Check {
             }
             // Brokers from `switchyard::connect` add a traceparent; add it here so the
             // comparison below is byte for byte over every header.
-            observe::stamp(&mut m);
+            stamp(&mut m);
             m
         })
         .collect();

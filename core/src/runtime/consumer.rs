@@ -9,7 +9,7 @@ use tower::Service;
 
 use super::member::{run_member, MemberSettings};
 use super::{ConsumerReport, Stats};
-use crate::backoff::Backoff;
+use crate::backend::Backoff;
 use crate::broker::{SubscribeOptions, Subscriber};
 use crate::delivery::Delivery;
 use crate::error::{Error, HandlerError, Result};

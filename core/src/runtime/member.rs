@@ -14,7 +14,7 @@ use tower::Service;
 
 use super::settle::handle;
 use super::Stats;
-use crate::backoff::Backoff;
+use crate::backend::Backoff;
 use crate::broker::Subscription;
 use crate::delivery::Delivery;
 use crate::error::{HandlerError, Result};

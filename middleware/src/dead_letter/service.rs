@@ -103,7 +103,8 @@ mod tests {
     use super::*;
     use crate::dead_letter::headers;
     use crate::dead_letter::letter::MAX_ERROR_TEXT;
-    use switchyard_core::{Acker, Message, Nack, Origin, Publisher};
+    use switchyard_core::backend::Acker;
+    use switchyard_core::{Message, Nack, Origin, Publisher};
 
     struct NoAck;
 

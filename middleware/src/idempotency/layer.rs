@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_core::backoff::Backoff;
+use switchyard_core::backend::Backoff;
 use tower::Layer;
 
 use super::{Idempotency, IdempotencyStore};

@@ -233,7 +233,8 @@ mod tests {
     use crate::idempotency::{IdempotencyStore, MemoryStore};
     use async_trait::async_trait;
     use std::sync::atomic::AtomicU64;
-    use switchyard_core::{Acker, FailureKind, Message, Nack, Origin};
+    use switchyard_core::backend::Acker;
+    use switchyard_core::{FailureKind, Message, Nack, Origin};
     use tower::Layer;
 
     struct NoAck;

@@ -38,7 +38,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard_core::backoff::Backoff;
+use switchyard_core::backend::Backoff;
 use switchyard_core::{Error, HandlerError, Result};
 
 type Predicate = dyn Fn(&HandlerError) -> bool + Send + Sync;

@@ -96,7 +96,8 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::Duration;
-    use switchyard_core::{Acker, Message, Nack, Origin};
+    use switchyard_core::backend::Acker;
+    use switchyard_core::{Message, Nack, Origin};
     use tower::retry::Policy;
     use tower::{Layer, ServiceExt};
 

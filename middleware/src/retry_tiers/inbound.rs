@@ -7,7 +7,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
-use switchyard_core::{Acker, Delivery, HandlerError, Message, Nack, Origin, Result};
+use switchyard_core::backend::Acker;
+use switchyard_core::{Delivery, HandlerError, Message, Nack, Origin, Result};
 use tower::{Service, ServiceExt};
 
 use super::{header, headers, RetryTiers};

@@ -122,9 +122,8 @@ mod tests {
     use super::*;
     use crate::retry_tiers::RetryTiersLayer;
     use std::time::Duration;
-    use switchyard_core::{
-        handler_fn, Acker, AnyBroker, Message, Nack, Origin, Result, SubscribeOptions,
-    };
+    use switchyard_core::backend::Acker;
+    use switchyard_core::{handler_fn, AnyBroker, Message, Nack, Origin, Result, SubscribeOptions};
     use tower::{Layer, ServiceExt};
 
     struct NoAck;

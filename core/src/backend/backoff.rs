@@ -10,7 +10,7 @@ use std::time::Duration;
 ///
 /// ```
 /// use std::time::Duration;
-/// use switchyard_core::backoff::Backoff;
+/// use switchyard_core::backend::Backoff;
 ///
 /// let backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
 /// let third = backoff.pause(3); // the step is 200 ms

@@ -1,38 +1,16 @@
-//! The per-key gate every backend uses: one message per key in flight, in arrival order.
-//!
-//! Items arrive in order, each with an optional key. A keyless item is ready at once. A
-//! keyed item is ready only when no earlier item of its key is unsettled: the first item
-//! of a key goes out, the later ones wait until the caller settles the key, and then the
-//! next one becomes ready. An item given back for redelivery ([`KeyGate::requeue`]) is
-//! ready again and still heads its key, so its successors keep waiting behind it.
-//!
-//! The gate is pure state (no I/O, no locks, no clocks): the backend wraps it in
-//! whatever lock it already holds, and decides what counts as settled.
-//!
-//! ## Redelivery from the broker
-//! When the broker itself redelivers a nacked item (RabbitMQ puts it back at the head of
-//! its queue), the gate has nothing to do in between: an item taken out and not settled
-//! keeps its key busy, so later same-key arrivals wait. When the redelivery arrives the
-//! backend recognises it (by message id: only it knows what makes two deliveries the
-//! same message) and hands it in with [`KeyGate::requeue`] instead of [`KeyGate::push`],
-//! so it is ready again at once and still ahead of its key's waiting successors.
-//!
-//! ## Runs
-//! [`KeyGate::pop_run`] takes a ready item together with the waiting successors of its
-//! key, in order, for a handler that processes a batch of one key at once. A run is out
-//! as one: settling its key once settles all of it.
+//! The per-key gate; see the [`backend`](super) module docs.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 
-/// One message per key in flight, in arrival order; see the [module docs](self).
+/// One message per key in flight, in arrival order; see the [`backend`](super) docs.
 ///
 /// `K` is the key (`String`, `Arc<str>`, or a backend's own cheap handle on it) and `T`
 /// whatever the backend holds per message.
 ///
 /// ```
-/// use switchyard_core::key_gate::KeyGate;
+/// use switchyard_core::backend::KeyGate;
 ///
 /// let mut gate: KeyGate<&str, u32> = KeyGate::new();
 /// gate.push(Some("a"), 1);
