@@ -35,8 +35,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
-use switchyard_core::{Bytes, Error, Headers, Message, Result, CONTENT_TYPE_HEADER};
 use switchyard_core::backend::{check_headers, is_reserved_header};
+use switchyard_core::{Bytes, Error, Headers, Message, Result, CONTENT_TYPE_HEADER};
 
 use crate::topology::is_hold_queue;
 

@@ -200,8 +200,8 @@ pub(crate) fn header<T: std::str::FromStr>(m: &Message, name: &str) -> Option<T>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_core::{handler_fn, CancellationToken};
     use switchyard_core::backend::MAX_NAME_LEN;
+    use switchyard_core::{handler_fn, CancellationToken};
 
     async fn ok(_: Delivery) -> Result<(), HandlerError> {
         Ok(())
