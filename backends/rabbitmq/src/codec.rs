@@ -55,14 +55,14 @@ fn short(what: &str, s: &str) -> Result<ShortString> {
     })
 }
 
-/// The AMQP properties of `message`.
 /// The most property bytes one AMQP header frame carries on a broker with RabbitMQ's
 /// default `frame_max` of 131,072: less the frame's 8 bytes and the content header's
 /// 14. Properties do not continue into another frame, so more is refused up front
 /// rather than sent (the broker would close the connection).
 pub(crate) const MAX_PROPERTY_BYTES: usize = 131_072 - 8 - 14;
 
-/// The encoded size of `message`'s properties, as [`properties`] writes them.
+/// The encoded size of `message`'s properties, as [`properties`] writes them (counting
+/// the headers table even when it is left out for being empty).
 fn property_bytes(message: &Message) -> usize {
     let entry = |name: &str, value: &str| 1 + name.len() + 1 + 4 + value.len();
     let table: usize = 4
@@ -76,6 +76,8 @@ fn property_bytes(message: &Message) -> usize {
     2 + table + (1 + message.id.len()) + 1 + 8 + content_type
 }
 
+/// The AMQP properties of `message`. An empty headers table is left out: it would cost
+/// every message its bytes on the wire and in the broker's store.
 pub(crate) fn properties(message: &Message) -> Result<BasicProperties> {
     check_headers(message)?;
     let size = property_bytes(message);
@@ -108,8 +110,10 @@ pub(crate) fn properties(message: &Message) -> Result<BasicProperties> {
     let mut props = BasicProperties::default()
         .with_message_id(short("message id", &message.id)?)
         .with_delivery_mode(2)
-        .with_timestamp(secs)
-        .with_headers(headers);
+        .with_timestamp(secs);
+    if !headers.inner().is_empty() {
+        props = props.with_headers(headers);
+    }
     if let Some(ct) = message.content_type() {
         if let Ok(ct) = ShortString::try_new(ct) {
             props = props.with_content_type(ct);

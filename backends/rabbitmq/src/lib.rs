@@ -32,9 +32,12 @@
 //! as the routing key (`"497"`); partition `i` of `n` (a power of two) is bound to the
 //! slots `s` with `s % n == i`. So a key always lands in the same partition of every
 //! group, publishers need not know partition counts, and unkeyed messages go
-//! round-robin over the slots. A direct exchange matches a routing key by one lookup;
-//! the topic exchange with `#.<bits>` patterns this replaces cost publishers about 3×
-//! (raw lapin here, persistent with confirms: 6.4–7.3 k msg/s against 22.8–25.9 k).
+//! round-robin over the slots. A direct exchange matches a routing key with one
+//! lookup, where a topic exchange with `#.<bits>` patterns costs publishers 2.5–3×
+//! (raw lapin, persistent messages with confirms; `bench -- --topologies` measures it).
+//! RabbitMQ's consistent-hash exchange is a plugin, measured no faster than slot
+//! bindings, and routes each message to one queue of all those bound to it, so every
+//! group would need an exchange of its own behind the topic's.
 //!
 //! Each partition is consumed by **one member at a time**, through an exclusive
 //! consumer (RabbitMQ refuses a second one, and drops it with its channel or connection,

@@ -26,6 +26,11 @@ fn round_trips_properties() {
     assert_eq!(back.headers, m.headers);
     let reserved = Message::new("x").with_header(KEY_HEADER, "k");
     assert!(properties(&reserved).is_err());
+    let bare = Message::new("x");
+    let props = properties(&bare).unwrap();
+    assert!(props.headers().is_none(), "no empty table on the wire");
+    let back = decode(&props, b"x".to_vec());
+    assert!(back.key.is_none() && back.headers.is_empty());
 }
 
 #[test]
