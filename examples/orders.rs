@@ -102,9 +102,8 @@ fn parse_args() -> Result<Args, String> {
 
 /// Which orders are poison: K orders spread evenly over the run.
 fn is_poison(order_id: u64, args: &Args) -> bool {
-    args.poison > 0
-        && order_id % (args.orders / args.poison).max(1) == 0
-        && order_id / (args.orders / args.poison).max(1) < args.poison
+    let every = (args.orders / args.poison.max(1)).max(1);
+    args.poison > 0 && order_id.is_multiple_of(every) && order_id / every < args.poison
 }
 
 /// A stable pseudo-random draw in [0, 1) per (order, run).
