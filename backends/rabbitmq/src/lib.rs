@@ -18,7 +18,7 @@
 //! queue; `T:G` longer than 220 bytes is cut to 200 bytes plus a hash, as AMQP names hold
 //! 255 bytes.) Everything is declared idempotently at subscribe time, and the exchange
 //! at publish time, on throwaway channels: an object that already exists with other
-//! settings is a permanent [`Error::Backend`] whose source is a [`DeclareConflict`]
+//! settings is a permanent [`Error::Backend`](switchyard_core::Error::Backend) whose source is a [`DeclareConflict`]
 //! naming it. A topic of the earlier layout (a topic exchange routing slot bits through
 //! `#.<bits>` bindings) is refused the same way with an [`OldLayout`] naming the
 //! migration: stop its clients of the earlier release and delete the exchange; the
@@ -73,7 +73,7 @@
 //!
 //! ## Delayed redelivery
 //!
-//! [`Broker::redeliver_after`] needs no plugin: group `G` of `T` gets a hold queue
+//! [`Broker::redeliver_after`](switchyard_core::Broker::redeliver_after) needs no plugin: group `G` of `T` gets a hold queue
 //! `T:G.delay.<ms>` per delay, with `x-message-ttl = ms` and `x-dead-letter-exchange =
 //! T:G.return`, fed through a fanout exchange of the same name. The message goes in with
 //! the routing key a publish would give it (its slot number); on expiry RabbitMQ
@@ -92,12 +92,12 @@
 //!
 //! ## Listing topics
 //!
-//! AMQP cannot list objects, so [`Broker::topics`] asks the management plugin's HTTP API
+//! AMQP cannot list objects, so [`Broker::topics`](switchyard_core::Broker::topics) asks the management plugin's HTTP API
 //! (`GET /api/exchanges/<vhost>` and `/api/queues/<vhost>`) at `management_url`
 //! (default `http://<amqp host>:15672`, basic auth with the AMQP URL's user and
 //! password): every direct exchange is a topic (and every topic exchange, which is a
 //! topic of the earlier layout, so it shows up to migrate), every set of partition queues `T:G.p<i>`
-//! a group, and a group's lag is read as [`Broker::lag`] reads it. Without the plugin
+//! a group, and a group's lag is read as [`Broker::lag`](switchyard_core::Broker::lag) reads it. Without the plugin
 //! the error names it: `rabbitmq-plugins enable rabbitmq_management`.
 //!
 //! ## Consuming, attempts, dead letters
@@ -119,7 +119,7 @@
 //! were never handed out too, when a partition changes hands), so the member counts the
 //! attempts of the messages it requeued itself: 1, 2, 3... A message that comes back
 //! for another reason (a member closed, died or lost its connection with it unsettled)
-//! starts again at 1. So [`Capabilities::durable_attempts`] is false. (Quorum queues
+//! starts again at 1. So [`Capabilities::durable_attempts`](switchyard_core::Capabilities::durable_attempts) is false. (Quorum queues
 //! count deliveries durably in `x-delivery-count`, but do not enforce exclusive
 //! consumers and keep file handles open per queue. An `x-delivery-count` header on a
 //! classic queue can only come from a client, so it is kept as an ordinary header and
@@ -131,7 +131,7 @@
 //! `consumer_timeout` (30 minutes by default; set in `rabbitmq.conf`). A member warns
 //! (once per delivery) when a delivery has been unsettled for 25 minutes. If the broker
 //! does close the channel, the partition's messages go back to the queue and are
-//! redelivered, the late ack returns [`Error::SubscriptionClosed`], an error naming the
+//! redelivered, the late ack returns [`Error::SubscriptionClosed`](switchyard_core::Error::SubscriptionClosed), an error naming the
 //! timeout is logged, and the member claims the partition again. Keep handlers well
 //! under the timeout, or raise it on the broker.
 
@@ -152,7 +152,7 @@
 //! Each subscription has its own connection (and so its own locks). When it drops, the
 //! member reconnects with a jittered backoff (100 ms doubling to 5 s), redeclares, rejoins and
 //! claims partitions again; deliveries from the dead channels cannot be settled
-//! ([`Error::SubscriptionClosed`]) and the broker redelivers them, so handling is
+//! ([`Error::SubscriptionClosed`](switchyard_core::Error::SubscriptionClosed)) and the broker redelivers them, so handling is
 //! at-least-once across a loss. A publish in flight rides the loss out: what the broker
 //! had not confirmed is sent again, with the same ids, on a new connection, until
 //! `confirm_timeout_ms` passes without any confirm; only then does it fail, with a
@@ -171,6 +171,8 @@
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
+// docs.rs (nightly) marks feature-gated items with the feature they need.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub)]
 
 mod acker;

@@ -9,7 +9,7 @@
 //! One declarative policy ([`RetryTiers`]), mapped per backend:
 //! - **RabbitMQ** (`Capabilities::delayed_delivery`): the broker holds the message in a
 //!   queue whose message TTL is the tier's delay and which dead-letters into the
-//!   group's own queues ([`Broker::redeliver_after`]). The main consumer sees it again.
+//!   group's own queues ([`Broker::redeliver_after`](switchyard_core::Broker::redeliver_after)). The main consumer sees it again.
 //! - **Kafka and memory**: the message goes to the tier topic `<topic>.<group>.retry.<n>`,
 //!   consumed by the same group with the same handler, which first waits until the
 //!   message is due (on memory that wait is a timer; on Kafka it holds that tier
@@ -49,9 +49,9 @@ use switchyard_core::{
 };
 use tower::Service;
 
-/// Header names written to messages sent to a retry tier. All start with [`PREFIX`]
+/// Header names written to messages sent to a retry tier. All start with [`PREFIX`](headers::PREFIX)
 /// (`x-retry-`), and are believed only where switchyard wrote them (see
-/// [`RetryTiersInbound`](super::RetryTiersInbound)).
+/// [`RetryTiersInbound`]).
 pub mod headers {
     /// What every retry tier header starts with.
     pub const PREFIX: &str = "x-retry-";
