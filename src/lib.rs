@@ -39,6 +39,8 @@
 //!
 //! A crate that adds a broker finds what it needs beyond this in [`backend`].
 #![forbid(unsafe_code)]
+// docs.rs (nightly) marks feature-gated items with the feature they need.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub)]
 
 pub use switchyard_core::*;

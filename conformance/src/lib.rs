@@ -26,6 +26,8 @@
 //! never as passed. Each scenario prints its line, and the suite prints the summary line
 //! `conformance backend=<name> passed=<n> failed=<n> not_applicable=<n>`.
 #![forbid(unsafe_code)]
+// docs.rs (nightly) marks feature-gated items with the feature they need.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub)]
 
 mod kit;

@@ -71,6 +71,8 @@
 //! [`KafkaConfig`]); set it to 0 on Apache Kafka. tansu never creates topics on its own,
 //! which is why switchyard creates them (`create_topics`).
 #![forbid(unsafe_code)]
+// docs.rs (nightly) marks feature-gated items with the feature they need.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub)]
 
 mod acker;

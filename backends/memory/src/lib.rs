@@ -30,6 +30,8 @@
 //! # });
 //! ```
 #![forbid(unsafe_code)]
+// docs.rs (nightly) marks feature-gated items with the feature they need.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub)]
 
 mod acker;
