@@ -264,9 +264,44 @@ pub(crate) async fn declare_group(
         .await
         .map_err(|e| conflict("queue", &queue, e))?;
         bind_slots(&ch, &queue, &names.exchange, p, partitions).await?;
+        if let Some(expires) = expires {
+            // A group's slot bindings take the broker seconds, and a queue with
+            // `x-expires` that nobody uses meanwhile would expire half set up: touch
+            // what is declared so far (a passive declare renews the lease, and fails
+            // loudly where one already expired, where a plain one would recreate it
+            // without its bindings).
+            touch(&ch, &members, expires).await?;
+            for q in 0..p {
+                touch(&ch, &names.partition(q), expires).await?;
+            }
+        }
     }
     let _ = ch.close(200, "declared".into()).await;
     Ok(())
+}
+
+/// Renews the `x-expires` lease of a queue declared moments ago.
+async fn touch(ch: &Channel, queue: &str, expires: Duration) -> Result<()> {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map(drop)
+    .map_err(|e| {
+        Error::permanent(
+            BACKEND,
+            format!(
+                "queue {queue:?} expired while its group was being declared: \
+                 SubscribeOptions::ephemeral_expiry ({expires:?}) is shorter than declaring \
+                 the group takes on this broker; give a longer one ({e})"
+            ),
+        )
+    })
 }
 
 /// Whether queue `name` exists (a passive declaration on a throwaway channel: a
