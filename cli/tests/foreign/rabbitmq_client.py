@@ -4,14 +4,14 @@
       waits until GROUP has a member, then publishes each line to exchange TOPIC the
       way switchyard does; prints one JSON object per message (id, slot, partition).
   rabbitmq_client.py consume URL TOPIC COUNT
-      binds its own queue to exchange TOPIC with "#", prints "ready", then prints COUNT
+      binds its own queue to every slot of exchange TOPIC, prints "ready", then prints COUNT
       messages as JSON (routing_key, id, key, headers, payload).
   rabbitmq_client.py delete URL TOPIC [GROUP ...]
       deletes the groups' queues and the topic's exchange.
 
 The wire format it speaks (see backends/rabbitmq/src/codec.rs): topic T is the durable
-topic exchange T; the routing key is the slot of the key's FNV-1a 64 hash (mod 1024) as
-10 bits, most significant first, joined by dots; the key travels in the header
+direct exchange T; the routing key is the slot of the key's FNV-1a 64 hash (mod 1024) as
+a decimal number ("0" to "1023"); the key travels in the header
 x-switchyard-key, the id in message_id, other headers in the headers table as strings.
 """
 import json
@@ -38,8 +38,7 @@ def slot(key: str) -> int:
 
 
 def routing_key(key: str) -> str:
-    s = slot(key)
-    return ".".join("1" if s >> bit & 1 else "0" for bit in reversed(range(SLOT_BITS)))
+    return str(slot(key))
 
 
 def text(v):
@@ -90,9 +89,11 @@ def consume(url, topic, count):
     conn = connect(url)
     ch = conn.channel()
     # The same declaration as switchyard's, so either may come first.
-    ch.exchange_declare(topic, "topic", durable=True)
+    ch.exchange_declare(topic, "direct", durable=True)
     queue = ch.queue_declare(queue="", exclusive=True).method.queue
-    ch.queue_bind(queue, topic, "#")
+    # A direct exchange has no wildcard: a queue that sees the whole topic binds every slot.
+    for s in range(1 << SLOT_BITS):
+        ch.queue_bind(queue, topic, str(s))
     print("ready", flush=True)
     seen = 0
     deadline = time.time() + 60
