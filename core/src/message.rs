@@ -125,7 +125,7 @@ impl Message {
 /// form, so ids sort by creation time (kind to database indexes).
 ///
 /// Its 74 bits below the millisecond timestamp are random, drawn from `rand`'s
-/// thread-local generator (a CSPRNG seeded by the operating system; uuid's `fast-rng`),
+/// thread-local generator (a CSPRNG initialised from the operating system; uuid's `fast-rng`),
 /// so guessing another message's id is not a practical attack (RFC 9562 §6.9). Ids
 /// still should not be used as secrets.
 pub fn new_id() -> String {

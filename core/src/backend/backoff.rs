@@ -44,7 +44,7 @@ impl Backoff {
     }
 }
 
-/// A number in [0, 1). Jitter needs no quality, and every `RandomState` is seeded
+/// A number in [0, 1). Jitter needs no quality, and every `RandomState` is keyed
 /// afresh, so hashing nothing with one gives new bits without a dependency.
 fn random_fraction() -> f64 {
     let bits = RandomState::new().build_hasher().finish();
