@@ -155,7 +155,7 @@ async fn memory_matches_the_docs() {
     check("memory", &broker.capabilities());
 }
 
-#[cfg(feature = "kafka")]
+#[cfg(all(feature = "kafka", feature = "broker-tests"))]
 #[tokio::test]
 async fn kafka_matches_the_docs() {
     let url =
@@ -166,7 +166,7 @@ async fn kafka_matches_the_docs() {
     check("kafka", &broker.capabilities());
 }
 
-#[cfg(feature = "rabbitmq")]
+#[cfg(all(feature = "rabbitmq", feature = "broker-tests"))]
 #[tokio::test]
 async fn rabbitmq_matches_the_docs() {
     let url = std::env::var("SWITCHYARD_AMQP_URL")

@@ -82,7 +82,7 @@ mod memory {
     }
 }
 
-#[cfg(feature = "rabbitmq")]
+#[cfg(all(feature = "rabbitmq", feature = "broker-tests"))]
 mod rabbitmq {
     use std::process::Command;
     use std::time::{Duration, Instant};

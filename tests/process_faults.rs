@@ -42,6 +42,7 @@ fn consumer_binary() -> &'static Path {
             (cfg!(feature = "kafka"), "kafka"),
             (cfg!(feature = "rabbitmq"), "rabbitmq"),
             (cfg!(feature = "postgres"), "postgres"),
+            (cfg!(feature = "broker-tests"), "broker-tests"),
         ] {
             if on {
                 features.push(name);

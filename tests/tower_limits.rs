@@ -388,7 +388,7 @@ async fn tower_layers_on_memory() {
     every_layer("memory", broker).await;
 }
 
-#[cfg(feature = "kafka")]
+#[cfg(all(feature = "kafka", feature = "broker-tests"))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tower_layers_on_kafka() {
     let url =
@@ -400,7 +400,7 @@ async fn tower_layers_on_kafka() {
     every_layer("kafka", broker).await;
 }
 
-#[cfg(feature = "rabbitmq")]
+#[cfg(all(feature = "rabbitmq", feature = "broker-tests"))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tower_layers_on_rabbitmq() {
     let url = std::env::var("SWITCHYARD_AMQP_URL")

@@ -429,5 +429,5 @@ impl Drop for SupervisorEnded {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "broker-tests"))]
 mod handover_tests;
