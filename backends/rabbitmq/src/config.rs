@@ -5,10 +5,23 @@ use std::time::Duration;
 use switchyard_core::backend::BrokerUrl;
 use switchyard_core::{Error, Result};
 
+use crate::tls::{self, TlsSettings};
+
 /// Settings of the RabbitMQ backend. Given as URL parameters:
 /// `amqp://user:pass@host:5672/vhost?partitions=8&max_message_size=134217728&confirm_timeout_ms=30000&rebalance_ms=250&dead_letter_exchange=name&connection_name=switchyard&management_url=http://host:15672`.
 /// lapin's own parameters (`heartbeat`, `connection_timeout`, `channel_max`,
 /// `frame_max`, `auth_mechanism`) pass through to it.
+///
+/// `amqps://` URLs take TLS settings (rustls; refused on `amqp://`):
+/// - `tls_ca_file`: PEM file of the certificate authorities to trust *instead of* the
+///   system's (a private CA);
+/// - `tls_cert_file` and `tls_key_file`: PEM files of a client certificate (chain) and
+///   its unencrypted private key, for mutual TLS (and the broker's EXTERNAL login);
+/// - `tls_server_name`: the name the broker's certificate must carry, when it is not
+///   the URL's host (connecting by IP address, or through a tunnel).
+///
+/// The files are checked when the URL is parsed and read again at every connection
+/// (rotated certificates apply at the next reconnect).
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RabbitConfig {
@@ -46,6 +59,10 @@ pub struct RabbitConfig {
     /// The AMQP URL's user, password and virtual host, for the management API.
     pub(crate) credentials: (String, String),
     pub(crate) vhost: String,
+    /// TLS settings (`amqps://` only).
+    pub(crate) tls: TlsSettings,
+    /// The name the broker's certificate is checked against.
+    tls_name: String,
 }
 
 /// Without the user and password: configs end up in logs.
@@ -64,6 +81,7 @@ impl std::fmt::Debug for RabbitConfig {
                 &switchyard_core::backend::redact(&self.management_url),
             )
             .field("vhost", &self.vhost)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -99,12 +117,13 @@ impl RabbitConfig {
         for (key, value) in &parsed.params {
             if LAPIN.contains(&key.as_str()) {
                 passthrough.push(format!("{key}={value}"));
-            } else if !OURS.contains(&key.as_str()) {
+            } else if !OURS.contains(&key.as_str()) && !tls::SETTINGS.contains(&key.as_str()) {
                 return Err(Error::config(
                     key.as_str(),
                     format!(
-                        "unknown amqp:// setting; known: {} (switchyard) and {} (lapin)",
+                        "unknown amqp:// setting; known: {}, {} (switchyard) and {} (lapin)",
                         OURS.join(", "),
+                        tls::SETTINGS.join(", "),
                         LAPIN.join(", ")
                     ),
                 ));
@@ -145,6 +164,10 @@ impl RabbitConfig {
             .unwrap_or("switchyard")
             .to_string();
         let target = AmqpTarget::parse(&parsed.authority)?;
+        let tls = TlsSettings::from_url(&parsed)?;
+        let tls_name = tls
+            .server_name(target.host.trim_start_matches('[').trim_end_matches(']'))
+            .to_string();
         let management_explicit = parsed.param("management_url").is_some();
         let management_url = match parsed.param("management_url") {
             Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
@@ -167,6 +190,8 @@ impl RabbitConfig {
             management_explicit,
             credentials: (target.user, target.password),
             vhost: target.vhost,
+            tls,
+            tls_name,
             connection_name,
             amqp_url,
             redacted_url: switchyard_core::backend::redact(url),
@@ -176,6 +201,21 @@ impl RabbitConfig {
             rebalance_interval,
             dead_letter_exchange,
         })
+    }
+}
+
+impl RabbitConfig {
+    /// Whether connections go through TLS (`amqps://`).
+    pub(crate) fn is_tls(&self) -> bool {
+        self.amqp_url
+            .get(..8)
+            .is_some_and(|s| s.eq_ignore_ascii_case("amqps://"))
+    }
+
+    /// The name the broker's certificate is checked against: `tls_server_name`, or
+    /// the URL's host.
+    pub(crate) fn tls_server_name(&self) -> &str {
+        &self.tls_name
     }
 }
 

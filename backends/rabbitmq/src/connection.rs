@@ -1,14 +1,49 @@
-//! Opening connections, with bounded retries and a jittered backoff.
+//! Opening connections, with bounded retries and a jittered backoff; TLS through
+//! rustls with the URL's `tls_*` settings; refusals that retrying cannot fix (a wrong
+//! password, a certificate that does not check out) fail at once, typed.
 
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use lapin::tcp::{AsyncTcpStream, RustlsConnector};
+use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 use switchyard_core::backend::Backoff;
 use switchyard_core::{Error, Result};
 use tokio::time::Instant;
 
 use crate::config::RabbitConfig;
+use crate::error::soft_code;
+use crate::tls::{self, TlsRefused};
 use crate::BACKEND;
+
+/// The broker refused the user name and password (or the mechanism): AMQP's
+/// ACCESS_REFUSED at login. Carried as the source of a permanent [`Error::Backend`], so
+/// callers can downcast to it. Nothing secret is in it: the broker's text names the
+/// mechanism, never the password.
+#[derive(Debug)]
+pub struct AuthRefused {
+    /// The URL connected to, password hidden.
+    pub url: String,
+    /// The broker's explanation.
+    pub detail: String,
+}
+
+impl fmt::Display for AuthRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} refused the login: wrong user name or password, or the user may not use \
+             this virtual host ({}); check the URL's user:password (percent-encoded) and \
+             the user's permissions",
+            self.url, self.detail
+        )
+    }
+}
+
+impl std::error::Error for AuthRefused {}
 
 /// Opens a connection named `role` (visible in the management UI and `rabbitmqctl
 /// list_connections`). lapin's own auto-recovery stays off: we rebuild topology and
@@ -19,18 +54,100 @@ pub(crate) async fn connect_once(config: &RabbitConfig, role: &str) -> Result<Co
     // lapin has no overall handshake timeout; a broker that accepts the socket but
     // never answers must not hang the caller.
     let after = Duration::from_secs(10);
-    match tokio::time::timeout(after, Connection::connect(&config.amqp_url, props)).await {
+    let tls_failure = Arc::new(parking_lot::Mutex::new(None));
+    // Read before connecting: a certificate file gone since startup is a settings
+    // error, not a connection one.
+    let client = match config.is_tls() {
+        true => Some(config.tls.client_config()?),
+        false => None,
+    };
+    let attempt = async {
+        match client {
+            Some(client) => connect_tls(config, client, props, tls_failure.clone()).await,
+            None => Connection::connect(&config.amqp_url, props).await,
+        }
+    };
+    match tokio::time::timeout(after, attempt).await {
         Err(_) => Err(Error::Timeout {
             after,
             what: format!("the AMQP handshake with {}", config.redacted_url),
         }),
-        Ok(r) => r.map_err(|e| {
-            Error::transient(
-                BACKEND,
-                format!("connecting to {}: {e}", config.redacted_url),
-            )
-        }),
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(connect_error(config, e, tls_failure.lock().take())),
     }
+}
+
+/// Classifies a failed connection: a refused login or certificate is permanent (the
+/// same settings get the same answer), anything else transient.
+fn connect_error(config: &RabbitConfig, e: lapin::Error, tls: Option<TlsRefused>) -> Error {
+    if let Some(refused) = tls.or_else(|| tls_alert(config, &e)) {
+        return tls::refused(refused);
+    }
+    // 403 ACCESS_REFUSED at login (RabbitMQ closes the connection with it, as the
+    // client asked through the authentication_failure_close capability).
+    if soft_code(&e) == Some(403) {
+        return Error::permanent(
+            BACKEND,
+            AuthRefused {
+                url: config.redacted_url.clone(),
+                detail: e.to_string(),
+            },
+        );
+    }
+    Error::transient(
+        BACKEND,
+        format!("connecting to {}: {e}", config.redacted_url),
+    )
+}
+
+/// A TLS alert that reached lapin after the handshake: under TLS 1.3 a server that
+/// wants a client certificate says so only after the client finished its side.
+fn tls_alert(config: &RabbitConfig, e: &lapin::Error) -> Option<TlsRefused> {
+    let lapin::ErrorKind::IOError(io) = e.kind() else {
+        return None;
+    };
+    tls::classify(io, config.tls_server_name())
+}
+
+/// The TLS path: lapin's connector with our own rustls configuration (lapin's own
+/// TLS adds a CA to the system's roots and checks the URL's host only). The
+/// handshake's typed failure goes to `failure`, since lapin keeps only its text.
+async fn connect_tls(
+    config: &RabbitConfig,
+    client: Arc<rustls::ClientConfig>,
+    props: ConnectionProperties,
+    failure: Arc<parking_lot::Mutex<Option<TlsRefused>>>,
+) -> lapin::Result<Connection> {
+    let uri: AMQPUri = config
+        .amqp_url
+        .parse()
+        .map_err(|e: String| lapin::Error::from(std::io::Error::other(e)))?;
+    let connector = RustlsConnector::from(client);
+    let name = config.tls_server_name().to_string();
+    let runtime = lapin::runtime::default_runtime()?;
+    Connection::connector(
+        uri,
+        runtime,
+        async move |uri: AMQPUri, runtime| {
+            let host = uri
+                .authority
+                .host
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, uri.authority.port))
+                .await?
+                .collect();
+            let plain = AsyncTcpStream::connect(&runtime, addrs).await?;
+            plain.into_rustls(&connector, &name).await.map_err(|e| {
+                if let Some(refused) = tls::classify(&e, &name) {
+                    *failure.lock() = Some(refused);
+                }
+                lapin::Error::from(e)
+            })
+        },
+        props,
+    )
+    .await
 }
 
 /// The pauses between connection attempts: 50 ms doubling to 1 s, jittered, so clients
@@ -39,13 +156,16 @@ pub(crate) const RECONNECT: Backoff =
     Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
 
 /// Connects, retrying with [`RECONNECT`] for about 3 s, so a broker that is restarting
-/// or a connection that was just closed does not fail the caller at once.
+/// or a connection that was just closed does not fail the caller at once. A permanent
+/// refusal (login, certificate, settings) is returned at once: retrying it would only
+/// repeat it, and fill the log.
 pub(crate) async fn connect_with_retry(config: &RabbitConfig, role: &str) -> Result<Connection> {
     let deadline = Instant::now() + Duration::from_secs(3);
     let mut failures = 0;
     loop {
         let err = match connect_once(config, role).await {
             Ok(c) => return Ok(c),
+            Err(e) if !e.is_transient() => return Err(e),
             Err(e) => e,
         };
         failures += 1;

@@ -188,14 +188,17 @@ mod publisher;
 mod pump;
 mod subscription;
 mod supervisor;
+mod tls;
 mod topology;
 
 pub use broker::{connect, RabbitBroker};
 pub use codec::KEY_HEADER;
 pub use config::RabbitConfig;
+pub use connection::AuthRefused;
 pub use error::{DeclareConflict, OldLayout};
 pub use management::ManagementUnavailable;
 pub use publisher::Unroutable;
+pub use tls::{TlsProblem, TlsRefused};
 
 pub(crate) const BACKEND: &str = "rabbitmq";
 
