@@ -6,10 +6,9 @@
 //! with `--features rabbitmq`).
 //!
 //! `shutdown_on_signal()` is the token a service passes to its app; the example sends
-//! itself SIGTERM once a few slow jobs are running, as an orchestrator would. The last
-//! line is the summary; the exit status is 0 only when every job started before the
-//! signal finished and was acked, none was abandoned, and after a restart every job was
-//! done exactly once.
+//! itself SIGTERM once a few slow jobs run, as an orchestrator would. The exit status is 0
+//! only when every job started before the signal finished and was acked, none was
+//! abandoned, and after a restart every job was done exactly once.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -31,8 +30,7 @@ struct Jobs {
 async fn main() -> switchyard::Result<ExitCode> {
     let url = std::env::args().skip_while(|a| a != "--url").nth(1);
     let broker = switchyard::connect(url.as_deref().unwrap_or("memory://")).await?;
-    // Names of their own per run (a Kafka group spans topics), so leftovers and other
-    // runs never mix in.
+    // Names of their own per run, so leftovers and other runs never mix in.
     let run = switchyard::new_id()[24..].to_string();
     let topic = format!("exports-{run}");
     let jobs: Arc<Mutex<Jobs>> = Arc::default();

@@ -46,8 +46,7 @@ async fn read(
 async fn main() -> switchyard::Result<ExitCode> {
     let url = std::env::args().skip_while(|a| a != "--url").nth(1);
     let broker = KafkaBroker::connect(url.as_deref().unwrap_or("kafka://127.0.0.1:9092"))?;
-    // Names of their own per run (a Kafka group spans topics), so leftovers and other
-    // runs never mix in.
+    // Names of their own per run, so leftovers and other runs never mix in.
     let run = switchyard::new_id()[24..].to_string();
     let (topic, group) = (format!("ledger-{run}"), format!("reports-{run}"));
     let event = |i: usize| Message::new(format!("event-{i}")).with_key("account-1");
@@ -66,27 +65,20 @@ async fn main() -> switchyard::Result<ExitCode> {
 
     let read_all = read(&broker, &topic, &group, 10).await?;
 
-    let (partition, offset) = match (second[1].partition, second[1].offset) {
-        (Some(p), Some(o)) => (p, o),
-        _ => {
-            return Err(switchyard::Error::config(
-                "url",
-                "the broker gave no offsets",
-            ))
-        }
+    // Back to event 6, by the partition and offset its publish returned.
+    let (Some(partition), Some(offset)) = (second[1].partition, second[1].offset) else {
+        return Err(switchyard::Error::config(
+            "url",
+            "the broker gave no offsets",
+        ));
     };
-    broker
-        .replay(
-            &topic,
-            &group,
-            ReplayFrom::Offsets(vec![(partition, offset)]),
-        )
-        .await?;
+    let to_offset = ReplayFrom::Offsets(vec![(partition, offset)]);
+    broker.replay(&topic, &group, to_offset).await?;
     let from_offset = read(&broker, &topic, &group, 4).await?;
 
-    broker
-        .replay(&topic, &group, ReplayFrom::Timestamp(between))
-        .await?;
+    // Back to the time between events 4 and 5.
+    let to_time = ReplayFrom::Timestamp(between);
+    broker.replay(&topic, &group, to_time).await?;
     let from_time = read(&broker, &topic, &group, 5).await?;
     broker.close().await?;
 
