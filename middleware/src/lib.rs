@@ -84,7 +84,7 @@ pub use dead_letter::{
     Replayed, Selection,
 };
 #[cfg(feature = "postgres")]
-pub use idempotency::PostgresStore;
+pub use idempotency::{PostgresStore, PostgresTlsProblem, PostgresTlsRefused};
 pub use idempotency::{
     Begin, Idempotency, IdempotencyFuture, IdempotencyLayer, IdempotencyStore, MarkKey, MemoryStore,
 };

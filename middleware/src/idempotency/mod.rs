@@ -39,7 +39,7 @@ use switchyard_core::Result;
 pub use layer::IdempotencyLayer;
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
-pub use postgres::PostgresStore;
+pub use postgres::{PostgresStore, PostgresTlsProblem, PostgresTlsRefused};
 pub use service::{Idempotency, IdempotencyFuture};
 
 /// The answer to [`IdempotencyStore::begin`].

@@ -10,6 +10,10 @@
 //! itself after a PostgreSQL restart; until then its calls fail, and
 //! [`IdempotencyLayer`](super::IdempotencyLayer) holds the deliveries and tries again.
 //! Expired rows are deleted in bounded batches by a background sweep.
+//!
+//! TLS is asked for in the connection string: `sslmode=require` (the server's
+//! certificate is then always checked, authority and host name) and `sslrootcert=<PEM
+//! file>` for a private CA; see [`PostgresStore::connect`].
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -20,9 +24,14 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, R
 use sha2::{Digest, Sha256};
 use switchyard_core::{Error, Result};
 use tokio::task::JoinHandle;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::NoTls;
 
 use super::{Begin, IdempotencyStore, MarkKey};
+
+mod tls;
+
+pub use tls::{PostgresTlsProblem, PostgresTlsRefused};
 
 const BACKEND: &str = "postgres";
 
@@ -57,6 +66,10 @@ struct Sql {
 }
 
 fn pg(e: tokio_postgres::Error) -> Error {
+    // A certificate that does not check out will not check out next time either.
+    if let Some(refused) = tls::refused(&e) {
+        return Error::permanent(BACKEND, refused);
+    }
     // Connection trouble may pass; SQL errors (a bad table name, permissions) will not.
     let transient = e.is_closed() || e.as_db_error().is_none();
     Error::Backend {
@@ -95,6 +108,13 @@ fn row_key(key: MarkKey<'_>) -> String {
 impl PostgresStore {
     /// Connects (`postgres://user@host:port/db` or `host=… user=… dbname=…`) and creates
     /// the table `table` (default name: `switchyard_idempotency`) if it does not exist.
+    ///
+    /// TLS (rustls): `sslmode=require` turns it on, and the server's certificate is
+    /// then checked against the system's authorities, or only those of
+    /// `sslrootcert=<PEM file>`, and against the host name (libpq's `verify-full`;
+    /// `verify-ca` and `verify-full` are accepted and mean the same here). The default
+    /// `prefer`, and `disable`, connect without TLS. A certificate that does not check
+    /// out fails with a permanent error whose source is a [`PostgresTlsRefused`].
     pub async fn connect(config: &str, table: Option<&str>) -> Result<Self> {
         let table = table.unwrap_or("switchyard_idempotency");
         if table.is_empty()
@@ -107,20 +127,34 @@ impl PostgresStore {
                 format!("{table:?}: use lower-case letters, digits and '_' only"),
             ));
         }
-        let mut pg_config: tokio_postgres::Config = config
-            .parse()
-            .map_err(|e| Error::config("postgres", format!("{config:?}: {e}")))?;
+        let split = tls::split(config)?;
+        // The string is not shown: it may hold a password.
+        let mut pg_config: tokio_postgres::Config = split.config.parse().map_err(|e| {
+            Error::config(
+                "postgres",
+                format!("the connection string does not parse: {e}"),
+            )
+        })?;
         if pg_config.get_connect_timeout().is_none() {
             pg_config.connect_timeout(CONNECT_TIMEOUT);
         }
-        let manager = Manager::from_config(
-            pg_config,
-            NoTls,
-            ManagerConfig {
-                // A restart closes every connection: lend only open ones.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        // A restart closes every connection: lend only open ones.
+        let manager_config = || ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match pg_config.get_ssl_mode() {
+            SslMode::Require => {
+                let client = tls::client_config(split.ca_file.as_deref())?;
+                Manager::from_config(pg_config, tls::MakeRustls(client), manager_config())
+            }
+            _ if split.ca_file.is_some() => {
+                return Err(Error::config(
+                    "sslrootcert",
+                    "a CA file without sslmode=require would not be used: add sslmode=require",
+                ))
+            }
+            _ => Manager::from_config(pg_config, NoTls, manager_config()),
+        };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(Runtime::Tokio1)
