@@ -109,6 +109,7 @@ fn compare(path: &Path, table: &Table, backend: &str, caps: &Capabilities) {
         ("durable_attempts", caps.durable_attempts),
         ("native_dead_letter", caps.native_dead_letter),
         ("delayed_delivery", caps.delayed_delivery),
+        ("request_reply", caps.request_reply),
     ];
     assert_eq!(
         table.len(),

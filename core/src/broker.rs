@@ -264,6 +264,8 @@ pub struct Capabilities {
     pub delayed_delivery: bool,
     /// The largest payload the backend accepts, where it has a limit.
     pub max_message_size: Option<usize>,
+    /// [`Broker::request`] works: requests get replies through the broker.
+    pub request_reply: bool,
 }
 
 /// A topic (or queue) as the broker reports it, for tooling.
@@ -359,6 +361,30 @@ pub trait Broker: Publisher + Subscriber {
             backend: self.backend(),
             what: "delayed redelivery".into(),
         })
+    }
+    /// Publishes `message` to `topic` as a request and waits up to `timeout` for its
+    /// reply, which a [`reply_fn`](crate::reply_fn) handler consuming `topic` sends. The
+    /// reply comes to this client only, matched by a correlation id (see
+    /// [`rpc`](crate::rpc)).
+    ///
+    /// Errors: [`Error::Timeout`](crate::Error::Timeout) when no reply came in time (no
+    /// responder, or it panicked or died), [`Error::ErrorReply`](crate::Error::ErrorReply)
+    /// when the responder returned an error, [`Error::Closed`](crate::Error::Closed) when
+    /// the client was closed first. Default (`Capabilities::request_reply` false):
+    /// [`Error::Unsupported`](crate::Error::Unsupported).
+    async fn request(&self, topic: &str, message: Message, timeout: Duration) -> Result<Message> {
+        let _ = (topic, message, timeout);
+        Err(crate::Error::Unsupported {
+            backend: self.backend(),
+            what: "request/reply".into(),
+        })
+    }
+    /// Sends a responder's `reply` to the reply `address` a request carried. Default:
+    /// a publish to the reply topic `address` ([`rpc::pubsub`](crate::rpc::pubsub)), which
+    /// refuses addresses that are not reply topics; backends with their own reply
+    /// channel override it.
+    async fn send_reply(&self, address: &str, reply: Message) -> Result<()> {
+        crate::rpc::pubsub::send_reply(self, address, reply).await
     }
 }
 

@@ -121,6 +121,20 @@ pub enum Error {
         /// What we waited for.
         what: String,
     },
+    /// A request's responder failed and answered with an error reply instead of a
+    /// result. Transient when the responder's failure was (a retry of the request may
+    /// pass).
+    #[error("the responder on topic {topic:?} answered request {request_id} with a {kind} error: {message}")]
+    ErrorReply {
+        /// The topic the request was sent to.
+        topic: String,
+        /// The request message's id.
+        request_id: String,
+        /// The responder's failure kind.
+        kind: FailureKind,
+        /// The responder's error text.
+        message: String,
+    },
     /// An error from the broker or its client library.
     #[error("{backend}: {source}")]
     Backend {
@@ -140,6 +154,7 @@ impl Error {
         match self {
             Error::Backend { transient, .. } => *transient,
             Error::Timeout { .. } | Error::Closed { .. } => true,
+            Error::ErrorReply { kind, .. } => kind.is_retryable(),
             _ => false,
         }
     }

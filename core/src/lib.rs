@@ -8,6 +8,8 @@
 //!   (object-safe, so [`AnyBroker`] can be picked at run time from a URL);
 //! - one [`Error`] type with [`Error::is_transient`], and [`HandlerError`] for handlers;
 //! - codecs ([`JsonCodec`]) and handler arguments ([`Json<T>`](Json), [`Delivery`], `Bytes`);
+//! - request/reply ([`rpc`]): [`Broker::request`], [`RequestExt::request_json`], and
+//!   [`reply_fn`] for handlers whose `Ok` value is the reply;
 //! - the consumer runtime: [`Consumer`] (bounded concurrency, ack after success, nack on
 //!   failure, panics caught, graceful shutdown) and [`App`] for several consumers;
 //! - for crates that add a broker: [`backend`] (the ack handle to implement, URL parsing
@@ -63,6 +65,7 @@ mod handler;
 mod message;
 mod names;
 pub mod observe;
+pub mod rpc;
 mod runtime;
 mod url;
 
@@ -76,6 +79,7 @@ pub use error::{BoxError, Error, FailureKind, HandlerError, Result};
 pub use handler::{handler_fn, FromDelivery, Handler, HandlerFuture, HandlerService, Json};
 pub use message::{new_id, Headers, Message, Receipt};
 pub use observe::{Instrumented, TraceContext, TRACEPARENT};
+pub use rpc::{reply_fn, IntoReply, ReplyHandler, ReplyService, RequestExt};
 pub use runtime::{shutdown_on_signal, App, Consumer, ConsumerReport, RunningApp, RunningConsumer};
 
 /// Re-exported so users and backends name the same versions.

@@ -272,6 +272,20 @@ impl<B: Broker + ?Sized> Broker for Instrumented<B> {
             .redeliver_after(topic, group, message, delay)
             .await
     }
+    async fn request(
+        &self,
+        topic: &str,
+        mut message: crate::Message,
+        timeout: std::time::Duration,
+    ) -> Result<crate::Message> {
+        stamp(&mut message);
+        self.inner.request(topic, message, timeout).await
+    }
+
+    async fn send_reply(&self, address: &str, mut reply: crate::Message) -> Result<()> {
+        stamp(&mut reply);
+        self.inner.send_reply(address, reply).await
+    }
 }
 
 #[cfg(test)]

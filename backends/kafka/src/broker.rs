@@ -261,6 +261,7 @@ impl Broker for KafkaBroker {
             native_dead_letter: false,
             delayed_delivery: false,
             max_message_size: Some(self.inner.config.max_message_size),
+            request_reply: false,
         }
     }
 

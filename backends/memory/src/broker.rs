@@ -3,11 +3,13 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use switchyard_core::backend::{validate_name, BrokerUrl};
-use switchyard_core::{Broker, Capabilities, Error, GroupInfo, Result, TopicInfo};
+use switchyard_core::rpc::{pubsub, Requester};
+use switchyard_core::{Broker, Capabilities, Error, GroupInfo, Message, Result, TopicInfo};
 
 use crate::config::MemoryConfig;
 use crate::faults::{FaultState, Faults};
@@ -22,6 +24,9 @@ pub(crate) const BACKEND: &str = "memory";
 /// of that name (created on first use, kept while a handle lives), so separate parts of
 /// an application that connect by URL see the same topics. [`MemoryBroker::new`] makes a
 /// private one.
+///
+/// Requests ([`Broker::request`]) get their replies on a reply topic of this broker (see
+/// [`switchyard_core::rpc::pubsub`]); [`Broker::close`] ends them.
 #[derive(Clone)]
 pub struct MemoryBroker {
     pub(crate) inner: Arc<Inner>,
@@ -32,6 +37,9 @@ pub(crate) struct Inner {
     pub(crate) config: MemoryConfig,
     pub(crate) topics: Mutex<HashMap<String, Arc<Topic>>>,
     pub(crate) faults: Arc<FaultState>,
+    /// The pending requests of every handle, and their reply topic, made on the first
+    /// request.
+    pub(crate) requester: Requester,
 }
 
 /// The brokers `memory://name` URLs name, while a handle of each lives.
@@ -56,6 +64,7 @@ impl MemoryBroker {
                 config,
                 topics: Mutex::new(HashMap::new()),
                 faults: Arc::default(),
+                requester: Requester::new(BACKEND),
             }),
         }
     }
@@ -95,9 +104,12 @@ impl MemoryBroker {
         &self.inner.config
     }
 
-    /// Ends every subscription of every topic (their `recv` returns `None`) and refuses
-    /// further publishes, for every handle of this broker.
+    /// Ends every subscription of every topic (their `recv` returns `None`), pending
+    /// requests, and refuses further publishes and requests, for every handle of this
+    /// broker.
     pub fn shutdown(&self) {
+        // Pending requests end with a closed error rather than a lost inbox.
+        self.inner.requester.close();
         let topics: Vec<_> = self.inner.topics.lock().values().cloned().collect();
         for t in topics {
             t.state.lock().closed = true;
@@ -152,6 +164,7 @@ impl Broker for MemoryBroker {
             native_dead_letter: false,
             delayed_delivery: false,
             max_message_size: self.inner.config.max_message_size,
+            request_reply: true,
         }
     }
 
@@ -189,10 +202,20 @@ impl Broker for MemoryBroker {
         Ok(out)
     }
 
-    /// Releases this handle only: a memory broker's topics are shared by every handle
+    /// Ends the broker's pending requests with [`Error::Closed`] (later requests fail
+    /// so: request/reply is closed for every handle of this broker), and otherwise
+    /// releases this handle only: a memory broker's topics are shared by every handle
     /// (and every `memory://name` connection), and live while one does. Use
     /// [`MemoryBroker::shutdown`] to end every subscription.
     async fn close(&self) -> Result<()> {
+        self.inner.requester.close();
         Ok(())
+    }
+
+    async fn request(&self, topic: &str, message: Message, timeout: Duration) -> Result<Message> {
+        self.inner
+            .requester
+            .request(self, || pubsub::open_inbox(self), topic, message, timeout)
+            .await
     }
 }

@@ -101,6 +101,7 @@ impl Broker for RabbitBroker {
             native_dead_letter: self.inner.config.dead_letter_exchange.is_some(),
             delayed_delivery: true,
             max_message_size: Some(self.inner.config.max_message_size),
+            request_reply: false,
         }
     }
 

@@ -23,6 +23,7 @@ mod load;
 mod middleware;
 mod ordering;
 mod replay;
+mod rpc;
 mod settlement;
 mod tiers;
 mod tracing;
@@ -84,6 +85,12 @@ macro_rules! __scenario_list {
             }
             tracing {
                 trace_context_travels_with_messages = trace_context;
+            }
+            rpc {
+                request_reply_1000_concurrent_each_matched = concurrent_requests;
+                request_reply_no_responder_times_out = no_responder_times_out;
+                request_reply_error_reply_is_typed_error = error_reply_is_typed;
+                request_reply_close_ends_pending_requests = close_ends_pending;
             }
         }
     };
