@@ -250,9 +250,37 @@ impl KafkaConfig {
         Ok(config)
     }
 
+    /// Without the `tls` feature librdkafka has no OpenSSL: TLS, SCRAM and OAUTHBEARER
+    /// would fail with "OpenSSL not available at build time", which does not say what to
+    /// change here.
+    #[cfg(not(feature = "tls"))]
+    fn check_tls_built_in(&self) -> Result<()> {
+        for (key, value) in &self.client {
+            let value = value.to_ascii_uppercase();
+            let needs_tls = match key.as_str() {
+                "security.protocol" => value == "SSL" || value == "SASL_SSL",
+                "sasl.mechanism" | "sasl.mechanisms" => {
+                    value.starts_with("SCRAM-") || value == "OAUTHBEARER"
+                }
+                other => other.starts_with("ssl."),
+            };
+            if needs_tls {
+                return Err(Error::config(
+                    key.as_str(),
+                    "needs librdkafka built with OpenSSL: enable switchyard's `kafka-tls` \
+                     feature (switchyard-kafka's `tls`; Debian: apt-get install libssl-dev \
+                     pkg-config)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks numbers that cannot work, and that librdkafka accepts every setting.
     pub fn validate(&self) -> Result<()> {
         self.check_numbers()?;
+        #[cfg(not(feature = "tls"))]
+        self.check_tls_built_in()?;
         self.check_client_settings()
     }
 
@@ -379,5 +407,39 @@ mod tests {
         );
         let c = KafkaConfig::new("user:hunter22@h:9092");
         assert!(!format!("{c:?}").contains("hunter22"), "{c:?}");
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn tls_settings_name_the_feature_they_need() {
+        for (url, setting) in [
+            (
+                "kafka://h:9093?security.protocol=SASL_SSL",
+                "security.protocol",
+            ),
+            ("kafka://h:9093?security.protocol=ssl", "security.protocol"),
+            (
+                "kafka://h:9092?sasl.mechanism=SCRAM-SHA-512",
+                "sasl.mechanism",
+            ),
+            (
+                "kafka://h:9093?ssl.ca.location=/etc/ca.pem",
+                "ssl.ca.location",
+            ),
+        ] {
+            let err = KafkaConfig::from_url(url).unwrap().validate().unwrap_err();
+            match &err {
+                Error::Config {
+                    setting: s,
+                    message,
+                } => {
+                    assert_eq!(s, setting, "{url}: {err}");
+                    assert!(message.contains("kafka-tls"), "{url}: {err}");
+                }
+                other => panic!("{url}: {other}"),
+            }
+        }
+        let plain = "kafka://h:9092?security.protocol=SASL_PLAINTEXT&sasl.mechanism=PLAIN";
+        KafkaConfig::from_url(plain).unwrap().validate().unwrap();
     }
 }
