@@ -1,0 +1,175 @@
+//! Kafka through TLS (feature `kafka-tls`): a tansu of its own, started by the test on a
+//! fresh database, behind a TLS terminator (tests/tls). Its advertised listener is the
+//! terminator's address, since Kafka's metadata sends clients to the advertised
+//! address: behind the shared tansu the client would be sent around the terminator.
+//! Needs `tansu` (`source scripts/brokers.sh; ensure_tansu`); fails, never skips,
+//! without it.
+
+mod tls;
+
+use std::collections::HashSet;
+use std::net::TcpListener as StdListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use switchyard::kafka::KafkaBroker;
+use switchyard::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
+use tls::{Opening, Pki, Terminator};
+use tokio::net::TcpListener;
+
+/// A hang guard, not a timing assertion: tansu joins groups slowly.
+const LONG: Duration = Duration::from_secs(90);
+
+/// A tansu process on its own port and database; killed and removed on drop.
+struct Tansu {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn tansu_binary() -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let candidates = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(PathBuf::from)
+        .chain([PathBuf::from(home).join(".cargo/bin")])
+        .map(|dir| dir.join("tansu"))
+        .collect::<Vec<_>>();
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .expect("tansu must be installed: source scripts/brokers.sh; ensure_tansu")
+}
+
+/// Starts tansu on a free port, advertising `advertised` (the terminator's port).
+async fn start_tansu(advertised: u16) -> (Tansu, u16) {
+    let port = StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!(
+        "switchyard-tansu-tls-{}-{port}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = std::fs::File::create(dir.join("tansu.log")).unwrap();
+    let child = Command::new(tansu_binary())
+        .current_dir(&dir)
+        .args([
+            "broker",
+            "--listener-url",
+            &format!("tcp://127.0.0.1:{port}"),
+            "--advertised-listener-url",
+            &format!("tcp://127.0.0.1:{advertised}"),
+            "--storage-engine",
+            "sqlite://tansu.db",
+        ])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("starting tansu");
+    let tansu = Tansu { child, dir };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (tansu, port)
+}
+
+/// tansu behind a terminator presenting the PKI's server certificate.
+async fn tls_kafka(pki: &Pki) -> (Tansu, Terminator) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let advertised = listener.local_addr().unwrap().port();
+    let (tansu, port) = start_tansu(advertised).await;
+    let terminator = Terminator::serve(
+        listener,
+        &format!("127.0.0.1:{port}"),
+        pki.server_config(&pki.server, false),
+        Opening::Tls,
+    );
+    (tansu, terminator)
+}
+
+fn url(t: &Terminator, pki: &Pki) -> String {
+    format!(
+        "kafka://127.0.0.1:{}?security.protocol=SSL&ssl.ca.location={}&partitions=4",
+        t.addr.port(),
+        pki.path("ca.pem")
+    )
+}
+
+fn unique(label: &str) -> String {
+    format!(
+        "sy-tls-{label}-{}",
+        &switchyard::new_id().replace('-', "")[20..]
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_consume_and_a_two_member_group_through_tls() {
+    let pki = Pki::new();
+    let (_tansu, t) = tls_kafka(&pki).await;
+    let broker = Arc::new(KafkaBroker::connect(&url(&t, &pki)).expect("a TLS URL"));
+    let topic = unique("t");
+    let seen: Arc<Mutex<Vec<HashSet<String>>>> = Arc::new(Mutex::new(vec![HashSet::new(); 2]));
+    let mut members = Vec::new();
+    for m in 0..2 {
+        let mut sub = broker
+            .subscribe(SubscribeOptions::new(&topic, "g"))
+            .await
+            .expect("joining through TLS");
+        let seen = seen.clone();
+        members.push(tokio::spawn(async move {
+            while let Some(Ok(d)) = sub.recv().await {
+                let id = String::from_utf8(d.payload().to_vec()).unwrap();
+                d.ack().await.unwrap();
+                seen.lock().unwrap()[m].insert(id);
+            }
+        }));
+    }
+    let mut published = 0;
+    let deadline = Instant::now() + LONG;
+    loop {
+        let batch: Vec<Message> = (published..published + 16)
+            .map(|i| Message::new(i.to_string()).with_key(format!("k{i}")))
+            .collect();
+        broker.publish_batch(&topic, batch).await.unwrap();
+        published += 16;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if seen.lock().unwrap().iter().all(|s| !s.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "one member never got work");
+    }
+    loop {
+        let got: HashSet<String> = seen.lock().unwrap().iter().flatten().cloned().collect();
+        if got.len() == published {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "received {} of {published}",
+            got.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for m in members {
+        m.abort();
+    }
+    broker.close().await.unwrap();
+}
