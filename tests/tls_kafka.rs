@@ -9,7 +9,7 @@ mod tls;
 
 use std::collections::HashSet;
 use std::net::TcpListener as StdListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +26,8 @@ const LONG: Duration = Duration::from_secs(90);
 struct Tansu {
     child: Child,
     dir: PathBuf,
+    port: u16,
+    advertised: u16,
 }
 
 impl Drop for Tansu {
@@ -51,22 +53,36 @@ fn tansu_binary() -> PathBuf {
         .expect("tansu must be installed: source scripts/brokers.sh; ensure_tansu")
 }
 
-/// Starts tansu on a free port, advertising `advertised` (the terminator's port).
-async fn start_tansu(advertised: u16) -> (Tansu, u16) {
-    let port = StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = std::env::temp_dir().join(format!(
-        "switchyard-tansu-tls-{}-{port}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = std::fs::File::create(dir.join("tansu.log")).unwrap();
-    let child = Command::new(tansu_binary())
-        .current_dir(&dir)
-        .args([
+impl Tansu {
+    /// Starts tansu on a free port, advertising `advertised` (the terminator's port).
+    async fn start(advertised: u16) -> Self {
+        let port = StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!(
+            "switchyard-tansu-tls-{}-{port}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Self::spawn(&dir, port, advertised, false).await;
+        Self {
+            child,
+            dir,
+            port,
+            advertised,
+        }
+    }
+
+    async fn spawn(dir: &Path, port: u16, advertised: u16, authentication: bool) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("tansu.log"))
+            .unwrap();
+        let mut command = Command::new(tansu_binary());
+        command.current_dir(dir).args([
             "broker",
             "--listener-url",
             &format!("tcp://127.0.0.1:{port}"),
@@ -74,40 +90,67 @@ async fn start_tansu(advertised: u16) -> (Tansu, u16) {
             &format!("tcp://127.0.0.1:{advertised}"),
             "--storage-engine",
             "sqlite://tansu.db",
-        ])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("starting tansu");
-    let tansu = Tansu { child, dir };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "tansu did not listen on {port}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        ]);
+        if authentication {
+            command.arg("--authentication");
+        }
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting tansu");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        child
     }
-    (tansu, port)
+
+    /// Adds a SCRAM-SHA-512 user, then restarts requiring SASL logins: tansu takes
+    /// credentials only from an authenticated client, so the user comes first.
+    async fn require_scram_user(&mut self, user: &str, password: &str) {
+        let status = Command::new(tansu_binary())
+            .args([
+                "user",
+                "create",
+                "--broker",
+                &format!("tcp://127.0.0.1:{}", self.port),
+                "--mechanism",
+                "scram512",
+                user,
+                password,
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .expect("tansu user create");
+        assert!(status.success(), "tansu user create: {status}");
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = Self::spawn(&self.dir, self.port, self.advertised, true).await;
+    }
 }
 
 /// tansu behind a terminator presenting the PKI's server certificate.
 async fn tls_kafka(pki: &Pki) -> (Tansu, Terminator) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let advertised = listener.local_addr().unwrap().port();
-    let (tansu, port) = start_tansu(advertised).await;
+    let tansu = Tansu::start(listener.local_addr().unwrap().port()).await;
     let terminator = Terminator::serve(
         listener,
-        &format!("127.0.0.1:{port}"),
+        &format!("127.0.0.1:{}", tansu.port),
         pki.server_config(&pki.server, false),
         Opening::Tls,
     );
     (tansu, terminator)
 }
 
-fn url(t: &Terminator, pki: &Pki) -> String {
+/// The terminator's address, the test CA, and `settings`.
+fn url(t: &Terminator, pki: &Pki, settings: &str) -> String {
     format!(
-        "kafka://127.0.0.1:{}?security.protocol=SSL&ssl.ca.location={}&partitions=4",
+        "kafka://127.0.0.1:{}?ssl.ca.location={}&partitions=4&{settings}",
         t.addr.port(),
         pki.path("ca.pem")
     )
@@ -124,7 +167,8 @@ fn unique(label: &str) -> String {
 async fn publish_consume_and_a_two_member_group_through_tls() {
     let pki = Pki::new();
     let (_tansu, t) = tls_kafka(&pki).await;
-    let broker = Arc::new(KafkaBroker::connect(&url(&t, &pki)).expect("a TLS URL"));
+    let broker =
+        Arc::new(KafkaBroker::connect(&url(&t, &pki, "security.protocol=SSL")).expect("a TLS URL"));
     let topic = unique("t");
     let seen: Arc<Mutex<Vec<HashSet<String>>>> = Arc::new(Mutex::new(vec![HashSet::new(); 2]));
     let mut members = Vec::new();
@@ -171,5 +215,37 @@ async fn publish_consume_and_a_two_member_group_through_tls() {
     for m in members {
         m.abort();
     }
+    broker.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_scram_login_through_tls() {
+    let pki = Pki::new();
+    let (mut tansu, t) = tls_kafka(&pki).await;
+    tansu.require_scram_user("ann", "s3cret%pw").await;
+    let url = url(
+        &t,
+        &pki,
+        "security.protocol=SASL_SSL&sasl.mechanisms=SCRAM-SHA-512&sasl.username=ann\
+         &sasl.password=s3cret%25pw",
+    );
+    let broker = KafkaBroker::connect(&url).expect("a SASL_SSL URL");
+    assert!(!format!("{:?}", broker.config()).contains("s3cret"));
+    let topic = unique("sasl");
+    let mut sub = broker
+        .subscribe(SubscribeOptions::new(&topic, "g"))
+        .await
+        .expect("joining with a SCRAM login through TLS");
+    broker
+        .publish(&topic, Message::new("logged in"))
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(LONG, sub.recv())
+        .await
+        .expect("a delivery")
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.payload(), b"logged in");
+    d.ack().await.unwrap();
     broker.close().await.unwrap();
 }
