@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use switchyard_core::backend::Acker;
+use switchyard_core::backend::{settled, Acker};
 use switchyard_core::{Error, Nack, Result};
 
 use crate::group::Settled;
@@ -61,7 +61,7 @@ impl MemoryAcker {
             Some(_) => self.settle(nack),
         };
         match self.link.faults.ack_delay() {
-            None => Box::pin(futures::future::ready(settle())),
+            None => settled(settle()),
             Some(delay) => Box::pin(async move {
                 tokio::time::sleep(delay).await;
                 settle()

@@ -266,7 +266,11 @@ impl Group {
                 attempt: 1,
             };
             self.next += 1;
-            self.gate.push(KeyOf::of(&entry), entry);
+            match KeyOf::of(&entry) {
+                // Nothing is ready ahead of it (the gate had nothing to pop): out at once.
+                None => out.push(entry),
+                key => self.gate.push(key, entry),
+            }
         }
         for e in &out[start..] {
             m.unsettled.insert(e.offset, e.clone());

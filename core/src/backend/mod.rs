@@ -29,6 +29,7 @@
 
 mod backoff;
 mod key_gate;
+mod settled;
 
 pub use crate::delivery::Acker;
 pub use crate::message::{check_headers, is_reserved_header, RESERVED_HEADER_PREFIXES};
@@ -36,6 +37,7 @@ pub use crate::names::{validate_name, MAX_NAME_LEN};
 pub use crate::url::{redact, BrokerUrl};
 pub use backoff::Backoff;
 pub use key_gate::KeyGate;
+pub use settled::settled;
 
 use crate::message::Message;
 use crate::observe::{TraceContext, TRACEPARENT};
