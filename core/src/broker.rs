@@ -4,7 +4,7 @@
 //! from a URL. Each trait has few required methods; the rest have default bodies.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -266,6 +266,9 @@ pub struct Capabilities {
     pub max_message_size: Option<usize>,
     /// [`Broker::request`] works: requests get replies through the broker.
     pub request_reply: bool,
+    /// [`Broker::publish_at`] and [`Broker::publish_after`] work: a message published
+    /// for later reaches every group of its topic once due, never before.
+    pub scheduled_publish: bool,
 }
 
 /// A topic (or queue) as the broker reports it, for tooling.
@@ -385,6 +388,39 @@ pub trait Broker: Publisher + Subscriber {
     /// channel override it.
     async fn send_reply(&self, address: &str, reply: Message) -> Result<()> {
         crate::rpc::pubsub::send_reply(self, address, reply).await
+    }
+    /// Publishes `message` to `topic` for every group of the topic, no sooner than
+    /// `when` (a time already past publishes at once). Resolves once the backend holds
+    /// the message (durably where it is durable); the receipt has its id, and no
+    /// partition or offset, as it is not on the topic yet. What a publish would refuse
+    /// (names, reserved headers, size) is refused here. Each backend's way of waiting,
+    /// and how late a message can be, is in the scheduling guide (`docs/scheduling.md`).
+    ///
+    /// Default (`Capabilities::scheduled_publish` false):
+    /// [`Error::Unsupported`](crate::Error::Unsupported).
+    async fn publish_at(&self, topic: &str, message: Message, when: SystemTime) -> Result<Receipt> {
+        let _ = (topic, message, when);
+        Err(crate::Error::Unsupported {
+            backend: self.backend(),
+            what: "scheduled publish".into(),
+        })
+    }
+    /// Publishes `message` to `topic` for every group of the topic, no sooner than
+    /// `delay` from now: [`publish_at`](Self::publish_at) with the time `delay` from now,
+    /// unless the backend overrides it.
+    async fn publish_after(
+        &self,
+        topic: &str,
+        message: Message,
+        delay: Duration,
+    ) -> Result<Receipt> {
+        let when = SystemTime::now().checked_add(delay).ok_or_else(|| {
+            crate::Error::config(
+                "delay",
+                format!("{delay:?} from now is past what the clock holds"),
+            )
+        })?;
+        self.publish_at(topic, message, when).await
     }
 }
 

@@ -286,6 +286,28 @@ impl<B: Broker + ?Sized> Broker for Instrumented<B> {
         stamp(&mut reply);
         self.inner.send_reply(address, reply).await
     }
+
+    /// Stamps the trace context now, as a publish does, so the scheduled message
+    /// carries the scheduler's trace.
+    async fn publish_at(
+        &self,
+        topic: &str,
+        mut message: crate::Message,
+        when: std::time::SystemTime,
+    ) -> Result<Receipt> {
+        stamp(&mut message);
+        self.inner.publish_at(topic, message, when).await
+    }
+
+    async fn publish_after(
+        &self,
+        topic: &str,
+        mut message: crate::Message,
+        delay: std::time::Duration,
+    ) -> Result<Receipt> {
+        stamp(&mut message);
+        self.inner.publish_after(topic, message, delay).await
+    }
 }
 
 #[cfg(test)]

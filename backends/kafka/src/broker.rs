@@ -37,6 +37,8 @@ pub(crate) struct Inner {
     /// Topics known to exist, so creation costs one round trip per topic.
     pub(crate) topics: Mutex<HashSet<String>>,
     pub(crate) closed: AtomicBool,
+    /// The schedulers of the topics this client scheduled on.
+    pub(crate) schedulers: crate::schedule::Schedulers,
 }
 
 /// A Kafka error with what we were doing and where, so the message names the broker.
@@ -108,6 +110,7 @@ impl KafkaBroker {
                 admin,
                 topics: Mutex::new(HashSet::new()),
                 closed: AtomicBool::new(false),
+                schedulers: Default::default(),
             }),
         })
     }
@@ -262,7 +265,21 @@ impl Broker for KafkaBroker {
             delayed_delivery: false,
             max_message_size: Some(self.inner.config.max_message_size),
             request_reply: false,
+            scheduled_publish: true,
         }
+    }
+
+    /// Through the delay topic `<topic>.scheduled` and this client's scheduler (the
+    /// group `<topic>.scheduler`), which republishes the message when due; see the
+    /// Kafka backend's page (`docs/backends/kafka.md`, "Scheduled publish") for who runs
+    /// it and where a duplicate can occur.
+    async fn publish_at(
+        &self,
+        topic: &str,
+        message: switchyard_core::Message,
+        when: std::time::SystemTime,
+    ) -> Result<switchyard_core::Receipt> {
+        self.schedule(topic, message, when).await
     }
 
     async fn topics(&self) -> Result<Vec<TopicInfo>> {
@@ -294,6 +311,8 @@ impl Broker for KafkaBroker {
 
     async fn close(&self) -> Result<()> {
         self.inner.closed.store(true, Ordering::Release);
+        // Before the flush: each scheduler commits what it republished as it stops.
+        self.inner.schedulers.close().await;
         let producer = self.inner.producer.clone();
         let timeout = self.inner.config.publish_timeout;
         // flush blocks until every queued record is acknowledged (or the timeout).

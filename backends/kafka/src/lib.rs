@@ -85,6 +85,7 @@ mod poll;
 mod publisher;
 mod rebalance;
 mod record;
+mod schedule;
 mod state;
 mod subscription;
 

@@ -40,6 +40,8 @@ pub(crate) struct Inner {
     /// The pending requests of every handle, and their reply topic, made on the first
     /// request.
     pub(crate) requester: Requester,
+    /// Scheduled messages waiting to be published.
+    pub(crate) timers: crate::schedule::Timers,
 }
 
 /// The brokers `memory://name` URLs name, while a handle of each lives.
@@ -65,6 +67,7 @@ impl MemoryBroker {
                 topics: Mutex::new(HashMap::new()),
                 faults: Arc::default(),
                 requester: Requester::new(BACKEND),
+                timers: Default::default(),
             }),
         }
     }
@@ -106,10 +109,11 @@ impl MemoryBroker {
 
     /// Ends every subscription of every topic (their `recv` returns `None`), pending
     /// requests, and refuses further publishes and requests, for every handle of this
-    /// broker.
+    /// broker. Scheduled messages not yet due are dropped.
     pub fn shutdown(&self) {
         // Pending requests end with a closed error rather than a lost inbox.
         self.inner.requester.close();
+        self.inner.timers.cancel_all();
         let topics: Vec<_> = self.inner.topics.lock().values().cloned().collect();
         for t in topics {
             t.state.lock().closed = true;
@@ -165,7 +169,19 @@ impl Broker for MemoryBroker {
             delayed_delivery: false,
             max_message_size: self.inner.config.max_message_size,
             request_reply: true,
+            scheduled_publish: true,
         }
+    }
+
+    /// A tokio timer per message, publishing it when due; dropped, message and all, by
+    /// [`MemoryBroker::shutdown`] or when the broker's last handle goes.
+    async fn publish_at(
+        &self,
+        topic: &str,
+        message: switchyard_core::Message,
+        when: std::time::SystemTime,
+    ) -> Result<switchyard_core::Receipt> {
+        self.schedule(topic, message, when).await
     }
 
     async fn lag(&self, topic: &str, group: &str) -> Result<u64> {

@@ -102,7 +102,33 @@ impl Broker for RabbitBroker {
             delayed_delivery: true,
             max_message_size: Some(self.inner.config.max_message_size),
             request_reply: false,
+            scheduled_publish: true,
         }
+    }
+
+    /// Through the topic's cascade of TTL queues, one per power of two milliseconds (at
+    /// most 32 per topic, whatever the delays): the message reaches the groups that exist
+    /// when it is due. See the RabbitMQ backend's page (`docs/backends/rabbitmq.md`,
+    /// "Scheduled publish").
+    async fn publish_at(
+        &self,
+        topic: &str,
+        message: Message,
+        when: std::time::SystemTime,
+    ) -> Result<Receipt> {
+        let delay = when
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        self.inner.publisher.schedule(topic, message, delay).await
+    }
+
+    async fn publish_after(
+        &self,
+        topic: &str,
+        message: Message,
+        delay: std::time::Duration,
+    ) -> Result<Receipt> {
+        self.inner.publisher.schedule(topic, message, delay).await
     }
 
     /// The group's queue depth: ready messages summed over its partition queues (a

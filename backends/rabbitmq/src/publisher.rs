@@ -3,7 +3,7 @@
 //! goes out again on the next connection, until the broker confirms nothing for
 //! `confirm_timeout`.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +21,7 @@ use crate::codec::properties;
 use crate::config::RabbitConfig;
 use crate::connection::{connect_once, RECONNECT};
 use crate::error::map_err;
+use crate::schedule;
 use crate::topology::{
     declare_delay, declare_topic, key_hash, slot_routing_keys, GroupNames, SLOTS,
 };
@@ -37,6 +38,9 @@ struct Live {
     /// a delayed redelivery (topic names cannot contain ':', so the two never clash).
     /// Forgotten with the connection, so a broker that lost them gets them again.
     declared: HashSet<String>,
+    /// How many levels of each topic's scheduled-publish cascade this connection
+    /// declared, by `schedule:<topic>`.
+    declared_levels: HashMap<String, u32>,
 }
 
 /// What a publish needs declared before it goes out.
@@ -46,6 +50,8 @@ enum Needs<'a> {
     Topic(&'a str),
     /// A group's hold queue for one delay, and what it dead-letters into.
     Hold { names: &'a GroupNames, ms: u64 },
+    /// The lowest `levels` levels of a topic's scheduled-publish cascade.
+    Schedule { topic: &'a str, levels: u32 },
 }
 
 /// A message ready to send. Properties and routing key are fixed once, so a retry sends
@@ -139,6 +145,7 @@ impl PublisherCore {
                 conn,
                 channel,
                 declared: HashSet::new(),
+                declared_levels: HashMap::new(),
             });
         }
         let l = live.as_mut().expect("connected above");
@@ -161,6 +168,16 @@ impl PublisherCore {
                     )
                     .await?;
                     l.declared.insert(key);
+                }
+            }
+            Needs::Schedule { topic, levels } => {
+                // Levels are declared lowest first, so the count declared so far is
+                // remembered per topic, and only the missing ones are added.
+                let key = format!("schedule:{topic}");
+                let have = l.declared_levels.get(&key).copied().unwrap_or(0);
+                if have < levels {
+                    schedule::declare_levels(&l.conn, topic, have, levels).await?;
+                    l.declared_levels.insert(key, levels);
                 }
             }
         }
@@ -365,6 +382,40 @@ impl PublisherCore {
             &[outgoing],
         )
         .await
+    }
+
+    /// Publishes `message` to `topic` for every group, no sooner than `delay` from now,
+    /// through the topic's scheduled-publish cascade (see [`schedule`]): it enters at
+    /// its delay's highest level with its slot in the `CC` header, and returns once the
+    /// broker confirmed it there. A delay under a millisecond is an ordinary publish.
+    /// Rides out a connection loss as [`Self::publish`] does.
+    pub(crate) async fn schedule(
+        &self,
+        topic: &str,
+        message: Message,
+        delay: Duration,
+    ) -> Result<Receipt> {
+        validate_name("topic", topic)?;
+        let Some(plan) = schedule::plan(delay)? else {
+            let mut r = self.publish(topic, vec![message]).await?;
+            return Ok(r.pop().expect("one receipt per message"));
+        };
+        let mut outgoing = self.outgoing(&message)?;
+        outgoing.props = schedule::carry_slot(outgoing.props, &outgoing.routing_key);
+        outgoing.routing_key = plan.routing_key.as_str().into();
+        // The entry level's queue takes every message sent to it (its word is `y`), so
+        // a return would mean the cascade was deleted behind our back.
+        self.send(
+            Needs::Schedule {
+                topic,
+                levels: plan.levels,
+            },
+            &schedule::level_name(topic, plan.levels - 1),
+            topic,
+            &[outgoing],
+        )
+        .await?;
+        Ok(Receipt::new(message.id, None, None))
     }
 
     async fn await_confirm(

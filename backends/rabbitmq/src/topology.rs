@@ -128,6 +128,12 @@ pub(crate) async fn declare_topic(conn: &Connection, exchange: &str) -> Result<(
     declare_exchange_of(conn, exchange, ExchangeKind::Direct).await
 }
 
+/// Declares a durable topic exchange on a throwaway channel: a level of a topic's
+/// scheduled-publish cascade (see `schedule`).
+pub(crate) async fn declare_topic_exchange(conn: &Connection, exchange: &str) -> Result<()> {
+    declare_exchange_of(conn, exchange, ExchangeKind::Topic).await
+}
+
 /// Declares a durable exchange of `kind` on a throwaway channel.
 async fn declare_exchange_of(conn: &Connection, exchange: &str, kind: ExchangeKind) -> Result<()> {
     let ch = conn

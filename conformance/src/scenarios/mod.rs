@@ -24,6 +24,7 @@ mod middleware;
 mod ordering;
 mod replay;
 mod rpc;
+mod schedule;
 mod settlement;
 mod tiers;
 mod tracing;
@@ -91,6 +92,9 @@ macro_rules! __scenario_list {
                 request_reply_no_responder_times_out = no_responder_times_out;
                 request_reply_error_reply_is_typed_error = error_reply_is_typed;
                 request_reply_close_ends_pending_requests = close_ends_pending;
+            }
+            schedule {
+                scheduled_publish_1000_random_delays_none_early = scheduled_publish;
             }
         }
     };
