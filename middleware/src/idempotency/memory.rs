@@ -1,7 +1,8 @@
 //! An in-process idempotency store: bounded, with expiry.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -9,6 +10,14 @@ use parking_lot::Mutex;
 use switchyard_core::Result;
 
 use super::{Begin, IdempotencyStore, MarkKey};
+
+/// A mark's key: a 128-bit keyed digest of its group and id (see [`Digester`]). Fixed
+/// size, so the map holds it inline and a mark costs no allocation of its own.
+type Digest = u128;
+
+/// Nanoseconds since the store was made: 8 bytes where an `Instant` takes 16, and
+/// good for 584 years.
+type Nanos = u64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -18,25 +27,65 @@ enum State {
 
 #[derive(Clone, Copy)]
 struct Mark {
+    expires: Nanos,
     state: State,
-    expires: Instant,
-    /// Tells marks with one expiry apart in the expiry queues.
-    seq: u64,
 }
 
-/// Keys by expiry, soonest first.
-type Queue = BTreeMap<(Instant, u64), Arc<str>>;
+/// Marks by expiry, soonest first (the digest tells marks with one expiry apart).
+type Queue = BTreeSet<(Nanos, Digest)>;
+
+/// Hashes a [`Digest`] for the map by taking its low 64 bits: they are already
+/// uniformly random and keyed, so hashing them again would only cost time.
+#[derive(Default)]
+struct DigestBits(u64);
+
+impl Hasher for DigestBits {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `Digest`s are hashed here (`write_u128`); any other input still spreads.
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0 ^ u64::from_le_bytes(word)).rotate_left(29);
+        }
+    }
+
+    fn write_u128(&mut self, n: u128) {
+        self.0 = n as u64;
+    }
+}
+
+/// Turns a mark's group and id into its [`Digest`]: SipHash (std's `RandomState`, keyed
+/// at random per store) over the key twice, each run prefixed with its own byte, gives
+/// two independent 64-bit halves. Two different keys share a digest with probability
+/// about n² / 2¹²⁹ among n marks (under 10⁻²⁶ for a million), and since the SipHash
+/// key is secret, nobody can choose ids that collide on purpose.
+struct Digester(RandomState);
+
+impl Digester {
+    fn digest(&self, key: MarkKey<'_>) -> Digest {
+        let half = |domain: u8| {
+            let mut h = self.0.build_hasher();
+            h.write_u8(domain);
+            // `str`'s Hash ends each string with a marker, so group and id cannot run
+            // into each other.
+            key.hash(&mut h);
+            h.finish()
+        };
+        (u128::from(half(0)) << 64) | u128::from(half(1))
+    }
+}
 
 #[derive(Default)]
 struct Marks {
-    /// `<group>/<id>` → mark (group names have no `/`, so keys do not collide). The
-    /// queues share the key, so a mark costs one allocation.
-    marks: HashMap<Arc<str>, Mark>,
+    marks: HashMap<Digest, Mark, BuildHasherDefault<DigestBits>>,
     /// In-flight marks by lease expiry.
     leases: Queue,
     /// Completed marks by retention expiry.
     kept: Queue,
-    next_seq: u64,
 }
 
 impl Marks {
@@ -48,43 +97,35 @@ impl Marks {
     }
 
     /// Removes `key`'s mark, if any, from the map and its queue.
-    fn remove(&mut self, key: &str) -> Option<Mark> {
-        let mark = self.marks.remove(key)?;
-        self.queue(mark.state).remove(&(mark.expires, mark.seq));
+    fn remove(&mut self, key: Digest) -> Option<Mark> {
+        let mark = self.marks.remove(&key)?;
+        self.queue(mark.state).remove(&(mark.expires, key));
         Some(mark)
     }
 
     /// Files `key`'s mark: in place where it has one, else as a new one, making room
     /// first.
-    fn file(&mut self, key: &str, state: State, expires: Instant, capacity: usize) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let mark = Mark {
-            state,
-            expires,
-            seq,
-        };
-        if let Some(held) = self.marks.get_mut(key) {
+    fn file(&mut self, key: Digest, state: State, expires: Nanos, capacity: usize) {
+        let mark = Mark { expires, state };
+        if let Some(held) = self.marks.get_mut(&key) {
             let old = std::mem::replace(held, mark);
-            let shared = self.queue(old.state).remove(&(old.expires, old.seq));
-            let shared = shared.unwrap_or_else(|| Arc::from(key));
-            self.queue(state).insert((expires, seq), shared);
+            self.queue(old.state).remove(&(old.expires, key));
+            self.queue(state).insert((expires, key));
             return;
         }
         while self.marks.len() >= capacity && self.evict_one() {}
-        let shared: Arc<str> = Arc::from(key);
-        self.queue(state).insert((expires, seq), shared.clone());
-        self.marks.insert(shared, mark);
+        self.queue(state).insert((expires, key));
+        self.marks.insert(key, mark);
     }
 
     /// Drops every mark expired at `now`.
-    fn sweep(&mut self, now: Instant) {
+    fn sweep(&mut self, now: Nanos) {
         for state in [State::InFlight, State::Completed] {
-            while let Some(entry) = self.queue(state).first_entry() {
-                if entry.key().0 > now {
+            while let Some(&(expires, key)) = self.queue(state).first() {
+                if expires > now {
                     break;
                 }
-                let key = entry.remove();
+                self.queue(state).pop_first();
                 self.marks.remove(&key);
             }
         }
@@ -118,6 +159,9 @@ impl Marks {
 /// expired ones are dropped as calls come in, so an idle store keeps what it had.
 pub struct MemoryStore {
     inner: Mutex<Marks>,
+    digester: Digester,
+    /// Where the store's clock (`Nanos`) starts.
+    epoch: Instant,
     capacity: usize,
 }
 
@@ -133,6 +177,8 @@ impl MemoryStore {
     pub fn new(capacity: usize) -> Self {
         Self {
             inner: Mutex::default(),
+            digester: Digester(RandomState::new()),
+            epoch: Instant::now(),
             capacity: capacity.max(1),
         }
     }
@@ -146,60 +192,50 @@ impl MemoryStore {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Now on the store's clock.
+    fn now(&self) -> Nanos {
+        Nanos::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(Nanos::MAX)
+    }
 }
 
-fn joined(key: MarkKey<'_>) -> String {
-    let mut joined = String::with_capacity(key.group.len() + 1 + key.id.len());
-    joined.push_str(key.group);
-    joined.push('/');
-    joined.push_str(key.id);
-    joined
-}
-
-/// `now + after`, or a century on when that overflows (a "forever" retention).
-fn expiry(now: Instant, after: Duration) -> Instant {
-    now.checked_add(after)
-        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
-        .unwrap_or(now)
+/// `now + after`; a "forever" retention (`Duration::MAX`) saturates to never.
+fn expiry(now: Nanos, after: Duration) -> Nanos {
+    now.saturating_add(Nanos::try_from(after.as_nanos()).unwrap_or(Nanos::MAX))
 }
 
 #[async_trait]
 impl IdempotencyStore for MemoryStore {
     async fn begin(&self, key: MarkKey<'_>, lease: Duration) -> Result<Begin> {
-        let key = joined(key);
-        let now = Instant::now();
+        let key = self.digester.digest(key);
+        let now = self.now();
         let mut marks = self.inner.lock();
         marks.sweep(now);
         // Whatever is left after the sweep is unexpired.
-        if let Some(mark) = marks.marks.get(key.as_str()) {
+        if let Some(mark) = marks.marks.get(&key) {
             return Ok(match mark.state {
                 State::InFlight => Begin::InFlight,
                 State::Completed => Begin::Completed,
             });
         }
-        marks.file(&key, State::InFlight, expiry(now, lease), self.capacity);
+        marks.file(key, State::InFlight, expiry(now, lease), self.capacity);
         Ok(Begin::Started)
     }
 
     async fn complete(&self, key: MarkKey<'_>, retention: Duration) -> Result<()> {
-        let key = joined(key);
-        let now = Instant::now();
+        let key = self.digester.digest(key);
+        let now = self.now();
         let mut marks = self.inner.lock();
         marks.sweep(now);
-        marks.file(
-            &key,
-            State::Completed,
-            expiry(now, retention),
-            self.capacity,
-        );
+        marks.file(key, State::Completed, expiry(now, retention), self.capacity);
         Ok(())
     }
 
     async fn release(&self, key: MarkKey<'_>) -> Result<()> {
-        let key = joined(key);
+        let key = self.digester.digest(key);
         let mut marks = self.inner.lock();
-        if marks.marks.get(key.as_str()).map(|m| m.state) == Some(State::InFlight) {
-            marks.remove(&key);
+        if marks.marks.get(&key).map(|m| m.state) == Some(State::InFlight) {
+            marks.remove(key);
         }
         Ok(())
     }
@@ -248,6 +284,30 @@ mod tests {
         );
         assert_eq!(
             store.begin(MarkKey::new("a", "1"), LEASE).await.unwrap(),
+            Begin::Completed
+        );
+    }
+
+    #[tokio::test]
+    async fn group_and_id_stay_apart_in_the_digest() {
+        let store = MemoryStore::default();
+        store
+            .complete(MarkKey::new("ab", "c"), LEASE)
+            .await
+            .unwrap();
+        for other in [
+            MarkKey::new("a", "bc"),
+            MarkKey::new("abc", ""),
+            MarkKey::new("", "abc"),
+        ] {
+            assert_eq!(
+                store.begin(other, LEASE).await.unwrap(),
+                Begin::Started,
+                "{other}"
+            );
+        }
+        assert_eq!(
+            store.begin(MarkKey::new("ab", "c"), LEASE).await.unwrap(),
             Begin::Completed
         );
     }

@@ -66,19 +66,32 @@ impl IdempotencyLayer {
         F: FnMut() -> Fut,
         Fut: Future<Output = switchyard_core::Result<T>>,
     {
-        let since = Instant::now();
+        // Read the clock only for a try that does not answer in its first poll: an
+        // in-process store answers there, and a clock read and a timer per call would
+        // be much of its cost.
+        let mut started: Option<Instant> = None;
         let mut failures = 0;
         loop {
-            let error = match tokio::time::timeout(self.try_timeout, call()).await {
+            let mut pending = std::pin::pin!(call());
+            let answered = match futures::poll!(pending.as_mut()) {
+                Poll::Ready(answer) => Ok(answer),
+                Poll::Pending => {
+                    started.get_or_insert_with(Instant::now);
+                    tokio::time::timeout(self.try_timeout, pending).await
+                }
+            };
+            let error = match answered {
                 Ok(Ok(answer)) => {
                     if failures > 0 {
-                        tracing::info!(%key, what, after = ?since.elapsed(), "idempotency store answers again");
+                        let after = started.map_or(Duration::ZERO, |s| s.elapsed());
+                        tracing::info!(%key, what, ?after, "idempotency store answers again");
                     }
                     return Ok(answer);
                 }
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!("no answer within {:?}", self.try_timeout),
             };
+            let since = *started.get_or_insert_with(Instant::now);
             metrics::counter!("switchyard_idempotency_store_errors_total", "call" => what)
                 .increment(1);
             if limit.is_some_and(|limit| since.elapsed() >= limit) {
