@@ -326,6 +326,50 @@ mod tests {
     }
 
     #[test]
+    fn tls_settings_are_checked_and_need_amqps() {
+        for (url, setting, says) in [
+            (
+                "amqp://h/%2f?tls_server_name=h",
+                "tls_server_name",
+                "amqps://",
+            ),
+            (
+                "amqps://h/%2f?tls_ca_file=/nonexistent/ca.pem",
+                "tls_ca_file",
+                "cannot read /nonexistent/ca.pem",
+            ),
+            (
+                "amqps://h/%2f?tls_key_file=/k.pem",
+                "tls_cert_file",
+                "needs tls_cert_file",
+            ),
+            (
+                "amqps://h/%2f?tls_server_name=a%20b",
+                "tls_server_name",
+                "DNS name",
+            ),
+        ] {
+            match RabbitConfig::from_url(url) {
+                Err(Error::Config {
+                    setting: s,
+                    message,
+                }) => {
+                    assert_eq!(s, setting, "{url}: {message}");
+                    assert!(message.contains(says), "{url}: {message}");
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+        let c = RabbitConfig::from_url("amqps://h/%2f?tls_server_name=rabbit.example").unwrap();
+        assert!(c.is_tls());
+        assert_eq!(c.tls_server_name(), "rabbit.example");
+        let c = RabbitConfig::from_url("AMQPS://[::1]/%2f").unwrap();
+        assert!(c.is_tls());
+        assert_eq!(c.tls_server_name(), "::1");
+        assert!(!RabbitConfig::from_url("amqp://h/%2f").unwrap().is_tls());
+    }
+
+    #[test]
     fn management_defaults_follow_the_amqp_url() {
         let c = RabbitConfig::from_url("amqp://u%40x:p%2Fw@rabbit.example:5673/my%2Fvh").unwrap();
         assert_eq!(c.management_url, "http://rabbit.example:15672");
