@@ -110,6 +110,7 @@ fn compare(path: &Path, table: &Table, backend: &str, caps: &Capabilities) {
         ("native_dead_letter", caps.native_dead_letter),
         ("delayed_delivery", caps.delayed_delivery),
         ("request_reply", caps.request_reply),
+        ("at_most_once", caps.at_most_once),
         ("scheduled_publish", caps.scheduled_publish),
     ];
     assert_eq!(

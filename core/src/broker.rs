@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::delivery::Delivery;
 use crate::error::Result;
+use crate::guarantee::Guarantee;
 use crate::message::{Message, Receipt};
 use crate::names::{validate_name, MAX_NAME_LEN};
 
@@ -118,6 +119,10 @@ pub struct SubscribeOptions {
     /// [`DEFAULT_EPHEMERAL_EXPIRY`](Self::DEFAULT_EPHEMERAL_EXPIRY). Ignored unless
     /// [`ephemeral`](Self::ephemeral()) is set.
     pub ephemeral_expiry: Duration,
+    /// Whether the consumer acks before or after its handler runs (default
+    /// [`Guarantee::AtLeastOnce`]). The runtime acts on it; a backend may use it to
+    /// keep its promise (Kafka commits each ack at once under at-most-once).
+    pub guarantee: Guarantee,
 }
 
 impl SubscribeOptions {
@@ -137,6 +142,7 @@ impl SubscribeOptions {
             prefetch: Self::DEFAULT_PREFETCH,
             ephemeral: false,
             ephemeral_expiry: Self::DEFAULT_EPHEMERAL_EXPIRY,
+            guarantee: Guarantee::AtLeastOnce,
         }
     }
 
@@ -169,6 +175,12 @@ impl SubscribeOptions {
     /// on a timer (RabbitMQ's `x-expires`; the `ephemeral_expiry` field).
     pub fn ephemeral_expiry(mut self, expiry: Duration) -> Self {
         self.ephemeral_expiry = expiry;
+        self
+    }
+
+    /// Whether the consumer acks before or after its handler runs (the `guarantee` field).
+    pub fn guarantee(mut self, guarantee: Guarantee) -> Self {
+        self.guarantee = guarantee;
         self
     }
 
@@ -258,7 +270,9 @@ pub struct Capabilities {
     pub per_key_order: bool,
     /// Attempt counts survive a consumer restart (not just in-process redelivery).
     pub durable_attempts: bool,
-    /// The broker can dead-letter messages itself.
+    /// The broker can dead-letter messages itself: [`Nack::Reject`](crate::Nack::Reject)
+    /// hands the message to a broker-side dead-letter destination (RabbitMQ with
+    /// `dead_letter_exchange=`). Without it, a rejected message is dropped.
     pub native_dead_letter: bool,
     /// The broker can delay a delivery.
     pub delayed_delivery: bool,
@@ -266,6 +280,9 @@ pub struct Capabilities {
     pub max_message_size: Option<usize>,
     /// [`Broker::request`] works: requests get replies through the broker.
     pub request_reply: bool,
+    /// [`Guarantee::AtMostOnce`] holds across a consumer process dying: a delivery acked
+    /// on receipt is never handed out again (Kafka commits it before the handler runs).
+    pub at_most_once: bool,
     /// [`Broker::publish_at`] and [`Broker::publish_after`] work: a message published
     /// for later reaches every group of its topic once due, never before.
     pub scheduled_publish: bool,

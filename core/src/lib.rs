@@ -61,6 +61,7 @@ mod broker;
 mod codec;
 mod delivery;
 mod error;
+mod guarantee;
 mod handler;
 mod message;
 mod names;
@@ -76,6 +77,7 @@ pub use broker::{
 pub use codec::{Codec, JsonCodec, CONTENT_TYPE_HEADER};
 pub use delivery::{Delivery, Nack, Origin};
 pub use error::{BoxError, Error, FailureKind, HandlerError, Result};
+pub use guarantee::Guarantee;
 pub use handler::{handler_fn, FromDelivery, Handler, HandlerFuture, HandlerService, Json};
 pub use message::{new_id, Headers, Message, Receipt};
 pub use observe::{Instrumented, TraceContext, TRACEPARENT};

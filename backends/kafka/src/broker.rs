@@ -265,6 +265,7 @@ impl Broker for KafkaBroker {
             delayed_delivery: false,
             max_message_size: Some(self.inner.config.max_message_size),
             request_reply: false,
+            at_most_once: true,
             scheduled_publish: true,
         }
     }

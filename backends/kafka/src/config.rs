@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use switchyard_core::backend::BrokerUrl;
-use switchyard_core::{Error, Result};
+use switchyard_core::{Error, Guarantee, Result};
 
 /// When the consumer commits the offsets of processed messages.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -17,9 +17,14 @@ pub enum CommitStrategy {
     /// Commit the watermark synchronously after every ack, before the ack returns.
     /// At-least-once with the smallest redelivery window after a crash; slow.
     Sync,
-    /// librdkafka's auto-commit of whatever was *received*, processed or not.
-    /// **At-most-once: a crash loses the messages that were received but not yet
-    /// handled.** Only for data you can afford to lose.
+    /// At-most-once consumers only: a consumer with [`Guarantee::AtLeastOnce`] (the
+    /// default) is refused with an [`Error::Config`] naming both, and one with
+    /// [`Guarantee::AtMostOnce`] commits each message before its handler runs, as
+    /// [`Sync`](Self::Sync) does. **A crash loses the messages that were being
+    /// handled.** Only for data you can afford to lose. (librdkafka's own auto-commit,
+    /// of whatever was *received*, would also hand out again up to
+    /// `auto.commit.interval.ms` of handled messages after a crash: it is neither
+    /// at-most-once nor at-least-once, so it is not used.)
     Auto,
 }
 
@@ -284,6 +289,30 @@ impl KafkaConfig {
         self.check_client_settings()
     }
 
+    /// The settings a subscription with this delivery guarantee runs with:
+    /// [`Guarantee::AtMostOnce`] implies `commit=sync` (the runtime acks on receipt, and
+    /// each ack commits before the handler runs, so a crash never hands a message out
+    /// again); `commit=auto` with [`Guarantee::AtLeastOnce`] is refused.
+    pub(crate) fn for_guarantee(&self, guarantee: Guarantee) -> Result<Self> {
+        let mut config = self.clone();
+        match (guarantee, self.commit) {
+            (Guarantee::AtMostOnce, _) => config.commit = CommitStrategy::Sync,
+            (_, CommitStrategy::Auto) => {
+                return Err(Error::config(
+                    "commit",
+                    format!(
+                        "commit=auto is at-most-once, but this consumer's guarantee is \
+                         {guarantee} (Guarantee::AtLeastOnce, the default): use \
+                         Consumer::guarantee(Guarantee::AtMostOnce), or commit=periodic or \
+                         commit=sync to keep at-least-once"
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        Ok(config)
+    }
+
     fn check_numbers(&self) -> Result<()> {
         if self.partitions < 1 {
             return Err(Error::config("partitions", "must be at least 1"));
@@ -329,6 +358,33 @@ mod tests {
             Some("7000")
         );
         assert_eq!(c.producer().get("security.protocol"), Some("SASL_SSL"));
+    }
+
+    #[test]
+    fn at_most_once_implies_sync_commits_and_auto_needs_it() {
+        for commit in ["periodic", "sync", "auto"] {
+            let c = KafkaConfig::from_url(&format!("kafka://h:9092?commit={commit}")).unwrap();
+            let amo = c.for_guarantee(Guarantee::AtMostOnce).unwrap();
+            assert_eq!(amo.commit, CommitStrategy::Sync, "commit={commit}");
+            assert_eq!(
+                amo.consumer("g", true).get("enable.auto.commit"),
+                Some("false")
+            );
+        }
+        let c = KafkaConfig::from_url("kafka://h:9092?commit=periodic").unwrap();
+        let alo = c.for_guarantee(Guarantee::AtLeastOnce).unwrap();
+        assert_eq!(alo.commit, CommitStrategy::Periodic);
+        let c = KafkaConfig::from_url("kafka://h:9092?commit=auto").unwrap();
+        let err = c.for_guarantee(Guarantee::AtLeastOnce).unwrap_err();
+        match &err {
+            Error::Config { setting, message } => {
+                assert_eq!(setting, "commit");
+                assert!(message.contains("commit=auto"), "{err}");
+                assert!(message.contains("Guarantee::AtMostOnce"), "{err}");
+                assert!(message.contains("at-least-once"), "{err}");
+            }
+            other => panic!("{other}"),
+        }
     }
 
     #[test]

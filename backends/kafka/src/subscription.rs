@@ -166,6 +166,7 @@ impl KafkaSubscription {
     /// Creates the consumer, joins the group, and returns once the first assignment
     /// (possibly empty) arrived, so a `Latest` member sees everything published after.
     pub(crate) async fn start(config: &KafkaConfig, options: SubscribeOptions) -> Result<Self> {
+        let config = &config.for_guarantee(options.guarantee)?;
         let earliest = !matches!(options.start, StartFrom::Latest);
         let client = config.consumer(&options.group, earliest);
         let shared = Arc::new(Shared::new(config, &options, &client));

@@ -169,6 +169,7 @@ impl Broker for MemoryBroker {
             delayed_delivery: false,
             max_message_size: self.inner.config.max_message_size,
             request_reply: true,
+            at_most_once: true,
             scheduled_publish: true,
         }
     }

@@ -102,6 +102,7 @@ impl Broker for RabbitBroker {
             delayed_delivery: true,
             max_message_size: Some(self.inner.config.max_message_size),
             request_reply: false,
+            at_most_once: true,
             scheduled_publish: true,
         }
     }

@@ -13,6 +13,7 @@ use crate::backend::Backoff;
 use crate::broker::{SubscribeOptions, Subscriber};
 use crate::delivery::Delivery;
 use crate::error::{Error, HandlerError, Result};
+use crate::guarantee::Guarantee;
 use crate::handler::{handler_fn, Handler, HandlerService};
 
 /// One topic + group with its handler.
@@ -91,6 +92,15 @@ impl<S> Consumer<S> {
         self
     }
 
+    /// When deliveries are acked: after the handler succeeded (the default,
+    /// [`Guarantee::AtLeastOnce`]) or on receipt, before it runs
+    /// ([`Guarantee::AtMostOnce`]: a failing handler's message is lost, never retried
+    /// nor dead-lettered). Sets the subscription's `guarantee`, so the backend sees it.
+    pub fn guarantee(mut self, guarantee: Guarantee) -> Self {
+        self.options.guarantee = guarantee;
+        self
+    }
+
     /// The subscription this consumer opens.
     pub fn options(&self) -> &SubscribeOptions {
         &self.options
@@ -157,6 +167,7 @@ where
             concurrency: self.concurrency,
             shutdown_timeout: self.shutdown_timeout,
             backoff: self.redelivery_backoff,
+            guarantee: self.options.guarantee,
         });
         // A member that fails cancels this token so its siblings stop too.
         let shutdown = shutdown.child_token();

@@ -12,12 +12,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
-use super::settle::handle;
+use super::settle::{ack_on_receipt, handle};
 use super::Stats;
 use crate::backend::Backoff;
 use crate::broker::Subscription;
 use crate::delivery::Delivery;
 use crate::error::{HandlerError, Result};
+use crate::guarantee::Guarantee;
 
 /// Pauses between failed receives that the backend calls transient.
 const RECV_BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
@@ -28,6 +29,8 @@ pub(super) struct MemberSettings {
     pub(super) shutdown_timeout: Duration,
     /// The pause before a failed delivery is nacked.
     pub(super) backoff: Backoff,
+    /// Whether deliveries are acked before (at-most-once) or after the handler.
+    pub(super) guarantee: Guarantee,
 }
 
 /// Consumes from `sub` until shutdown or the subscription ends, then closes it.
@@ -69,6 +72,11 @@ where
                             // started are dropped unsettled, which hands them back.
                             let waited = wait_ready(&mut service, &mut in_flight, &shutdown).await;
                             let Some(ready) = waited else { break };
+                            if settings.guarantee == Guarantee::AtMostOnce
+                                && !ack_on_receipt(&delivery, &stats).await
+                            {
+                                continue;
+                            }
                             let mut running =
                                 Box::pin(handle(&mut service, ready, delivery, &settings, &stats));
                             // Most handlers finish in their first poll: polled here, they

@@ -14,6 +14,7 @@ use super::member::MemberSettings;
 use super::Stats;
 use crate::delivery::{Delivery, Nack};
 use crate::error::{FailureKind, HandlerError};
+use crate::guarantee::Guarantee;
 use crate::observe::{TraceContext, TRACEPARENT};
 
 /// Calls the handler for one delivery (`ready` is what the service's `poll_ready` said:
@@ -137,7 +138,24 @@ async fn ack(delivery: &Delivery, stats: &Stats, observed: &Observed) {
     }
 }
 
-/// Acks or, after the backoff pause, nacks for redelivery, unless the handler settled it.
+/// At-most-once: acks a delivery before its handler runs. `false` when the ack failed
+/// (the member lost the message's partition, or the connection): the handler must not
+/// run then, as the broker hands the message out again.
+pub(super) async fn ack_on_receipt(delivery: &Delivery, stats: &Stats) -> bool {
+    match delivery.ack().await {
+        Ok(()) => {
+            stats.acked.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(id = delivery.id(), error = %e, "ack on receipt failed; not handling the message, the broker will redeliver it");
+            false
+        }
+    }
+}
+
+/// Acks or, after the backoff pause, nacks for redelivery, unless the handler settled it
+/// (or at-most-once acked it on receipt: then a failure is only reported).
 async fn finish(
     outcome: Result<(), HandlerError>,
     delivery: &Delivery,
@@ -146,7 +164,18 @@ async fn finish(
     observed: &Observed,
 ) {
     if delivery.is_settled() {
-        observed.finish("settled-by-handler");
+        match (&outcome, settings.guarantee) {
+            (Err(e), Guarantee::AtMostOnce) => {
+                if e.kind() == FailureKind::Panic {
+                    stats.panics.fetch_add(1, Ordering::Relaxed);
+                    stats.panic_counter.increment(1);
+                }
+                stats.failed.increment(1);
+                observed.finish("failed-at-most-once");
+                tracing::warn!(id = delivery.id(), kind = %e.kind(), error = %e, "handler failed; the message was acked on receipt (at-most-once) and is not redelivered");
+            }
+            _ => observed.finish("settled-by-handler"),
+        }
         return;
     }
     let e = match outcome {
