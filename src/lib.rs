@@ -11,6 +11,7 @@
 //! | point-to-point queue | [`SubscribeOptions::queue`]`(name)` |
 //! | key-based ordering | [`Message::with_key`]: same key, one at a time, in order |
 //! | commit after processing | the runtime acks only after the handler succeeds |
+//! | request/reply | [`Broker::request`] or [`RequestExt::request_json`], answered by a [`reply_fn`] handler |
 //!
 //! ```
 //! use switchyard::{App, Consumer, HandlerError, Json, PublisherExt, SubscribeOptions};
