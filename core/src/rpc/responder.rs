@@ -216,3 +216,7 @@ fn error_reply(e: &HandlerError) -> Message {
         .with_header(headers::ERROR, e.source_error().to_string())
         .with_header(headers::ERROR_KIND, e.kind().as_str())
 }
+
+#[cfg(test)]
+#[path = "responder_tests.rs"]
+mod tests;
