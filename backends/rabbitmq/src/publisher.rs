@@ -396,7 +396,19 @@ impl PublisherCore {
         delay: Duration,
     ) -> Result<Receipt> {
         validate_name("topic", topic)?;
-        let Some(plan) = schedule::plan(delay)? else {
+        let called = Instant::now();
+        if let Some(plan) = schedule::plan(delay)? {
+            // Declaring levels takes the broker a while, and a level's TTL runs from when
+            // the message gets there: declare first, then spell the delay that is left.
+            // A failure here is left to `send`, which retries what is transient.
+            let needs = Needs::Schedule {
+                topic,
+                levels: plan.levels,
+            };
+            let _ =
+                tokio::time::timeout(self.config.confirm_timeout, self.channel_for(needs)).await;
+        }
+        let Some(plan) = schedule::plan(delay.saturating_sub(called.elapsed()))? else {
             let mut r = self.publish(topic, vec![message]).await?;
             return Ok(r.pop().expect("one receipt per message"));
         };
