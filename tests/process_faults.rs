@@ -43,6 +43,7 @@ fn consumer_binary() -> &'static Path {
             (cfg!(feature = "rabbitmq"), "rabbitmq"),
             (cfg!(feature = "postgres"), "postgres"),
             (cfg!(feature = "broker-tests"), "broker-tests"),
+            (cfg!(feature = "kafka-tls"), "kafka-tls"),
         ] {
             if on {
                 features.push(name);
