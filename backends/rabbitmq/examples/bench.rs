@@ -1,7 +1,7 @@
 //! Throughput of the RabbitMQ backend against raw lapin.
 //!
 //! `cargo run --release -p switchyard-rabbitmq --example bench -- [--messages N]
-//! [--rounds R] [--url U] [--topologies]`
+//! [--rounds R] [--url U] [--topologies | --rpc] [--requests N] [--in-flight K]`
 //!
 //! Every side publishes N persistent 256-byte messages with publisher confirms, awaited
 //! in windows of 1024 (switchyard: `publish_batch` of 1024), then consumes them with one
@@ -18,6 +18,10 @@
 //! each routing on offer: the plain queue, a direct exchange with slot bindings, a topic
 //! exchange with `#.<bits>` bindings, and the consistent-hash exchange when its plugin
 //! is enabled. Prints `topology=<name> publish=<msgs/s>` per round.
+//!
+//! After the pairs (or alone, with `--rpc`), the request/reply pair `rabbitmq-rpc`:
+//! `--requests` round trips (default 20,000), `--in-flight` at once (default 64), see
+//! `bench/rpc.rs`.
 
 use std::time::Instant;
 
@@ -32,6 +36,9 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 use switchyard_core::{Broker, Message, SubscribeOptions};
+
+#[path = "bench/rpc.rs"]
+mod rpc;
 
 const WINDOW: usize = 1024;
 const PREFETCH: usize = 1000;
@@ -430,9 +437,20 @@ async fn main() {
     let n = number("--messages", 50_000);
     let rounds = number("--rounds", 3).max(1);
     let url = arg("--url").unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let rpc_pair = || {
+        rpc::pair(
+            &url,
+            number("--requests", 20_000),
+            number("--in-flight", 64),
+            rounds,
+        )
+    };
     if std::env::args().any(|a| a == "--topologies") {
         topologies(&url, n, rounds).await;
+    } else if std::env::args().any(|a| a == "--rpc") {
+        rpc_pair().await;
     } else {
         pairs(&url, n, rounds).await;
+        rpc_pair().await;
     }
 }

@@ -11,7 +11,7 @@ use switchyard_core::{
 };
 
 use crate::config::RabbitConfig;
-use crate::{connection, error, management, publisher, subscription, topology, BACKEND};
+use crate::{connection, error, management, publisher, rpc, subscription, topology, BACKEND};
 
 /// Connects to RabbitMQ from an `amqp://` or `amqps://` URL.
 pub async fn connect(url: &str) -> Result<AnyBroker> {
@@ -30,6 +30,8 @@ struct Inner {
     publisher: publisher::PublisherCore,
     subscriptions: Mutex<Vec<Weak<subscription::Shared>>>,
     closed: CancellationToken,
+    /// Requests and replies, over direct reply-to (see `rpc`).
+    rpc: rpc::Rpc,
 }
 
 impl RabbitBroker {
@@ -42,6 +44,7 @@ impl RabbitBroker {
         Ok(Self {
             inner: Arc::new(Inner {
                 publisher: publisher::PublisherCore::new(config.clone()),
+                rpc: rpc::Rpc::new(config.clone()),
                 config,
                 subscriptions: Mutex::new(Vec::new()),
                 closed: CancellationToken::new(),
@@ -101,7 +104,7 @@ impl Broker for RabbitBroker {
             native_dead_letter: self.inner.config.dead_letter_exchange.is_some(),
             delayed_delivery: true,
             max_message_size: Some(self.inner.config.max_message_size),
-            request_reply: false,
+            request_reply: true,
             at_most_once: true,
             scheduled_publish: true,
         }
@@ -204,7 +207,29 @@ impl Broker for RabbitBroker {
             .await
     }
 
+    /// Over RabbitMQ's direct reply-to: the request goes out on this client's own
+    /// channel with `reply_to = amq.rabbitmq.reply-to` and the correlation id in
+    /// `correlation_id`, transient and expiring with `timeout`; the reply comes back to
+    /// that channel only. A lost connection ends the pending requests with a transient
+    /// error; the next request opens a new channel.
+    async fn request(
+        &self,
+        topic: &str,
+        message: Message,
+        timeout: std::time::Duration,
+    ) -> Result<Message> {
+        self.inner.rpc.request(topic, message, timeout).await
+    }
+
+    /// Publishes the reply to the default exchange with routing key `address` (a
+    /// direct reply-to address, or any queue the broker named: `amq.*`), transient, and
+    /// returns once the broker confirmed it.
+    async fn send_reply(&self, address: &str, reply: Message) -> Result<()> {
+        self.inner.rpc.send_reply(address, reply).await
+    }
+
     async fn close(&self) -> Result<()> {
+        self.inner.rpc.close().await;
         let subs: Vec<_> = self
             .inner
             .subscriptions

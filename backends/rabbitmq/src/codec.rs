@@ -6,6 +6,8 @@
 //! - headers → the `headers` table, one long-string entry each; `content-type` also sets
 //!   the `content_type` property, for other AMQP clients;
 //! - timestamp → `timestamp` (whole seconds, AMQP's resolution);
+//! - the request/reply headers `x-reply-to` and `x-reply-correlation-id` → `reply_to` and
+//!   `correlation_id` (see `codec/reply.rs`), so any AMQP RPC client can answer or ask;
 //! - always `delivery_mode = 2` (persistent).
 //!
 //! # For foreign clients
@@ -92,6 +94,9 @@ pub(crate) fn properties(message: &Message) -> Result<BasicProperties> {
     }
     let mut headers = FieldTable::default();
     for (name, value) in &message.headers {
+        if reply::is_property(name, value) {
+            continue;
+        }
         headers.insert(
             short("header name", name)?,
             AMQPValue::LongString(LongString::from(value.as_bytes())),
@@ -111,6 +116,7 @@ pub(crate) fn properties(message: &Message) -> Result<BasicProperties> {
         .with_message_id(short("message id", &message.id)?)
         .with_delivery_mode(2)
         .with_timestamp(secs);
+    props = reply::to_properties(props, &message.headers);
     if !headers.inner().is_empty() {
         props = props.with_headers(headers);
     }
@@ -188,6 +194,7 @@ pub(crate) fn decode(props: &BasicProperties, data: Vec<u8>) -> Arc<Message> {
     if !strip_hold_deaths(&mut headers) {
         headers.retain(|name, _| !name.starts_with(RETRY_HEADER_PREFIX));
     }
+    reply::to_headers(props, &mut headers);
     if !headers.contains_key(CONTENT_TYPE_HEADER) {
         if let Some(ct) = props.content_type() {
             headers.insert(CONTENT_TYPE_HEADER.to_string(), ct.as_str().to_string());
@@ -317,6 +324,8 @@ fn strip_hold_deaths(headers: &mut Headers) -> bool {
     }
     held
 }
+
+mod reply;
 
 #[cfg(test)]
 mod proptests;

@@ -186,6 +186,7 @@ mod management;
 mod prefetch;
 mod publisher;
 mod pump;
+mod rpc;
 mod schedule;
 mod subscription;
 mod supervisor;

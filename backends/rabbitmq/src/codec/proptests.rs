@@ -5,6 +5,7 @@ use super::*;
 use lapin::types::{ByteArray, DecimalValue, FieldArray};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
+use switchyard_core::rpc::headers::{CORRELATION_ID, REPLY_TO};
 
 /// Header names: arbitrary text, and those decoding treats specially.
 fn name() -> impl Strategy<Value = String> {
@@ -138,9 +139,13 @@ proptest! {
         for (k, v) in &m.headers {
             prop_assert!(!is_reserved_header(k), "{k}");
             let from_table = sent.get(k.as_str()).and_then(as_text);
-            let from_property = (k == CONTENT_TYPE_HEADER)
-                .then(|| props.content_type().as_ref().map(|c| c.as_str().to_string()))
-                .flatten();
+            let property = match k.as_str() {
+                CONTENT_TYPE_HEADER => props.content_type(),
+                REPLY_TO => props.reply_to(),
+                CORRELATION_ID => props.correlation_id(),
+                _ => &None,
+            };
+            let from_property = property.as_ref().map(|c| c.as_str().to_string());
             prop_assert!(
                 from_table.as_ref() == Some(v) || from_property.as_ref() == Some(v),
                 "{k}: {v:?}"
