@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use switchyard_core::backend::{validate_name, BrokerUrl};
-use switchyard_core::rpc::{pubsub, Requester};
+use switchyard_core::rpc::Requester;
 use switchyard_core::{Broker, Capabilities, Error, GroupInfo, Message, Result, TopicInfo};
 
 use crate::config::MemoryConfig;
@@ -25,8 +25,9 @@ pub(crate) const BACKEND: &str = "memory";
 /// an application that connect by URL see the same topics. [`MemoryBroker::new`] makes a
 /// private one.
 ///
-/// Requests ([`Broker::request`]) get their replies on a reply topic of this broker (see
-/// [`switchyard_core::rpc::pubsub`]); [`Broker::close`] ends them.
+/// Requests ([`Broker::request`]) get their replies in process: a responder's reply goes
+/// straight to the requester's inbox, a channel, not across a topic; [`Broker::close`]
+/// ends them.
 #[derive(Clone)]
 pub struct MemoryBroker {
     pub(crate) inner: Arc<Inner>,
@@ -37,9 +38,10 @@ pub(crate) struct Inner {
     pub(crate) config: MemoryConfig,
     pub(crate) topics: Mutex<HashMap<String, Arc<Topic>>>,
     pub(crate) faults: Arc<FaultState>,
-    /// The pending requests of every handle, and their reply topic, made on the first
-    /// request.
+    /// The pending requests of every handle, made on the first request.
     pub(crate) requester: Requester,
+    /// The inbox their replies go to.
+    pub(crate) replies: crate::rpc::Replies,
     /// Scheduled messages waiting to be published.
     pub(crate) timers: crate::schedule::Timers,
 }
@@ -67,6 +69,7 @@ impl MemoryBroker {
                 topics: Mutex::new(HashMap::new()),
                 faults: Arc::default(),
                 requester: Requester::new(BACKEND),
+                replies: Default::default(),
                 timers: Default::default(),
             }),
         }
@@ -113,6 +116,7 @@ impl MemoryBroker {
     pub fn shutdown(&self) {
         // Pending requests end with a closed error rather than a lost inbox.
         self.inner.requester.close();
+        self.inner.replies.close();
         self.inner.timers.cancel_all();
         let topics: Vec<_> = self.inner.topics.lock().values().cloned().collect();
         for t in topics {
@@ -226,13 +230,24 @@ impl Broker for MemoryBroker {
     /// [`MemoryBroker::shutdown`] to end every subscription.
     async fn close(&self) -> Result<()> {
         self.inner.requester.close();
+        self.inner.replies.close();
         Ok(())
     }
 
     async fn request(&self, topic: &str, message: Message, timeout: Duration) -> Result<Message> {
         self.inner
             .requester
-            .request(self, || pubsub::open_inbox(self), topic, message, timeout)
+            .request(
+                self,
+                || async { Ok(self.inner.replies.open()) },
+                topic,
+                message,
+                timeout,
+            )
             .await
+    }
+
+    async fn send_reply(&self, address: &str, reply: Message) -> Result<()> {
+        self.inner.replies.send(address, reply).await
     }
 }

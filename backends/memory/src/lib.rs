@@ -40,6 +40,7 @@ mod config;
 mod faults;
 mod group;
 mod publisher;
+mod rpc;
 mod schedule;
 mod subscription;
 mod topic;

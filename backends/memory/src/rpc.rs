@@ -1,0 +1,60 @@
+//! Request/reply in process: the requester's inbox is a channel, and a reply goes
+//! straight into it instead of across a reply topic.
+
+use futures::StreamExt;
+use parking_lot::Mutex;
+use switchyard_core::rpc::Inbox;
+use switchyard_core::{new_id, Error, Message, Result};
+
+use crate::broker::BACKEND;
+use tokio::sync::mpsc;
+
+/// Replies queued for the requester's reader before a responder waits for room.
+const CAPACITY: usize = 4096;
+
+/// The broker's one open inbox: its address and the sending side of its channel.
+#[derive(Default)]
+pub(crate) struct Replies {
+    open: Mutex<Option<(String, mpsc::Sender<Result<Message>>)>>,
+}
+
+impl Replies {
+    /// A new inbox, replacing the previous one (the requester opens another only when
+    /// the previous one is gone).
+    pub(crate) fn open(&self) -> Inbox {
+        let address = format!("sy.reply.{}", &new_id().replace('-', "")[12..]);
+        let (tx, rx) = mpsc::channel(CAPACITY);
+        *self.open.lock() = Some((address.clone(), tx));
+        Inbox::new(address, stream(rx))
+    }
+
+    /// Hands `reply` to the inbox at `address`; an address that is not this broker's
+    /// open inbox (forged, or from before a close) is refused, so the responder logs it.
+    pub(crate) async fn send(&self, address: &str, reply: Message) -> Result<()> {
+        let tx = match &*self.open.lock() {
+            Some((open, tx)) if open == address => tx.clone(),
+            _ => {
+                return Err(Error::config(
+                    "reply address",
+                    format!("{address:?} is not an open reply inbox of this memory broker"),
+                ))
+            }
+        };
+        // A closed inbox means its requester is gone: the reply has nobody to reach.
+        tx.send(Ok(reply))
+            .await
+            .map_err(|_| Error::Closed { backend: BACKEND })
+    }
+
+    /// Closes the inbox, so the requester's reader ends.
+    pub(crate) fn close(&self) {
+        self.open.lock().take();
+    }
+}
+
+/// The receiving side as the stream an [`Inbox`] holds.
+fn stream(
+    rx: mpsc::Receiver<Result<Message>>,
+) -> futures::stream::BoxStream<'static, Result<Message>> {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) }).boxed()
+}
