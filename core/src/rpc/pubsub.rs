@@ -3,9 +3,10 @@
 //! Each broker client gets its own reply topic, `sy.reply.<random>`, read by an
 //! ephemeral group of the same name, so replies reach the requesting client only and the
 //! group's broker state goes away when the client does. A reply is a publish to that
-//! topic. The memory backend uses it as it is; a backend with a cheaper per-process
-//! channel (Kafka: a partition read by assignment; RabbitMQ: direct reply-to) supplies
-//! its own [`Inbox`] and overrides [`Broker::send_reply`](crate::Broker::send_reply).
+//! topic. A new backend can use it as it is; one with a cheaper per-process channel
+//! (memory: a channel in process; Kafka: a partition read by assignment; RabbitMQ:
+//! direct reply-to) supplies its own [`Inbox`] and overrides
+//! [`Broker::send_reply`](crate::Broker::send_reply).
 
 use futures::StreamExt;
 
