@@ -110,8 +110,8 @@ impl Broker for RabbitBroker {
         }
     }
 
-    /// Through the topic's cascade of TTL queues, one per power of two milliseconds (at
-    /// most 32 per topic, whatever the delays): the message reaches the groups that exist
+    /// Through the topic's cascade of TTL queues, one per power of two of 16 ms (at most
+    /// 28 per topic, whatever the delays): the message reaches the groups that exist
     /// when it is due. See the RabbitMQ backend's page (`docs/backends/rabbitmq.md`,
     /// "Scheduled publish").
     async fn publish_at(

@@ -1,15 +1,17 @@
 //! Scheduled publish with no plugin: a cascade of TTL queues, one per power of two
-//! milliseconds, so any delay is the sum of the levels its binary digits name and a
-//! topic never needs more than 32 delay queues, whatever delays it is given.
+//! units of [`UNIT_MS`] (16 ms), so any delay is the sum of the levels its binary digits
+//! name and a topic never needs more than [`LEVELS`] (28) delay queues, whatever delays
+//! it is given.
 //!
 //! Level `n` of topic `T` is a topic exchange and a classic queue, both named
-//! `T:~schedule.delay.<2^n>`; the queue has `x-message-ttl = 2^n` ms and dead-letters
-//! into level `n - 1` (level 0 into the topic's exchange `T`). A scheduled message's
-//! routing key spells its delay in binary, one word per level from the highest down
-//! (`y` for a 1, `n` for a 0: 5 ms is `y.n.y`), and it enters at its highest level.
-//! Each level's exchange routes on its own word: `y` into its queue, where the message
-//! waits `2^n` ms, `n` straight on to the next level down. RabbitMQ keeps a message's
-//! routing keys when it dead-letters it, so the word stays readable at every level.
+//! `T:~schedule.delay.<16 * 2^n>`; the queue has `x-message-ttl = 16 * 2^n` ms and
+//! dead-letters into level `n - 1` (level 0 into the topic's exchange `T`). A scheduled
+//! message's routing key spells its delay in units, in binary, one word per level from
+//! the highest down (`y` for a 1, `n` for a 0: 80 ms, 5 units, is `y.n.y`), and it
+//! enters at its highest level. Each level's exchange routes on its own word: `y` into
+//! its queue, where the message waits, `n` straight on to the next level down. RabbitMQ
+//! keeps a message's routing keys when it dead-letters it, so the word stays readable
+//! at every level.
 //!
 //! The slot routing key a publish would have used travels as the message's `CC` header
 //! (sender-selected distribution): RabbitMQ routes on it too, at every hop, and keeps
@@ -19,8 +21,11 @@
 //! message (only string-like header values are kept on receipt).
 //!
 //! Every level queue holds messages of one TTL, so it expires them in arrival order at
-//! its head, and a delay is never rounded into a coarser bucket: a message is late only
-//! by the broker's time to move it through its levels (one dead-lettering per `y`).
+//! its head. A delay is rounded up to whole units (the bucket granularity: up to 16 ms,
+//! plus a spare millisecond per hop); beyond that a message is late only by the broker's
+//! time to move it through its levels, one dead-lettering per `y`. The unit trades that
+//! rounding for hops: a few seconds take about 4 hops in 16 ms units, 6 in milliseconds,
+//! and the broker's dead-lettering rate is what makes a crowd of messages late.
 
 use std::time::Duration;
 
@@ -32,25 +37,29 @@ use switchyard_core::{Error, Result};
 use crate::error::{conflict, map_err};
 use crate::topology::{declare_topic, declare_topic_exchange};
 
-/// Levels of the cascade: level `n` delays by `2^n` ms, so 32 levels reach 2^32 - 1 ms
-/// (about 49.7 days), the longest delay they can spell.
-pub(crate) const LEVELS: u32 = 32;
+/// The shortest level's wait, and the granularity delays are rounded up to.
+pub(crate) const UNIT_MS: u64 = 16;
+
+/// Levels of the cascade: level `n` waits `16 * 2^n` ms, so the top level's TTL, 2^31 ms,
+/// stays within what RabbitMQ accepts, and 28 levels spell up to 16 * (2^28 - 1) ms
+/// (about 49.7 days).
+pub(crate) const LEVELS: u32 = 28;
 
 /// How a delay travels through the cascade.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Plan {
-    /// The delay the levels add up to, in milliseconds.
+    /// The delay the levels add up to, in milliseconds (a whole number of units).
     pub(crate) ms: u64,
     /// How many levels it needs (its highest level is `levels - 1`).
     pub(crate) levels: u32,
-    /// The routing key spelling `ms`, highest level first.
+    /// The routing key spelling the delay in units, highest level first.
     pub(crate) routing_key: String,
 }
 
 /// The plan for `delay`, or `None` when it is due now (an ordinary publish).
 ///
-/// The delay is rounded up to whole milliseconds, then lengthened by one millisecond per
-/// level it could pass through: the broker stamps a message's arrival in whole
+/// The delay is rounded up to whole units, leaving at least one spare millisecond per
+/// level it passes through: the broker stamps a message's arrival in whole
 /// milliseconds, so each hop may end up to a millisecond before its TTL is up, and a
 /// scheduled message must never arrive early.
 pub(crate) fn plan(delay: Duration) -> Result<Option<Plan>> {
@@ -58,32 +67,35 @@ pub(crate) fn plan(delay: Duration) -> Result<Option<Plan>> {
     if base == 0 {
         return Ok(None);
     }
-    // A sum of `b` bits needs at most `b + 1` bits once lengthened by at most `b + 1`.
-    let ms = base.saturating_add(u64::from(bits(base)) + 1);
-    if ms >= 1 << LEVELS {
+    let mut units = base.div_ceil(UNIT_MS);
+    // Each step adds 16 ms and at most one hop, so this ends within two steps.
+    while units.saturating_mul(UNIT_MS) < base.saturating_add(u64::from(units.count_ones())) {
+        units += 1;
+    }
+    if units >= 1 << LEVELS {
         return Err(Error::config(
             "delay",
             format!(
-                "{delay:?} is longer than RabbitMQ's scheduled publish reaches, 2^32 - 34 ms (about 49 days)"
+                "{delay:?} is longer than RabbitMQ's scheduled publish reaches, 16 * (2^28 - 1) ms (about 49 days)"
             ),
         ));
     }
-    let levels = bits(ms);
+    let levels = bits(units);
     let routing_key = (0..levels)
         .rev()
-        .map(|n| if ms >> n & 1 == 1 { "y" } else { "n" })
+        .map(|n| if units >> n & 1 == 1 { "y" } else { "n" })
         .collect::<Vec<_>>()
         .join(".");
     Ok(Some(Plan {
-        ms,
+        ms: units * UNIT_MS,
         levels,
         routing_key,
     }))
 }
 
-/// Binary digits of `ms` (0 for 0).
-fn bits(ms: u64) -> u32 {
-    u64::BITS - ms.leading_zeros()
+/// Binary digits of `n` (0 for 0).
+fn bits(n: u64) -> u32 {
+    u64::BITS - n.leading_zeros()
 }
 
 /// The exchange and the queue of level `n` of `topic`'s cascade. `~` cannot occur in
@@ -91,7 +103,7 @@ fn bits(ms: u64) -> u32 {
 /// shape of a hold queue (`<base>.delay.<ms>`), so the receiving side strips the
 /// dead-letter headers the cascade adds, as it does for a delayed redelivery.
 pub(crate) fn level_name(topic: &str, n: u32) -> String {
-    format!("{topic}:~schedule.delay.{}", 1u64 << n)
+    format!("{topic}:~schedule.delay.{}", UNIT_MS << n)
 }
 
 /// The binding pattern that picks `word` at level `n`: `#.<word>` then `n` more words.
@@ -141,7 +153,8 @@ pub(crate) async fn declare_levels(
             "x-queue-type".into(),
             AMQPValue::LongString("classic".into()),
         );
-        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(1 << n));
+        let ttl = i64::try_from(UNIT_MS << n).unwrap_or(i64::MAX);
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
         args.insert(
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(below.as_str().into()),
@@ -194,21 +207,32 @@ mod tests {
     #[test]
     fn a_delay_is_spelled_in_levels_that_add_up_to_at_least_it() {
         assert_eq!(plan(Duration::ZERO).unwrap(), None);
-        for ms in [1u64, 2, 5, 999, 1000, 1024, 3000, 65_537, 86_400_000] {
+        for ms in [
+            1u64, 2, 5, 15, 16, 17, 999, 1000, 1024, 3000, 65_537, 86_400_000,
+        ] {
             let p = plan(Duration::from_millis(ms)).unwrap().unwrap();
             let sum: u64 = (0..p.levels)
                 .filter(|&n| word_at(&p.routing_key, n) == Some("y"))
-                .map(|n| 1u64 << n)
+                .map(|n| UNIT_MS << n)
                 .sum();
             assert_eq!(sum, p.ms, "{ms}: {}", p.routing_key);
-            // One spare millisecond per hop, and not much more.
-            let hops = u64::from(p.ms.count_ones());
-            assert!(p.ms >= ms + hops && p.ms <= ms + 34, "{ms} -> {}", p.ms);
+            // A spare millisecond per hop, and no more than a unit and those beyond it.
+            let hops = u64::from((p.ms / UNIT_MS).count_ones());
+            assert!(p.ms >= ms + hops, "{ms} -> {}: early", p.ms);
+            assert!(
+                p.ms < ms + UNIT_MS + hops,
+                "{ms} -> {}: rounded too far",
+                p.ms
+            );
             assert_eq!(word_at(&p.routing_key, p.levels - 1), Some("y"));
             assert_eq!(p.routing_key.split('.').count() as u32, p.levels);
         }
+        // A few seconds take few hops.
+        let p = plan(Duration::from_millis(3000)).unwrap().unwrap();
+        assert!(p.routing_key.matches('y').count() <= 8, "{}", p.routing_key);
         let p = plan(Duration::from_micros(1)).unwrap().unwrap();
-        assert!(p.ms >= 2, "rounded up, with a hop's spare millisecond");
+        assert_eq!(p.ms, UNIT_MS, "rounded up to one unit");
+        assert!(plan(Duration::from_secs(49 * 24 * 3600)).is_ok());
         assert!(plan(Duration::from_secs(50 * 24 * 3600)).is_err());
     }
 
@@ -219,10 +243,12 @@ mod tests {
         // A slot number is one word of digits: it matches no level pattern, which needs
         // a `y` or `n` word.
         assert!(!"497".contains('y') && !"497".contains('n'));
-        assert_eq!(level_name("orders", 10), "orders:~schedule.delay.1024");
+        assert_eq!(level_name("orders", 0), "orders:~schedule.delay.16");
+        assert_eq!(level_name("orders", 6), "orders:~schedule.delay.1024");
         assert!(is_hold_queue(&level_name("orders", 0)));
-        assert!(is_hold_queue(&level_name(&"t".repeat(200), 31)));
-        assert!(level_name(&"t".repeat(200), 31).len() <= 255);
+        let top = level_name(&"t".repeat(200), LEVELS - 1);
+        assert!(is_hold_queue(&top) && top.len() <= 255, "{top}");
+        assert_eq!(UNIT_MS << (LEVELS - 1), 1 << 31, "the top level's TTL");
     }
 
     #[test]
