@@ -12,6 +12,10 @@
 //!
 //! `pair=kafka-produce switchyard=<msgs/s> raw=<msgs/s> ratio=<r>`
 //! `pair=kafka-consume switchyard=<msgs/s> raw=<msgs/s> ratio=<r>`
+//!
+//! After the pairs (or alone, with `--rpc`), the request/reply pair `kafka-rpc`:
+//! `--requests` round trips per round (default 5,000), `--in-flight` at once (default
+//! 64), `--rounds` rounds (default 3), see `bench/rpc.rs`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,11 +29,18 @@ use switchyard_core::{Consumer, Delivery, HandlerError, Message, Publisher, Subs
 use switchyard_kafka::{KafkaBroker, ID_HEADER};
 use tokio_util::sync::CancellationToken;
 
+#[path = "bench/rpc.rs"]
+mod rpc;
+
 const SIZE: usize = 256;
 
 struct Args {
     messages: usize,
     url: String,
+    rpc_only: bool,
+    requests: usize,
+    in_flight: usize,
+    rounds: usize,
 }
 
 fn args() -> Args {
@@ -37,6 +48,14 @@ fn args() -> Args {
         messages: 200_000,
         url: std::env::var("SWITCHYARD_KAFKA_URL")
             .unwrap_or_else(|_| "kafka://127.0.0.1:9092".into()),
+        rpc_only: false,
+        requests: 5_000,
+        in_flight: 64,
+        rounds: 3,
+    };
+    let number = |v: Option<String>, flag: &str| -> usize {
+        v.and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{flag} N"))
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -48,8 +67,12 @@ fn args() -> Args {
                     .expect("--messages N")
             }
             "--url" => a.url = it.next().expect("--url kafka://host:port"),
+            "--rpc" => a.rpc_only = true,
+            "--requests" => a.requests = number(it.next(), "--requests"),
+            "--in-flight" => a.in_flight = number(it.next(), "--in-flight").max(1),
+            "--rounds" => a.rounds = number(it.next(), "--rounds").max(1),
             "--bench" => {} // passed by `cargo bench`-style runners
-            other => panic!("unknown argument {other}; use --messages N and --url URL"),
+            other => panic!("unknown argument {other}; use --messages N, --url URL, --rpc, --requests N, --in-flight K, --rounds R"),
         }
     }
     a
@@ -198,9 +221,13 @@ async fn consume_raw(servers: &str, topic: &str, group: &str, n: usize) -> f64 {
 #[tokio::main]
 async fn main() {
     let args = args();
+    let run = &uuid::Uuid::now_v7().simple().to_string()[20..];
+    let rpc_pair = || rpc::pair(&args.url, run, args.requests, args.in_flight, args.rounds);
+    if args.rpc_only {
+        return rpc_pair().await;
+    }
     let broker = Arc::new(KafkaBroker::connect(&args.url).expect("connect"));
     let servers = broker.config().bootstrap_servers.clone();
-    let run = &uuid::Uuid::now_v7().simple().to_string()[20..];
     let (sy_topic, raw_topic) = (format!("bench-sy-{run}"), format!("bench-raw-{run}"));
     // Topics exist before timing starts, with the same partitions for both.
     broker.ensure_topic(&sy_topic).await.expect("topic");
@@ -231,4 +258,5 @@ async fn main() {
     let raw_consume = consume_raw(&servers, &raw_topic, &format!("bench-raw-g-{run}"), n).await;
     print("kafka-consume", sy_consume, raw_consume);
     let _ = switchyard_core::Broker::close(&*broker).await;
+    rpc_pair().await;
 }

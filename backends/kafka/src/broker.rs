@@ -13,7 +13,8 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, Producer};
 use switchyard_core::backend::validate_name;
 use switchyard_core::{
-    Broker, Capabilities, Error, Result, SubscribeOptions, Subscriber, Subscription, TopicInfo,
+    Broker, Capabilities, Error, Message, Result, SubscribeOptions, Subscriber, Subscription,
+    TopicInfo,
 };
 
 use crate::config::KafkaConfig;
@@ -37,6 +38,8 @@ pub(crate) struct Inner {
     /// Topics known to exist, so creation costs one round trip per topic.
     pub(crate) topics: Mutex<HashSet<String>>,
     pub(crate) closed: AtomicBool,
+    /// Request/reply: pending requests, reply topics made, the reply producer.
+    pub(crate) replies: crate::rpc::Replies,
     /// The schedulers of the topics this client scheduled on.
     pub(crate) schedulers: crate::schedule::Schedulers,
 }
@@ -110,6 +113,7 @@ impl KafkaBroker {
                 admin,
                 topics: Mutex::new(HashSet::new()),
                 closed: AtomicBool::new(false),
+                replies: crate::rpc::Replies::new(),
                 schedulers: Default::default(),
             }),
         })
@@ -264,7 +268,7 @@ impl Broker for KafkaBroker {
             native_dead_letter: false,
             delayed_delivery: false,
             max_message_size: Some(self.inner.config.max_message_size),
-            request_reply: false,
+            request_reply: true,
             at_most_once: true,
             scheduled_publish: true,
         }
@@ -312,14 +316,26 @@ impl Broker for KafkaBroker {
 
     async fn close(&self) -> Result<()> {
         self.inner.closed.store(true, Ordering::Release);
+        // Pending requests end with a closed error; the reply reader stops below.
+        self.inner.replies.requester.close();
         // Before the flush: each scheduler commits what it republished as it stops.
         self.inner.schedulers.close().await;
         let producer = self.inner.producer.clone();
         let timeout = self.inner.config.publish_timeout;
         // flush blocks until every queued record is acknowledged (or the timeout).
-        tokio::task::spawn_blocking(move || producer.flush(timeout))
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(timeout))
             .await
             .map_err(|e| Error::permanent(BACKEND, e.to_string()))?
-            .map_err(|e| kafka_error("flushing the producer", e))
+            .map_err(|e| kafka_error("flushing the producer", e));
+        let stopped = self.stop_reply_readers().await;
+        flushed.and(stopped)
+    }
+
+    async fn request(&self, topic: &str, message: Message, timeout: Duration) -> Result<Message> {
+        self.request_inner(topic, message, timeout).await
+    }
+
+    async fn send_reply(&self, address: &str, reply: Message) -> Result<()> {
+        self.send_reply_inner(address, reply).await
     }
 }

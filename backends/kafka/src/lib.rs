@@ -85,6 +85,7 @@ mod poll;
 mod publisher;
 mod rebalance;
 mod record;
+mod rpc;
 mod schedule;
 mod state;
 mod subscription;
