@@ -65,6 +65,13 @@
 //!   after `session.timeout.ms` (6 s by default here), and its uncommitted messages go
 //!   to the others: nothing is lost, duplicates stay within the uncommitted window.
 //!
+//! ## Request/reply
+//! `Broker::request` gets its replies on a topic of this client's own,
+//! `sy.reply.<random>` (one partition), read by assignment (no group join); a reply is a
+//! record produced to its partition 0, and only to a `sy.reply.` topic that exists.
+//! `close` keeps the topic (see docs/backends/kafka.md); a process with a stable
+//! identity reuses one with [`KafkaBroker::set_reply_topic`].
+//!
 //! ## Brokers
 //! Tested against tansu 0.6 (sqlite storage). Its group coordinator can hand a partition
 //! to a new member before the old one let go, hence `assign_delay_ms` (see
