@@ -16,7 +16,8 @@ import pika
 # membership queues (T:G.p0, T:G.members), and for delayed redeliveries its hold queues
 # and their exchanges (T:G.delay.<ms>) and its return exchange (T:G.return). "syr-" is
 # the RabbitMQ backend's own tests.
-PREFIXES = ("sy-", "syr-", "durable-", "restart-", "orders-", "orders.", "orders:")
+PREFIXES = ("sy-", "syr-", "durable-", "restart-", "orders-", "orders.", "orders:", "reminders-",
+            "rates-")
 
 
 def names(kind):
