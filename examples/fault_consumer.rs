@@ -4,8 +4,11 @@
 //! ```text
 //! cargo run --example fault_consumer --features all-backends -- \
 //!     --url kafka://127.0.0.1:9092?commit=sync --topic T --group G \
-//!     [--concurrency 4] [--prefetch 16] [--delay-ms 10]
+//!     [--concurrency 4] [--prefetch 16] [--delay-ms 10] [--guarantee at-most-once]
 //! ```
+//!
+//! `--guarantee` is `at-least-once` (the default: ack after the handler) or
+//! `at-most-once` (ack on receipt, before it; `tests/guarantees_kafka.rs`).
 //!
 //! Prints `ready` once the group is subscribed, then `handled <id> <partition> <offset>`
 //! for every delivery (`-` where the backend has no position), as the handler's last
@@ -18,7 +21,9 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard::{CancellationToken, Consumer, Delivery, HandlerError, SubscribeOptions};
+use switchyard::{
+    CancellationToken, Consumer, Delivery, Guarantee, HandlerError, SubscribeOptions,
+};
 
 struct Args {
     url: String,
@@ -27,6 +32,7 @@ struct Args {
     concurrency: usize,
     prefetch: Option<usize>,
     delay: Duration,
+    guarantee: Guarantee,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -36,6 +42,7 @@ fn parse_args() -> Result<Args, String> {
     let mut concurrency = 4;
     let mut prefetch = None;
     let mut delay = Duration::ZERO;
+    let mut guarantee = Guarantee::AtLeastOnce;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -51,6 +58,13 @@ fn parse_args() -> Result<Args, String> {
             "--concurrency" => concurrency = number()? as usize,
             "--prefetch" => prefetch = Some(number()? as usize),
             "--delay-ms" => delay = Duration::from_millis(number()?),
+            "--guarantee" => {
+                guarantee = match value.as_str() {
+                    "at-least-once" => Guarantee::AtLeastOnce,
+                    "at-most-once" => Guarantee::AtMostOnce,
+                    _ => return Err(format!("{flag} {value}: at-least-once or at-most-once")),
+                }
+            }
             _ => return Err(format!("unknown argument {flag}")),
         }
     }
@@ -61,6 +75,7 @@ fn parse_args() -> Result<Args, String> {
         concurrency,
         prefetch,
         delay,
+        guarantee,
     })
 }
 
@@ -133,6 +148,7 @@ async fn main() -> switchyard::Result<()> {
     };
     let running = Consumer::handler(options, handler)
         .concurrency(args.concurrency)
+        .guarantee(args.guarantee)
         .start(broker.clone(), shutdown.clone())
         .await?;
     say("ready");

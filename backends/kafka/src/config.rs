@@ -28,7 +28,8 @@ pub enum CommitStrategy {
     Auto,
 }
 
-/// The producer's durability.
+/// The producer's durability (`delivery=`). Independent of the consumer's
+/// [`Guarantee`], which decides when received messages are committed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum DeliveryGuarantee {
@@ -50,7 +51,7 @@ pub enum DeliveryGuarantee {
 /// | `partitions` | 8 | partitions of topics switchyard creates |
 /// | `replication` | 1 | replication factor of topics switchyard creates |
 /// | `create_topics` | true | create missing topics; `false` makes a missing topic an error |
-/// | `commit` | `periodic` | `periodic`, `sync` or `auto` (see [`CommitStrategy`]) |
+/// | `commit` | `periodic` | `periodic`, `sync` or `auto` (see [`CommitStrategy`]; a [`Guarantee::AtMostOnce`] consumer always commits as `sync`) |
 /// | `commit_interval_ms` | 1000 | period of `commit=periodic` |
 /// | `delivery` | `at-least-once` | or `at-most-once` (see [`DeliveryGuarantee`]) |
 /// | `publish_timeout_ms` | 30000 | how long a publish may take, retries included (librdkafka `message.timeout.ms`) |

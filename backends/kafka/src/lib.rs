@@ -45,8 +45,9 @@
 //! - **Commits after processing.** A partition's commit position is its lowest offset
 //!   not yet done, so handlers finishing out of order never commit past an unfinished
 //!   message. `commit=periodic` (default) commits it every `commit_interval_ms`;
-//!   `commit=sync` commits before each ack returns; `commit=auto` is librdkafka's
-//!   auto-commit of what was *received* — at-most-once, a crash loses in-flight messages.
+//!   `commit=sync` commits before each ack returns; `commit=auto` takes at-most-once
+//!   consumers only. A consumer with `Guarantee::AtMostOnce` commits as `commit=sync`,
+//!   before its handler runs: a crash loses what was being handled, never duplicates.
 //! - **Nack.** Kafka has no per-message nack. `Nack::Requeue` redelivers the record in
 //!   process with `attempt + 1`; its key stays blocked, so later same-key records still
 //!   wait behind it, and its offset stays uncommitted until it is acked. The trade-off:

@@ -130,3 +130,24 @@ async fn the_default_is_at_least_once() {
     let consumer = consumer.guarantee(Guarantee::AtMostOnce);
     assert_eq!(consumer.options().guarantee, Guarantee::AtMostOnce);
 }
+
+#[tokio::test]
+async fn a_rejected_message_is_dropped() {
+    let broker = MemoryBroker::new();
+    let mut sub = broker
+        .subscribe(SubscribeOptions::new("orders", "reject"))
+        .await
+        .unwrap();
+    broker
+        .publish("orders", Message::new("rejected").with_key("k"))
+        .await
+        .unwrap();
+    let first = sub.recv().await.unwrap().unwrap();
+    first.nack(switchyard_core::Nack::Reject).await.unwrap();
+    sub.close().await.unwrap();
+    assert_eq!(
+        next_for_group(&broker, "reject").await,
+        "probe",
+        "a rejected message is not handed out again"
+    );
+}

@@ -1,0 +1,465 @@
+//! Kafka's delivery guarantees, each tested for what it promises. The kill runs use the
+//! process-fault consumer (`examples/fault_consumer.rs`): SIGKILLed after it handled
+//! part of a topic, then started again on the same group to finish.
+//!
+//! - `Guarantee::AtMostOnce` (`--guarantee at-most-once`; it implies `commit=sync`, here
+//!   under a `commit=periodic` URL): never a duplicate; what was being handled at the
+//!   kill may be lost, at most `concurrency` messages.
+//! - `Guarantee::AtLeastOnce` with `commit=periodic`: nothing lost; the duplicates are
+//!   messages handled before the kill whose commit had not happened yet.
+//! - `commit=sync`: duplicates at most the in-flight messages — `tests/process_faults.rs`
+//!   measures it with the same consumer.
+//! - `commit=auto` with an at-least-once consumer is refused, naming both.
+//! - `delivery=at-most-once` is the producer's side (`acks=0`): receipts carry no offset
+//!   and a record is never written twice.
+//! - `Nack::Reject` commits past the message: a later member of the group never sees it.
+//!
+//! Each kill run prints `fault=consumer-sigkill backend=kafka ... guarantee=...` past the
+//! test harness's capture. Fails, never skips, when Kafka (`SWITCHYARD_KAFKA_URL`) is
+//! unreachable.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use switchyard::{
+    CancellationToken, Consumer, Delivery, Error, Guarantee, HandlerError, Message, Nack,
+    SubscribeOptions,
+};
+
+const CONCURRENCY: usize = 4;
+
+fn base_url() -> String {
+    std::env::var("SWITCHYARD_KAFKA_URL").unwrap_or_else(|_| "kafka://127.0.0.1:9092".into())
+}
+
+/// The broker URL with `settings` appended.
+fn url_with(settings: &str) -> String {
+    let base = base_url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}{settings}")
+}
+
+/// A name no other run uses: pid and clock.
+fn unique(label: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "sy-{label}-{:x}{:x}",
+        std::process::id(),
+        nanos & 0xff_ffff_ffff
+    )
+}
+
+/// Builds the consumer example once per test binary (with this test's features and
+/// profile) and returns its path.
+fn consumer_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let mut features = vec!["kafka", "broker-tests"];
+        for (on, name) in [
+            (cfg!(feature = "memory"), "memory"),
+            (cfg!(feature = "rabbitmq"), "rabbitmq"),
+            (cfg!(feature = "postgres"), "postgres"),
+        ] {
+            if on {
+                features.push(name);
+            }
+        }
+        // <target>/<profile dir>/deps/<this test>; the example lands in
+        // <target>/<profile dir>/examples.
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test binary lives in <target>/<profile>/deps");
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev".to_string(),
+            Some(other) => other.to_string(),
+        };
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let status = Command::new(cargo)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["build", "--quiet", "-p", "switchyard", "--example"])
+            .arg("fault_consumer")
+            .args(["--profile", &profile, "--no-default-features", "--features"])
+            .arg(features.join(","))
+            .status()
+            .expect("cargo must be runnable to build the consumer example");
+        assert!(status.success(), "building examples/fault_consumer failed");
+        let bin = profile_dir.join("examples").join("fault_consumer");
+        assert!(bin.exists(), "cargo built no {}", bin.display());
+        bin
+    })
+}
+
+/// What the consumer processes printed, across runs.
+#[derive(Default)]
+struct Seen {
+    /// How many times each id was handled.
+    counts: HashMap<String, usize>,
+    /// `ready` lines, one per process that subscribed.
+    ready: usize,
+}
+
+/// A running consumer process; a thread reads its stdout into [`Seen`].
+struct Proc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proc {
+    fn spawn(seen: &Arc<Mutex<Seen>>, args: &[String]) -> Self {
+        let mut child = Command::new(consumer_binary())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the consumer example");
+        let stdout = child.stdout.take().unwrap();
+        let stdin = child.stdin.take();
+        let seen = seen.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let mut seen = seen.lock().unwrap();
+                if line == "ready" {
+                    seen.ready += 1;
+                } else if let Some(rest) = line.strip_prefix("handled ") {
+                    let id = rest.split(' ').next().unwrap_or_default().to_string();
+                    *seen.counts.entry(id).or_default() += 1;
+                }
+            }
+        });
+        Self {
+            child,
+            stdin,
+            reader: Some(reader),
+        }
+    }
+
+    /// SIGKILL, then waits for the process and the last of its output.
+    fn sigkill(mut self) {
+        self.child.kill().expect("SIGKILL the consumer");
+        let status = self.child.wait().unwrap();
+        assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status}");
+        self.reader.take().unwrap().join().unwrap();
+    }
+
+    /// Closes stdin (the example's cue to stop gracefully); kills it if it still runs
+    /// after `within`.
+    fn stop(mut self, within: Duration) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + within;
+        while self.child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.reader.take().unwrap().join().unwrap();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // A failed assertion must not leave the process behind.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits (bounded) until `done` holds for what the processes printed.
+async fn wait_for(
+    seen: &Arc<Mutex<Seen>>,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&Seen) -> bool,
+) {
+    let deadline = Instant::now() + limit;
+    loop {
+        {
+            let seen = seen.lock().unwrap();
+            if done(&seen) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited {limit:?} for {what}: {} distinct ids handled, {} ready",
+                seen.counts.len(),
+                seen.ready
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// What a kill-and-restart run saw.
+struct Outcome {
+    published: usize,
+    lost: usize,
+    duplicated: usize,
+    handled_at_kill: usize,
+}
+
+/// Publishes `messages`, kills the consumer once `kill_after` were handled, restarts it,
+/// and waits until the second process has handled everything it is going to: all of
+/// them, or (`may_lose`) until a sentinel published after the restart went through.
+async fn kill_run(
+    url: &str,
+    extra: &[&str],
+    messages: usize,
+    kill_after: usize,
+    may_lose: bool,
+) -> Outcome {
+    let topic = unique("guarantee");
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let mut args: Vec<String> = ["--url", url, "--topic", &topic, "--group", "g"]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(["--concurrency".into(), CONCURRENCY.to_string()]);
+
+    let first = Proc::spawn(&seen, &args);
+    wait_for(
+        &seen,
+        Duration::from_secs(60),
+        "the consumer to subscribe",
+        |s| s.ready == 1,
+    )
+    .await;
+    let broker = switchyard::connect(url)
+        .await
+        .expect("Kafka must be reachable at SWITCHYARD_KAFKA_URL");
+    let batch: Vec<Message> = (0..messages)
+        .map(|i| Message::new(format!("m{i}")).with_key(format!("k{}", i % 16)))
+        .collect();
+    let published: HashSet<String> = batch.iter().map(|m| m.id.clone()).collect();
+    broker.publish_batch(&topic, batch).await.expect("publish");
+
+    wait_for(&seen, Duration::from_secs(60), "part to be handled", |s| {
+        s.counts.len() >= kill_after
+    })
+    .await;
+    first.sigkill();
+    let handled_at_kill = seen.lock().unwrap().counts.len();
+    assert!(
+        handled_at_kill < messages,
+        "the kill came after every message was handled: lower the kill point"
+    );
+
+    let second = Proc::spawn(&seen, &args);
+    if may_lose {
+        // Lost messages never show: one sentinel per key, published after the restart,
+        // comes after everything the group still owes on its partition.
+        let sentinels: Vec<Message> = (0..16)
+            .map(|k| Message::new("sentinel").with_key(format!("k{k}")))
+            .collect();
+        let ids: Vec<String> = sentinels.iter().map(|m| m.id.clone()).collect();
+        broker
+            .publish_batch(&topic, sentinels)
+            .await
+            .expect("publish");
+        wait_for(
+            &seen,
+            Duration::from_secs(90),
+            "the sentinels after the restart",
+            |s| ids.iter().all(|id| s.counts.contains_key(id)),
+        )
+        .await;
+    } else {
+        wait_for(
+            &seen,
+            Duration::from_secs(90),
+            "every message after the restart",
+            |s| published.iter().all(|id| s.counts.contains_key(id)),
+        )
+        .await;
+    }
+    broker.close().await.unwrap();
+    // Redeliveries come first after a restart; a moment for a straggler to show.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::spawn_blocking(move || second.stop(Duration::from_secs(20)))
+        .await
+        .unwrap();
+
+    let seen = seen.lock().unwrap();
+    let delivered = published
+        .iter()
+        .filter(|id| seen.counts.contains_key(*id))
+        .count();
+    Outcome {
+        published: published.len(),
+        lost: published.len() - delivered,
+        duplicated: published
+            .iter()
+            .filter_map(|id| seen.counts.get(id))
+            .map(|n| n - 1)
+            .sum(),
+        handled_at_kill,
+    }
+}
+
+/// The machine-readable line, written past the harness's output capture.
+fn report(o: &Outcome, guarantee: &str, commit: &str) {
+    let _ = writeln!(
+        std::io::stdout(),
+        "fault=consumer-sigkill backend=kafka guarantee={guarantee} commit={commit} \
+         published={} lost={} duplicated={} handled_at_kill={} concurrency={CONCURRENCY}",
+        o.published,
+        o.lost,
+        o.duplicated,
+        o.handled_at_kill
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_once_never_duplicates_across_a_sigkill() {
+    // commit=periodic in the URL: at-most-once implies synchronous commits regardless.
+    let url = url_with("commit=periodic&session.timeout.ms=6000");
+    let extra = ["--guarantee", "at-most-once", "--delay-ms", "5"];
+    let o = kill_run(&url, &extra, 300, 100, true).await;
+    report(&o, "at-most-once", "periodic (implied sync)");
+    assert_eq!(o.duplicated, 0, "at-most-once handled a message twice");
+    assert!(
+        o.lost <= CONCURRENCY,
+        "{} lost, more than the {CONCURRENCY} handlers the kill could interrupt",
+        o.lost
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_least_once_periodic_never_loses_across_a_sigkill() {
+    let url = url_with("commit=periodic&session.timeout.ms=6000");
+    let o = kill_run(&url, &["--delay-ms", "5"], 300, 100, false).await;
+    report(&o, "at-least-once", "periodic");
+    assert_eq!(o.lost, 0, "at-least-once lost messages");
+    assert!(
+        o.duplicated <= o.handled_at_kill,
+        "{} duplicates: only what was handled before the kill comes back",
+        o.duplicated
+    );
+}
+
+#[tokio::test]
+async fn commit_auto_refuses_an_at_least_once_consumer() {
+    let broker = switchyard::connect(&url_with("commit=auto"))
+        .await
+        .expect("Kafka must be reachable at SWITCHYARD_KAFKA_URL");
+    let topic = unique("auto");
+    let consumer = Consumer::handler(SubscribeOptions::new(&topic, "g"), |_: Delivery| async {
+        Ok::<_, HandlerError>(())
+    });
+    let err = match consumer
+        .start(broker.clone(), CancellationToken::new())
+        .await
+    {
+        Ok(_) => panic!("commit=auto took an at-least-once consumer"),
+        Err(e) => e,
+    };
+    match &err {
+        Error::Config { setting, message } => {
+            assert_eq!(setting, "commit", "{err}");
+            assert!(message.contains("Guarantee::AtMostOnce"), "{err}");
+        }
+        other => panic!("not a config error: {other}"),
+    }
+    // The same URL takes an at-most-once consumer (which commits as commit=sync).
+    let shutdown = CancellationToken::new();
+    let running = Consumer::handler(SubscribeOptions::new(&topic, "g"), |_: Delivery| async {
+        Ok::<_, HandlerError>(())
+    })
+    .guarantee(Guarantee::AtMostOnce)
+    .start(broker.clone(), shutdown.clone())
+    .await
+    .expect("commit=auto takes an at-most-once consumer");
+    shutdown.cancel();
+    running.join().await.unwrap();
+    broker.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn producer_at_most_once_has_no_offsets_and_writes_once() {
+    let url = url_with("delivery=at-most-once");
+    let broker = switchyard::connect(&url)
+        .await
+        .expect("Kafka must be reachable at SWITCHYARD_KAFKA_URL");
+    let topic = unique("acks0");
+    let mut sub = broker
+        .subscribe(SubscribeOptions::new(&topic, "g"))
+        .await
+        .unwrap();
+    let batch: Vec<Message> = (0..20).map(|i| Message::new(format!("m{i}"))).collect();
+    let receipts = broker.publish_batch(&topic, batch).await.unwrap();
+    assert!(
+        receipts.iter().all(|r| r.offset.is_none()),
+        "acks=0: the broker never says where a record went"
+    );
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    while counts.len() < 20 {
+        // acks=0 promises nothing about arrival: a quiet spell ends the wait.
+        let Ok(next) = tokio::time::timeout(Duration::from_secs(10), sub.recv()).await else {
+            break;
+        };
+        let d = next.expect("the subscription stays open").unwrap();
+        *counts.entry(d.id().to_string()).or_default() += 1;
+        d.ack().await.unwrap();
+    }
+    sub.close().await.unwrap();
+    broker.close().await.unwrap();
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "written twice: {counts:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_rejected_message_is_committed_past() {
+    let broker = switchyard::connect(&base_url())
+        .await
+        .expect("Kafka must be reachable at SWITCHYARD_KAFKA_URL");
+    let topic = unique("reject");
+    let mut sub = broker
+        .subscribe(SubscribeOptions::new(&topic, "g"))
+        .await
+        .unwrap();
+    broker
+        .publish(&topic, Message::new("rejected").with_key("k"))
+        .await
+        .unwrap();
+    let d = sub.recv().await.unwrap().unwrap();
+    assert_eq!(d.payload(), b"rejected");
+    d.nack(Nack::Reject).await.unwrap();
+    // Closing commits what is done, the rejected record included.
+    sub.close().await.unwrap();
+
+    let mut later = broker
+        .subscribe(SubscribeOptions::new(&topic, "g"))
+        .await
+        .unwrap();
+    broker
+        .publish(&topic, Message::new("probe").with_key("k"))
+        .await
+        .unwrap();
+    let next = later.recv().await.unwrap().unwrap();
+    assert_eq!(
+        next.payload(),
+        b"probe",
+        "a rejected record is never handed to the group again (and Kafka has no \
+         broker-side dead letter: it is gone)"
+    );
+    next.ack().await.unwrap();
+    later.close().await.unwrap();
+    broker.close().await.unwrap();
+}
