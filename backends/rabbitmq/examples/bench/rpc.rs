@@ -8,8 +8,9 @@
 //! consumes direct reply-to, and its confirm awaited; the responder takes it from the
 //! group's 8 partition queues, publishes the reply to the default exchange (confirm
 //! awaited) and then acks the request. Raw lapin matches replies to requests through a
-//! map of correlation ids, as the requester does. A warm-up round, then R rounds in
-//! alternating order; prints the medians as
+//! map of correlation ids, as the requester does. Each side's clock starts after its
+//! first reply (so the responder member's partition claims are not timed). A warm-up
+//! round, then R rounds in alternating order; prints the medians as
 //! `pair=rabbitmq-rpc switchyard=<req/s> raw=<req/s> ratio=<r>`.
 
 use std::collections::HashMap;
@@ -49,6 +50,11 @@ async fn switchyard(url: &str, topic: &str, n: usize, in_flight: usize) -> f64 {
     .await
     .expect("start the responder");
     let payload = Bytes::from(vec![b'x'; PAYLOAD]);
+    // The clock starts once the responder answers (its member has claimed partitions).
+    requester
+        .request(topic, Message::new(payload.clone()), TIMEOUT)
+        .await
+        .expect("a first reply");
     let start = Instant::now();
     let answered = futures::stream::iter(0..n)
         .map(|_| {
@@ -166,40 +172,43 @@ async fn raw(url: &str, topic: &str, n: usize, in_flight: usize) -> f64 {
     let payload = vec![b'x'; PAYLOAD];
     let next = AtomicU64::new(0);
     let expiration = TIMEOUT.as_millis().to_string();
+    let ask = |_| {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let (ch, waiting, payload, expiration) = (&ch, &waiting, &payload, &expiration);
+        async move {
+            let id = i.to_string();
+            let (tx, rx) = oneshot::channel();
+            waiting.lock().unwrap().insert(id.clone(), tx);
+            let props = BasicProperties::default()
+                .with_delivery_mode(1)
+                .with_message_id(switchyard_core::new_id().into())
+                .with_reply_to("amq.rabbitmq.reply-to".into())
+                .with_correlation_id(id.into())
+                .with_expiration(expiration.as_str().into());
+            let slot = (i % 1024).to_string();
+            let confirm = ch
+                .basic_publish(
+                    topic.into(),
+                    slot.as_str().into(),
+                    BasicPublishOptions::default(),
+                    payload,
+                    props,
+                )
+                .await
+                .expect("publish request");
+            confirm.await.expect("request confirm");
+            tokio::time::timeout(TIMEOUT, rx)
+                .await
+                .expect("a reply in time")
+                .expect("reply")
+                .len()
+        }
+    };
+    // The clock starts once the responder answers, as on the switchyard side.
+    assert_eq!(ask(0).await, PAYLOAD);
     let start = Instant::now();
     let answered = futures::stream::iter(0..n)
-        .map(|_| {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let (ch, waiting, payload, expiration) = (&ch, &waiting, &payload, &expiration);
-            async move {
-                let id = i.to_string();
-                let (tx, rx) = oneshot::channel();
-                waiting.lock().unwrap().insert(id.clone(), tx);
-                let props = BasicProperties::default()
-                    .with_delivery_mode(1)
-                    .with_message_id(switchyard_core::new_id().into())
-                    .with_reply_to("amq.rabbitmq.reply-to".into())
-                    .with_correlation_id(id.into())
-                    .with_expiration(expiration.as_str().into());
-                let slot = (i % 1024).to_string();
-                let confirm = ch
-                    .basic_publish(
-                        topic.into(),
-                        slot.as_str().into(),
-                        BasicPublishOptions::default(),
-                        payload,
-                        props,
-                    )
-                    .await
-                    .expect("publish request");
-                confirm.await.expect("request confirm");
-                tokio::time::timeout(TIMEOUT, rx)
-                    .await
-                    .expect("a reply in time")
-                    .expect("reply")
-                    .len()
-            }
-        })
+        .map(ask)
         .buffer_unordered(in_flight)
         .filter(|len| futures::future::ready(*len == PAYLOAD))
         .count()
