@@ -18,6 +18,7 @@ use crate::kit::{ensure, Check, Ctx, OrFail, Outcome, Scenario};
 
 mod delivery;
 mod forged;
+mod guarantee;
 mod lifecycle;
 mod load;
 mod middleware;
@@ -56,6 +57,9 @@ macro_rules! __scenario_list {
                 handler_panic_contained = panic_contained;
                 double_ack_is_typed_error = double_ack;
                 bad_input_typed_errors = bad_input;
+            }
+            guarantee {
+                at_most_once_acks_first_and_never_redelivers = at_most_once;
             }
             lifecycle {
                 graceful_shutdown_1000_in_flight = graceful_shutdown;
