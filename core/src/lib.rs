@@ -11,7 +11,8 @@
 //! - request/reply ([`rpc`]): [`Broker::request`], [`RequestExt::request_json`], and
 //!   [`reply_fn`] for handlers whose `Ok` value is the reply;
 //! - the consumer runtime: [`Consumer`] (bounded concurrency, ack after success, nack on
-//!   failure, panics caught, graceful shutdown) and [`App`] for several consumers;
+//!   failure, panics caught, graceful shutdown; or ack on receipt under
+//!   [`Guarantee::AtMostOnce`]) and [`App`] for several consumers;
 //! - for crates that add a broker: [`backend`] (the ack handle to implement, URL parsing
 //!   and redaction, name and header rules, the per-key gate, the retry pause).
 //!
