@@ -114,9 +114,19 @@ struct Raw {
     responder: tokio::task::JoinHandle<()>,
 }
 
-fn producer(servers: &str) -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", servers)
+/// The raw clients' base settings: the servers and the URL's librdkafka pass-through
+/// settings (`fetch.wait.max.ms=…`, say), as switchyard's clients get them.
+fn base(broker: &KafkaBroker) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &broker.config().bootstrap_servers);
+    for (k, v) in &broker.config().client {
+        c.set(k, v);
+    }
+    c
+}
+
+fn producer(base: &ClientConfig) -> FutureProducer {
+    base.clone()
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
@@ -133,10 +143,9 @@ fn header<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>, name: &str) -> Optio
 
 /// Answers each request as switchyard's responder does: reply produced and
 /// acknowledged, then the request's offset stored for the next commit.
-async fn raw_responder(servers: String, topic: String, stop: Arc<AtomicBool>) {
+async fn raw_responder(base: ClientConfig, topic: String, stop: Arc<AtomicBool>) {
     let consumer: Arc<StreamConsumer> = Arc::new(
-        ClientConfig::new()
-            .set("bootstrap.servers", &servers)
+        base.clone()
             .set("group.id", "g")
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "true")
@@ -146,7 +155,7 @@ async fn raw_responder(servers: String, topic: String, stop: Arc<AtomicBool>) {
             .expect("raw responder"),
     );
     consumer.subscribe(&[&topic]).expect("subscribe");
-    let producer = producer(&servers);
+    let producer = producer(&base);
     while !stop.load(Ordering::Relaxed) {
         let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
         else {
@@ -189,14 +198,14 @@ impl Raw {
         reply_topic: String,
         in_flight: usize,
     ) -> Self {
-        let servers = broker.config().bootstrap_servers.clone();
+        let base = base(broker);
         broker.ensure_topic(&topic).await.expect("topic");
         broker.ensure_topic(&reply_topic).await.expect("topic");
         let stop = Arc::new(AtomicBool::new(false));
-        let responder = tokio::spawn(raw_responder(servers.clone(), topic.clone(), stop.clone()));
+        let responder = tokio::spawn(raw_responder(base.clone(), topic.clone(), stop.clone()));
         let waiting: Waiting = Arc::default();
-        let reader: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &servers)
+        let reader: BaseConsumer = base
+            .clone()
             .set("group.id", &reply_topic)
             .set("enable.auto.commit", "false")
             .create()
@@ -223,7 +232,7 @@ impl Raw {
             })
         };
         let side = Self {
-            producer: producer(&servers),
+            producer: producer(&base),
             waiting,
             topic,
             reply_topic,
@@ -296,6 +305,7 @@ pub(crate) async fn pair(url: &str, run: &str, n: usize, in_flight: usize, round
     eprintln!(
         "bench: rpc, {n} round trips of {PAYLOAD} bytes, {in_flight} in flight, {rounds} rounds"
     );
+    // The raw side takes its settings from here: the same URL.
     let admin = KafkaBroker::connect(url).expect("connect");
     let sy = Switchyard::start(url, format!("bench-rpc-sy-{run}"), in_flight).await;
     let raw = Raw::start(
