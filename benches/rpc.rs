@@ -61,11 +61,14 @@ async fn switchyard(n: usize, in_flight: usize, payload: Bytes) -> f64 {
     let broker = Arc::new(MemoryBroker::new());
     let echo = |b: Bytes| async move { Ok::<_, HandlerError>(b) };
     let shutdown = CancellationToken::new();
-    let running = Consumer::new(SubscribeOptions::queue("rpc"), reply_fn(broker.clone(), echo))
-        .concurrency(in_flight)
-        .start(broker.clone(), shutdown.clone())
-        .await
-        .unwrap();
+    let running = Consumer::new(
+        SubscribeOptions::queue("rpc"),
+        reply_fn(broker.clone(), echo),
+    )
+    .concurrency(in_flight)
+    .start(broker.clone(), shutdown.clone())
+    .await
+    .unwrap();
     let start = Instant::now();
     let answered = futures::stream::iter(0..n)
         .map(|_| {

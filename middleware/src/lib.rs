@@ -83,11 +83,11 @@ pub use dead_letter::{
     DeadLetter, DeadLetterAdmin, DeadLetterFuture, DeadLetterLayer, DeadLetterRecord, ReplayTo,
     Replayed, Selection,
 };
-#[cfg(feature = "postgres")]
-pub use idempotency::{PostgresStore, PostgresTlsProblem, PostgresTlsRefused};
 pub use idempotency::{
     Begin, Idempotency, IdempotencyFuture, IdempotencyLayer, IdempotencyStore, MarkKey, MemoryStore,
 };
+#[cfg(feature = "postgres")]
+pub use idempotency::{PostgresStore, PostgresTlsProblem, PostgresTlsRefused};
 pub use inspect::{Inspect, InspectLayer};
 pub use retry::{Retry, RetryFuture, RetryLayer, RetryPolicy};
 pub use retry_tiers::{
