@@ -69,9 +69,9 @@ pub(crate) struct Rpc {
 struct Link {
     conn: Option<Connection>,
     /// Consumes direct reply-to and publishes the requests (confirms on).
-    requests: Option<Channel>,
+    requests: Option<Arc<Channel>>,
     /// Publishes the replies this client sends as a responder (confirms on).
-    replies: Option<Channel>,
+    replies: Option<Arc<Channel>>,
     /// Topics whose exchange this connection declared.
     declared: HashSet<String>,
 }
@@ -211,7 +211,7 @@ impl Rpc {
     /// The requests channel and the connection it is on, declaring `topic`'s exchange
     /// first if this connection has not yet. An inbox that is gone is a transient
     /// error: requests published elsewhere could not be answered.
-    async fn request_channel(&self, topic: &str) -> Result<Channel> {
+    async fn request_channel(&self, topic: &str) -> Result<Arc<Channel>> {
         let mut link = self.link.lock().await;
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed { backend: BACKEND });
@@ -290,7 +290,9 @@ fn request_properties(message: &Message, timeout: Duration) -> Result<BasicPrope
         .with_expiration(ms.to_string().into()))
 }
 
-async fn confirm_channel(conn: &Connection, what: &str) -> Result<Channel> {
+/// A new channel with publisher confirms on. Shared behind an `Arc`: a lapin `Channel`
+/// clone copies a dozen handles, and every request and reply takes the channel.
+async fn confirm_channel(conn: &Connection, what: &str) -> Result<Arc<Channel>> {
     let channel = conn
         .create_channel()
         .await
@@ -299,7 +301,7 @@ async fn confirm_channel(conn: &Connection, what: &str) -> Result<Channel> {
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(|e| map_err(&format!("enabling confirms on {what}"), e))?;
-    Ok(channel)
+    Ok(Arc::new(channel))
 }
 
 /// The outcome of a publisher confirm for `what`.
