@@ -14,8 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use switchyard::kafka::KafkaBroker;
-use switchyard::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
+use switchyard::kafka::{KafkaBroker, KafkaProblem, KafkaRefused};
+use switchyard::{Broker, Error, Message, Publisher, SubscribeOptions, Subscriber};
 use tls::{Opening, Pki, Terminator};
 use tokio::net::TcpListener;
 
@@ -248,4 +248,84 @@ async fn a_scram_login_through_tls() {
     assert_eq!(d.payload(), b"logged in");
     d.ack().await.unwrap();
     broker.close().await.unwrap();
+}
+
+/// Short enough to keep these tests quick; a refusal shows within milliseconds.
+const REFUSED_WAIT: &str = "publish_timeout_ms=4000";
+
+/// What a publish through `url` was refused with: librdkafka retries a refused
+/// handshake or login until the wait times out, which must end in the typed error.
+async fn refusal(url: &str, secret: Option<&str>) -> (KafkaProblem, String) {
+    let broker = KafkaBroker::connect(url).expect("a URL");
+    let e = broker
+        .publish(&unique("refused"), Message::new("x"))
+        .await
+        .expect_err("the broker refuses this client");
+    if let Some(secret) = secret {
+        assert!(!format!("{e} {e:?}").contains(secret), "{e:?}");
+    }
+    let Error::Backend {
+        transient, source, ..
+    } = &e
+    else {
+        panic!("expected a typed refusal, got {e:?}");
+    };
+    assert!(!transient, "{e:?}");
+    let refused = source
+        .downcast_ref::<KafkaRefused>()
+        .unwrap_or_else(|| panic!("expected a KafkaRefused, got {e:?}"));
+    (refused.problem, e.to_string())
+}
+
+/// A terminator presenting `leaf`; the handshake fails before it reaches upstream.
+async fn presenting(pki: &Pki, leaf: &tls::Leaf) -> Terminator {
+    Terminator::start("127.0.0.1:9", pki.server_config(leaf, false), Opening::Tls).await
+}
+
+#[tokio::test]
+async fn a_wrong_ca_is_a_typed_unknown_issuer_error() {
+    let pki = Pki::new();
+    let t = presenting(&pki, &pki.server).await;
+    let url = format!(
+        "kafka://127.0.0.1:{}?security.protocol=SSL&ssl.ca.location={}&{REFUSED_WAIT}",
+        t.addr.port(),
+        pki.path("other-ca.pem")
+    );
+    let (problem, e) = refusal(&url, None).await;
+    assert_eq!(problem, KafkaProblem::UnknownIssuer, "{e}");
+}
+
+#[tokio::test]
+async fn a_wrong_host_name_is_a_typed_wrong_name_error() {
+    let pki = Pki::new();
+    let t = presenting(&pki, &pki.wrong_host).await;
+    let url = url(&t, &pki, &format!("security.protocol=SSL&{REFUSED_WAIT}"));
+    let (problem, e) = refusal(&url, None).await;
+    assert_eq!(problem, KafkaProblem::WrongName, "{e}");
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_a_typed_expired_error() {
+    let pki = Pki::new();
+    let t = presenting(&pki, &pki.expired).await;
+    let url = url(&t, &pki, &format!("security.protocol=SSL&{REFUSED_WAIT}"));
+    let (problem, e) = refusal(&url, None).await;
+    assert_eq!(problem, KafkaProblem::Expired, "{e}");
+}
+
+#[tokio::test]
+async fn a_wrong_scram_password_is_a_typed_auth_failed_error() {
+    let pki = Pki::new();
+    let (mut tansu, t) = tls_kafka(&pki).await;
+    tansu.require_scram_user("ann", "s3cret%pw").await;
+    let url = url(
+        &t,
+        &pki,
+        &format!(
+            "security.protocol=SASL_SSL&sasl.mechanisms=SCRAM-SHA-512&sasl.username=ann\
+             &sasl.password=wr0ng-pw&{REFUSED_WAIT}"
+        ),
+    );
+    let (problem, e) = refusal(&url, Some("wr0ng-pw")).await;
+    assert_eq!(problem, KafkaProblem::AuthFailed, "{e}");
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, Producer};
 use switchyard_core::backend::validate_name;
@@ -18,6 +17,7 @@ use switchyard_core::{
 };
 
 use crate::config::KafkaConfig;
+use crate::context::{BrokerErrors, KafkaContext};
 use crate::subscription::KafkaSubscription;
 
 /// The backend's name in errors and `Broker::backend`.
@@ -33,8 +33,10 @@ pub struct KafkaBroker {
 /// What clones of a [`KafkaBroker`] share.
 pub(crate) struct Inner {
     pub(crate) config: KafkaConfig,
-    pub(crate) producer: FutureProducer,
-    pub(crate) admin: AdminClient<DefaultClientContext>,
+    pub(crate) producer: FutureProducer<KafkaContext>,
+    pub(crate) admin: AdminClient<KafkaContext>,
+    /// The last broker-connection error of the producer or the admin client.
+    pub(crate) errors: BrokerErrors,
     /// Topics known to exist, so creation costs one round trip per topic.
     pub(crate) topics: Mutex<HashSet<String>>,
     pub(crate) closed: AtomicBool,
@@ -97,20 +99,25 @@ impl KafkaBroker {
     /// up as a publish or subscribe that times out, naming the address.
     pub fn new(config: KafkaConfig) -> Result<Self> {
         config.validate()?;
-        let producer: FutureProducer = config
-            .producer()
-            .create()
+        let producer_config = config.producer();
+        let errors = BrokerErrors::new(&producer_config);
+        let context = || KafkaContext {
+            errors: errors.clone(),
+        };
+        let producer: FutureProducer<KafkaContext> = producer_config
+            .create_with_context(context())
             .map_err(|e| config_error("producer", e))?;
         let mut admin_config = config.base();
         config.apply_client(&mut admin_config);
-        let admin: AdminClient<DefaultClientContext> = admin_config
-            .create()
+        let admin: AdminClient<KafkaContext> = admin_config
+            .create_with_context(context())
             .map_err(|e| config_error("admin client", e))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 producer,
                 admin,
+                errors,
                 topics: Mutex::new(HashSet::new()),
                 closed: AtomicBool::new(false),
                 replies: crate::rpc::Replies::new(),
@@ -130,7 +137,7 @@ impl KafkaBroker {
     }
 
     /// The underlying rdkafka producer, for what switchyard does not wrap.
-    pub fn producer(&self) -> &FutureProducer {
+    pub fn producer(&self) -> &FutureProducer<KafkaContext> {
         &self.inner.producer
     }
 
@@ -170,8 +177,12 @@ impl KafkaBroker {
                     .map_err(|_| {
                         self.unreachable(timeout, format!("topic {topic:?} to be created"))
                     })?
-                    .map_err(|e| {
-                        kafka_error(format!("creating topic {topic:?} on {}", self.servers()), e)
+                    .map_err(|e| match timed_out(&e) {
+                        true => self.unreachable(timeout, format!("topic {topic:?} to be created")),
+                        false => kafka_error(
+                            format!("creating topic {topic:?} on {}", self.servers()),
+                            e,
+                        ),
                     })?;
             for r in results {
                 match r {
@@ -181,6 +192,11 @@ impl KafkaBroker {
                         "created Kafka topic"
                     ),
                     Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((_, code)) if timed_out(&KafkaError::AdminOp(code)) => {
+                        return Err(
+                            self.unreachable(timeout, format!("topic {topic:?} to be created"))
+                        );
+                    }
                     Err((_, code)) => {
                         return Err(kafka_error(
                             format!("creating topic {topic:?} on {}", self.servers()),
@@ -198,7 +214,10 @@ impl KafkaBroker {
             })
             .await
             .map_err(|e| Error::permanent(BACKEND, e.to_string()))?
-            .map_err(|e| kafka_error(format!("reading topics from {}", self.servers()), e))?;
+            .map_err(|e| match timed_out(&e) {
+                true => self.unreachable(timeout, "the topic list to be sent".into()),
+                false => kafka_error(format!("reading topics from {}", self.servers()), e),
+            })?;
             let exists = metadata
                 .topics()
                 .iter()
@@ -217,16 +236,29 @@ impl KafkaBroker {
         Ok(())
     }
 
-    /// The timeout error of a wait for the broker, naming its address.
+    /// The error of a wait for the broker that timed out: a permanent
+    /// [`KafkaRefused`](crate::KafkaRefused) if the broker kept refusing the TLS
+    /// handshake or the SASL login, else a timeout naming its address and the last
+    /// connection error.
     pub(crate) fn unreachable(&self, after: Duration, what: String) -> Error {
-        Error::Timeout {
+        self.inner.errors.timed_out(
             after,
-            what: format!(
-                "{what} by the Kafka broker(s) at {} (is it reachable?)",
-                self.servers()
-            ),
-        }
+            format!("{what} by the Kafka broker(s) at {}", self.servers()),
+        )
     }
+}
+
+/// Whether librdkafka gave up waiting for the broker (which may be refusing us).
+fn timed_out(e: &KafkaError) -> bool {
+    // An admin operation's error carries its code outside `rdkafka_error_code`.
+    let code = match e {
+        KafkaError::AdminOp(code) => Some(*code),
+        e => e.rdkafka_error_code(),
+    };
+    matches!(
+        code,
+        Some(RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::RequestTimedOut)
+    )
 }
 
 /// librdkafka refused a client's settings: a configuration error (secrets redacted).

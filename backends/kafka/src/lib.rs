@@ -88,8 +88,11 @@ mod admin;
 mod broker;
 mod client;
 mod config;
+mod context;
 mod fetching;
 mod poll;
+#[cfg(feature = "tls")]
+mod probe;
 mod publisher;
 mod rebalance;
 mod record;
@@ -105,6 +108,7 @@ use switchyard_core::{AnyBroker, Result};
 pub use admin::ReplayFrom;
 pub use broker::KafkaBroker;
 pub use config::{CommitStrategy, DeliveryGuarantee, KafkaConfig};
+pub use context::{KafkaContext, KafkaProblem, KafkaRefused};
 pub use record::ID_HEADER;
 
 /// Connects to Kafka from a `kafka://host:port[,host:port][?setting=value]` URL

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use switchyard_core::StartFrom;
 
+use crate::context::BrokerErrors;
 use crate::subscription::Shared;
 
 /// Timeout of the blocking calls made inside a rebalance (committed offsets, watermarks).
@@ -190,12 +191,18 @@ impl Shared {
     }
 }
 
-/// The librdkafka context of a member: routes rebalances to [`Shared`].
+/// The librdkafka context of a member: routes rebalances to [`Shared`], and records
+/// broker-connection errors so a join that times out can say why.
 pub(crate) struct MemberContext {
     pub(crate) shared: Arc<Shared>,
+    pub(crate) errors: BrokerErrors,
 }
 
-impl ClientContext for MemberContext {}
+impl ClientContext for MemberContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.errors.record(&error, reason);
+    }
+}
 
 impl ConsumerContext for MemberContext {
     fn rebalance(

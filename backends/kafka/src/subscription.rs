@@ -20,6 +20,7 @@ use switchyard_core::{Delivery, Error, Origin, Result, StartFrom, SubscribeOptio
 use crate::acker::KafkaAcker;
 use crate::broker::{config_error, kafka_error, BACKEND};
 use crate::config::{CommitStrategy, KafkaConfig};
+use crate::context::BrokerErrors;
 use crate::fetching::Fetching;
 use crate::poll::{poll_loop, spawn_member};
 use crate::rebalance::MemberContext;
@@ -170,9 +171,11 @@ impl KafkaSubscription {
         let earliest = !matches!(options.start, StartFrom::Latest);
         let client = config.consumer(&options.group, earliest);
         let shared = Arc::new(Shared::new(config, &options, &client));
+        let errors = BrokerErrors::new(&client);
         let consumer: BaseConsumer<MemberContext> = client
             .create_with_context(MemberContext {
                 shared: shared.clone(),
+                errors: errors.clone(),
             })
             .map_err(|e| config_error("consumer", e))?;
         consumer
@@ -215,13 +218,13 @@ impl KafkaSubscription {
         if waited.is_err() {
             sub.stop();
             sub.closed = true;
-            return Err(Error::Timeout {
-                after: config.join_timeout,
-                what: format!(
-                    "group {:?} on topic {:?} to assign partitions, from the Kafka broker(s) at {} (is it reachable?)",
+            return Err(errors.timed_out(
+                config.join_timeout,
+                format!(
+                    "group {:?} on topic {:?} to assign partitions, from the Kafka broker(s) at {}",
                     options.group, options.topic, config.bootstrap_servers
                 ),
-            });
+            ));
         }
         Ok(sub)
     }
