@@ -116,18 +116,21 @@ fn stable(reason: &str) -> &str {
         .map_or(reason, |i| reason[..i].trim_end())
 }
 
+/// A refusal, with what our own handshake found about it, if it had to look.
+type Refusal = (KafkaProblem, Option<String>);
+
 /// One error librdkafka reported, and the refusal it is, if one.
 #[derive(Clone)]
 struct Recorded {
     reason: String,
-    refusal: Option<KafkaProblem>,
+    refusal: Option<Refusal>,
 }
 
 #[derive(Default)]
 struct Seen {
     last: Option<Recorded>,
     /// The distinct reasons logged so far, with the refusal each is.
-    logged: HashMap<String, Option<KafkaProblem>>,
+    logged: HashMap<String, Option<Refusal>>,
 }
 
 /// The last broker-connection error of one client, shared with its context.
@@ -157,7 +160,7 @@ impl BrokerErrors {
     pub(crate) fn record(&self, error: &KafkaError, reason: &str) {
         let code = error.rdkafka_error_code();
         let reason = redact(stable(reason));
-        let known = self.seen.lock().logged.get(&reason).copied();
+        let known = self.seen.lock().logged.get(&reason).cloned();
         let refusal = match known {
             Some(refusal) => {
                 tracing::debug!(error = %error, reason = %reason, "Kafka broker connection error (again)");
@@ -168,7 +171,7 @@ impl BrokerErrors {
                 let refusal = self.diagnose(classify(code, &reason), &reason);
                 let mut seen = self.seen.lock();
                 if seen.logged.len() < LOGGED_REASONS {
-                    seen.logged.insert(reason.clone(), refusal);
+                    seen.logged.insert(reason.clone(), refusal.clone());
                 }
                 refusal
             }
@@ -181,17 +184,17 @@ impl BrokerErrors {
     }
 
     /// A certificate OpenSSL refused without saying why: ask our own handshake.
-    fn diagnose(&self, refusal: Option<KafkaProblem>, reason: &str) -> Option<KafkaProblem> {
-        if refusal != Some(KafkaProblem::Other)
+    fn diagnose(&self, problem: Option<KafkaProblem>, reason: &str) -> Option<Refusal> {
+        if problem != Some(KafkaProblem::Other)
             || !reason.to_ascii_lowercase().contains(VERIFY_FAILED)
         {
-            return refusal;
+            return problem.map(|p| (p, None));
         }
         #[cfg(feature = "tls")]
-        if let Some(found) = self.trust.diagnose(reason) {
-            return Some(found);
+        if let Some((found, why)) = self.trust.diagnose(reason) {
+            return Some((found, Some(why)));
         }
-        refusal
+        problem.map(|p| (p, None))
     }
 
     /// The error for a wait that timed out: a permanent [`KafkaRefused`] if the last
@@ -201,11 +204,14 @@ impl BrokerErrors {
         let last = self.seen.lock().last.clone();
         match last {
             Some(Recorded { reason, refusal }) => match refusal {
-                Some(problem) => Error::permanent(
+                Some((problem, found)) => Error::permanent(
                     BACKEND,
                     KafkaRefused {
                         problem,
-                        detail: reason,
+                        detail: match found {
+                            Some(found) => format!("{reason}; checked with rustls: {found}"),
+                            None => reason,
+                        },
                     },
                 ),
                 None => Error::Timeout {

@@ -56,8 +56,9 @@ impl Trust {
     }
 
     /// The problem with the certificate of the broker named in librdkafka's `reason`
-    /// (`ssl://host:port/...`), or `None` if it cannot be told.
-    pub(crate) fn diagnose(&self, reason: &str) -> Option<KafkaProblem> {
+    /// (`ssl://host:port/...`) and rustls's description of it, or `None` if it cannot
+    /// be told.
+    pub(crate) fn diagnose(&self, reason: &str) -> Option<(KafkaProblem, String)> {
         let (host, port) = broker_address(reason)?;
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -90,12 +91,12 @@ fn broker_address(reason: &str) -> Option<(&str, u16)> {
     Some((host, port.parse().ok()?))
 }
 
-fn classify(e: &io::Error) -> Option<KafkaProblem> {
-    let rustls::Error::InvalidCertificate(cert) = e.get_ref()?.downcast_ref::<rustls::Error>()?
-    else {
+fn classify(e: &io::Error) -> Option<(KafkaProblem, String)> {
+    let tls = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    let rustls::Error::InvalidCertificate(cert) = tls else {
         return None;
     };
-    Some(match cert {
+    let problem = match cert {
         CertificateError::UnknownIssuer | CertificateError::BadSignature => {
             KafkaProblem::UnknownIssuer
         }
@@ -107,7 +108,8 @@ fn classify(e: &io::Error) -> Option<KafkaProblem> {
             KafkaProblem::WrongName
         }
         _ => KafkaProblem::Other,
-    })
+    };
+    Some((problem, tls.to_string()))
 }
 
 #[cfg(test)]
