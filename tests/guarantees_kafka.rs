@@ -19,17 +19,17 @@
 //! unreachable.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use switchyard::{
     CancellationToken, Consumer, Delivery, Error, Guarantee, HandlerError, Message, Nack,
     SubscribeOptions,
 };
+
+mod fault_process;
+use fault_process::{wait_for, Proc, Seen};
 
 const CONCURRENCY: usize = 4;
 
@@ -55,153 +55,6 @@ fn unique(label: &str) -> String {
         std::process::id(),
         nanos & 0xff_ffff_ffff
     )
-}
-
-/// Builds the consumer example once per test binary (with this test's features and
-/// profile) and returns its path.
-fn consumer_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let mut features = vec!["kafka", "broker-tests"];
-        for (on, name) in [
-            (cfg!(feature = "memory"), "memory"),
-            (cfg!(feature = "rabbitmq"), "rabbitmq"),
-            (cfg!(feature = "postgres"), "postgres"),
-        ] {
-            if on {
-                features.push(name);
-            }
-        }
-        // <target>/<profile dir>/deps/<this test>; the example lands in
-        // <target>/<profile dir>/examples.
-        let exe = std::env::current_exe().expect("the test binary's path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("the test binary lives in <target>/<profile>/deps");
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev".to_string(),
-            Some(other) => other.to_string(),
-        };
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-        let status = Command::new(cargo)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["build", "--quiet", "-p", "switchyard", "--example"])
-            .arg("fault_consumer")
-            .args(["--profile", &profile, "--no-default-features", "--features"])
-            .arg(features.join(","))
-            .status()
-            .expect("cargo must be runnable to build the consumer example");
-        assert!(status.success(), "building examples/fault_consumer failed");
-        let bin = profile_dir.join("examples").join("fault_consumer");
-        assert!(bin.exists(), "cargo built no {}", bin.display());
-        bin
-    })
-}
-
-/// What the consumer processes printed, across runs.
-#[derive(Default)]
-struct Seen {
-    /// How many times each id was handled.
-    counts: HashMap<String, usize>,
-    /// `ready` lines, one per process that subscribed.
-    ready: usize,
-}
-
-/// A running consumer process; a thread reads its stdout into [`Seen`].
-struct Proc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Proc {
-    fn spawn(seen: &Arc<Mutex<Seen>>, args: &[String]) -> Self {
-        let mut child = Command::new(consumer_binary())
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the consumer example");
-        let stdout = child.stdout.take().unwrap();
-        let stdin = child.stdin.take();
-        let seen = seen.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let mut seen = seen.lock().unwrap();
-                if line == "ready" {
-                    seen.ready += 1;
-                } else if let Some(rest) = line.strip_prefix("handled ") {
-                    let id = rest.split(' ').next().unwrap_or_default().to_string();
-                    *seen.counts.entry(id).or_default() += 1;
-                }
-            }
-        });
-        Self {
-            child,
-            stdin,
-            reader: Some(reader),
-        }
-    }
-
-    /// SIGKILL, then waits for the process and the last of its output.
-    fn sigkill(mut self) {
-        self.child.kill().expect("SIGKILL the consumer");
-        let status = self.child.wait().unwrap();
-        assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status}");
-        self.reader.take().unwrap().join().unwrap();
-    }
-
-    /// Closes stdin (the example's cue to stop gracefully); kills it if it still runs
-    /// after `within`.
-    fn stop(mut self, within: Duration) {
-        drop(self.stdin.take());
-        let deadline = Instant::now() + within;
-        while self.child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.reader.take().unwrap().join().unwrap();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // A failed assertion must not leave the process behind.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Waits (bounded) until `done` holds for what the processes printed.
-async fn wait_for(
-    seen: &Arc<Mutex<Seen>>,
-    limit: Duration,
-    what: &str,
-    done: impl Fn(&Seen) -> bool,
-) {
-    let deadline = Instant::now() + limit;
-    loop {
-        {
-            let seen = seen.lock().unwrap();
-            if done(&seen) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "waited {limit:?} for {what}: {} distinct ids handled, {} ready",
-                seen.counts.len(),
-                seen.ready
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// What a kill-and-restart run saw.
