@@ -7,11 +7,10 @@
 
 mod tls;
 
-use std::collections::HashSet;
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard::kafka::{KafkaBroker, KafkaProblem, KafkaRefused};
@@ -170,51 +169,7 @@ async fn publish_consume_and_a_two_member_group_through_tls() {
     let broker =
         Arc::new(KafkaBroker::connect(&url(&t, &pki, "security.protocol=SSL")).expect("a TLS URL"));
     let topic = unique("t");
-    let seen: Arc<Mutex<Vec<HashSet<String>>>> = Arc::new(Mutex::new(vec![HashSet::new(); 2]));
-    let mut members = Vec::new();
-    for m in 0..2 {
-        let mut sub = broker
-            .subscribe(SubscribeOptions::new(&topic, "g"))
-            .await
-            .expect("joining through TLS");
-        let seen = seen.clone();
-        members.push(tokio::spawn(async move {
-            while let Some(Ok(d)) = sub.recv().await {
-                let id = String::from_utf8(d.payload().to_vec()).unwrap();
-                d.ack().await.unwrap();
-                seen.lock().unwrap()[m].insert(id);
-            }
-        }));
-    }
-    let mut published = 0;
-    let deadline = Instant::now() + LONG;
-    loop {
-        let batch: Vec<Message> = (published..published + 16)
-            .map(|i| Message::new(i.to_string()).with_key(format!("k{i}")))
-            .collect();
-        broker.publish_batch(&topic, batch).await.unwrap();
-        published += 16;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if seen.lock().unwrap().iter().all(|s| !s.is_empty()) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "one member never got work");
-    }
-    loop {
-        let got: HashSet<String> = seen.lock().unwrap().iter().flatten().cloned().collect();
-        if got.len() == published {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "received {} of {published}",
-            got.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    for m in members {
-        m.abort();
-    }
+    tls::two_members_share_a_topic(&*broker, &topic, LONG, Duration::from_millis(200)).await;
     broker.close().await.unwrap();
 }
 

@@ -6,9 +6,8 @@
 
 mod tls;
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use switchyard::rabbitmq::{AuthRefused, RabbitBroker, TlsProblem, TlsRefused};
@@ -273,55 +272,14 @@ async fn a_group_of_two_members_shares_the_work_through_tls() {
     );
     let broker = Arc::new(RabbitBroker::connect(&url).await.unwrap());
     let topic = unique("group");
-    let seen: Arc<Mutex<Vec<HashSet<String>>>> = Arc::new(Mutex::new(vec![HashSet::new(); 2]));
-    let mut members = Vec::new();
-    for m in 0..2 {
-        let mut sub = broker
-            .subscribe(SubscribeOptions::new(&topic, "g"))
-            .await
-            .unwrap();
-        let seen = seen.clone();
-        members.push(tokio::spawn(async move {
-            while let Some(Ok(d)) = sub.recv().await {
-                let id = String::from_utf8(d.payload().to_vec()).unwrap();
-                d.ack().await.unwrap();
-                seen.lock().unwrap()[m].insert(id);
-            }
-        }));
-    }
-    // Rounds of keyed messages until both members have had some (partitions move to
-    // the second member at its first rebalance), then every message is received.
-    let mut published = 0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let batch: Vec<Message> = (published..published + 16)
-            .map(|i| Message::new(i.to_string()).with_key(format!("k{i}")))
-            .collect();
-        broker.publish_batch(&topic, batch).await.unwrap();
-        published += 16;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let both = seen.lock().unwrap().iter().all(|s| !s.is_empty());
-        if both {
-            break;
-        }
-        assert!(Instant::now() < deadline, "one member never got work");
-    }
-    loop {
-        let got: HashSet<String> = seen.lock().unwrap().iter().flatten().cloned().collect();
-        if got.len() == published {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "received {} of {published}",
-            got.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tls::two_members_share_a_topic(
+        &*broker,
+        &topic,
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+    )
+    .await;
     broker.close().await.unwrap();
-    for m in members {
-        m.abort();
-    }
     cleanup(&topic, "g").await;
 }
 

@@ -257,3 +257,65 @@ impl Drop for Terminator {
         self.task.abort();
     }
 }
+
+/// Two members of group `g` on `topic` share the work: rounds of 16 keyed messages until
+/// both have had some (partitions move to the second member at its first rebalance),
+/// then every message published is received, all within `limit`; `round` is the pause
+/// after each round.
+pub(crate) async fn two_members_share_a_topic(
+    broker: &dyn switchyard::Broker,
+    topic: &str,
+    limit: std::time::Duration,
+    round: std::time::Duration,
+) {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    use switchyard::{Message, SubscribeOptions};
+
+    let seen: Arc<Mutex<Vec<HashSet<String>>>> = Arc::new(Mutex::new(vec![HashSet::new(); 2]));
+    let mut members = Vec::new();
+    for m in 0..2 {
+        let mut sub = broker
+            .subscribe(SubscribeOptions::new(topic, "g"))
+            .await
+            .expect("joining through TLS");
+        let seen = seen.clone();
+        members.push(tokio::spawn(async move {
+            while let Some(Ok(d)) = sub.recv().await {
+                let id = String::from_utf8(d.payload().to_vec()).unwrap();
+                d.ack().await.unwrap();
+                seen.lock().unwrap()[m].insert(id);
+            }
+        }));
+    }
+    let mut published = 0;
+    let deadline = Instant::now() + limit;
+    loop {
+        let batch: Vec<Message> = (published..published + 16)
+            .map(|i| Message::new(i.to_string()).with_key(format!("k{i}")))
+            .collect();
+        broker.publish_batch(topic, batch).await.unwrap();
+        published += 16;
+        tokio::time::sleep(round).await;
+        if seen.lock().unwrap().iter().all(|s| !s.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "one member never got work");
+    }
+    loop {
+        let got: HashSet<String> = seen.lock().unwrap().iter().flatten().cloned().collect();
+        if got.len() == published {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "received {} of {published}",
+            got.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for m in members {
+        m.abort();
+    }
+}
