@@ -116,7 +116,6 @@ impl MemoryBroker {
     pub fn shutdown(&self) {
         // Pending requests end with a closed error rather than a lost inbox.
         self.inner.requester.close();
-        self.inner.replies.close();
         self.inner.timers.cancel_all();
         let topics: Vec<_> = self.inner.topics.lock().values().cloned().collect();
         for t in topics {
@@ -230,7 +229,6 @@ impl Broker for MemoryBroker {
     /// [`MemoryBroker::shutdown`] to end every subscription.
     async fn close(&self) -> Result<()> {
         self.inner.requester.close();
-        self.inner.replies.close();
         Ok(())
     }
 

@@ -45,11 +45,6 @@ impl Replies {
             .await
             .map_err(|_| Error::Closed { backend: BACKEND })
     }
-
-    /// Closes the inbox, so the requester's reader ends.
-    pub(crate) fn close(&self) {
-        self.open.lock().take();
-    }
 }
 
 /// The receiving side as the stream an [`Inbox`] holds.
