@@ -1,18 +1,25 @@
 //! Run: `cargo bench --bench rpc -- [--requests N] [--in-flight K]`
 //!
 //! Round trips on the in-memory backend: `Broker::request` to a `reply_fn` responder and
-//! back, K requests in flight (default 64), N in all (default 100,000); and in the same
-//! run the same round trips through a raw tokio mpsc channel to a responder task that
-//! answers on a oneshot. A warm-up round, then three rounds of both in turn; prints the
-//! medians as `pair=memory-rpc switchyard=<req/s> raw=<req/s> ratio=<switchyard/raw>`.
+//! back, K requests in flight (default 64), N in all (default 100,000). The in-memory
+//! backend has no client of its own, so its raw side is the same round trip written by
+//! hand on the same broker, as an application without request/reply would: a request
+//! topic, a reply topic, a correlation header and a map of waiting requests. A warm-up
+//! round, then three rounds of both in turn; prints the medians as
+//! `pair=memory-rpc switchyard=<req/s> raw=<req/s> ratio=<switchyard/raw>`, then, as a
+//! diagnostic, the floor of any round trip in process: a tokio mpsc channel to a
+//! responder task that answers on a oneshot (`floor=channel req_per_s=<n>`).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use switchyard::memory::MemoryBroker;
 use switchyard::{
-    reply_fn, Broker, Bytes, CancellationToken, Consumer, HandlerError, Message, SubscribeOptions,
+    reply_fn, Broker, Bytes, CancellationToken, Consumer, HandlerError, Message, Publisher,
+    SubscribeOptions,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -28,7 +35,7 @@ fn arg(name: &str, default: usize) -> usize {
 }
 
 /// Requests per second through a channel and a oneshot per request.
-async fn raw(n: usize, in_flight: usize, payload: Bytes) -> f64 {
+async fn channel(n: usize, in_flight: usize, payload: Bytes) -> f64 {
     let (tx, mut rx) = mpsc::channel::<(Bytes, oneshot::Sender<Bytes>)>(1024);
     let responder = tokio::spawn(async move {
         while let Some((request, reply)) = rx.recv().await {
@@ -53,6 +60,88 @@ async fn raw(n: usize, in_flight: usize, payload: Bytes) -> f64 {
     assert_eq!(answered, n);
     drop(tx);
     responder.await.unwrap();
+    rate
+}
+
+/// Requests per second through the same broker by hand: the responder publishes each
+/// answer to a reply topic with the request's correlation header, and the requester's
+/// reply consumer hands it to the waiting request.
+async fn by_hand(n: usize, in_flight: usize, payload: Bytes) -> f64 {
+    type Waiting = Mutex<HashMap<String, oneshot::Sender<Arc<Message>>>>;
+    let broker = Arc::new(MemoryBroker::new());
+    let waiting: Arc<Waiting> = Arc::default();
+    let shutdown = CancellationToken::new();
+    let responder = {
+        let broker = broker.clone();
+        move |request: Arc<Message>| {
+            let broker = broker.clone();
+            async move {
+                let correlation = request.headers.get("correlation-id").cloned();
+                let mut reply = Message::new(request.payload.clone());
+                if let Some(correlation) = correlation {
+                    reply = reply.with_header("correlation-id", correlation);
+                }
+                broker.publish("rpc-replies", reply).await?;
+                Ok::<_, HandlerError>(())
+            }
+        }
+    };
+    let replies = {
+        let waiting = waiting.clone();
+        move |reply: Arc<Message>| {
+            let waiting = waiting.clone();
+            async move {
+                let correlation = reply.headers.get("correlation-id");
+                let sender = correlation.and_then(|c| waiting.lock().unwrap().remove(c));
+                if let Some(sender) = sender {
+                    let _ = sender.send(reply);
+                }
+                Ok::<_, HandlerError>(())
+            }
+        }
+    };
+    let running = [
+        Consumer::handler(SubscribeOptions::queue("rpc"), responder)
+            .concurrency(in_flight)
+            .start(broker.clone(), shutdown.clone())
+            .await
+            .unwrap(),
+        Consumer::handler(SubscribeOptions::queue("rpc-replies"), replies)
+            .concurrency(in_flight)
+            .start(broker.clone(), shutdown.clone())
+            .await
+            .unwrap(),
+    ];
+    let next = AtomicU64::new(0);
+    let start = Instant::now();
+    let answered = futures::stream::iter(0..n)
+        .map(|_| {
+            let (broker, waiting, payload) = (broker.clone(), waiting.clone(), payload.clone());
+            let correlation = next.fetch_add(1, Ordering::Relaxed).to_string();
+            async move {
+                let (tx, rx) = oneshot::channel();
+                waiting.lock().unwrap().insert(correlation.clone(), tx);
+                let request = Message::new(payload).with_header("correlation-id", correlation);
+                broker.publish("rpc", request).await.unwrap();
+                tokio::time::timeout(Duration::from_secs(60), rx)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .payload
+                    .len()
+            }
+        })
+        .buffer_unordered(in_flight)
+        .filter(|len| futures::future::ready(*len == PAYLOAD))
+        .count()
+        .await;
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    assert_eq!(answered, n);
+    shutdown.cancel();
+    for running in running {
+        running.join().await.unwrap();
+    }
+    broker.close().await.unwrap();
     rate
 }
 
@@ -106,17 +195,23 @@ fn main() {
         .unwrap();
     let payload = Bytes::from(vec![7u8; PAYLOAD]);
     runtime.block_on(async {
-        raw(n, in_flight, payload.clone()).await;
-        switchyard(n, in_flight, payload.clone()).await;
-        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-        for _ in 0..3 {
-            ours.push(switchyard(n, in_flight, payload.clone()).await);
-            theirs.push(raw(n, in_flight, payload.clone()).await);
+        let (mut ours, mut theirs, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..4 {
+            let s = switchyard(n, in_flight, payload.clone()).await;
+            let r = by_hand(n, in_flight, payload.clone()).await;
+            let f = channel(n, in_flight, payload.clone()).await;
+            // Round 0 only warms up.
+            if round > 0 {
+                ours.push(s);
+                theirs.push(r);
+                floor.push(f);
+            }
         }
         let (s, r) = (median(ours), median(theirs));
         println!(
             "pair=memory-rpc switchyard={s:.0} raw={r:.0} ratio={:.3} requests={n} in_flight={in_flight}",
             s / r
         );
+        println!("floor=channel req_per_s={:.0}", median(floor));
     });
 }
