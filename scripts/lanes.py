@@ -100,7 +100,7 @@ def run_step(lane, step, print_lock):
     with open(step.log, "wb") as out:
         proc = subprocess.Popen(
             step.argv, cwd=step.cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            process_group=0,  # its own group, so a timeout kills its children too
         )
         try:
             code = proc.wait(timeout=STEP_LIMIT)
