@@ -40,9 +40,14 @@ KAFKA_ALSO = {
     "tower_limits",
 }
 RABBITMQ_ALSO = {"ephemeral_groups"}
+# Test binaries that stop and restart a shared broker (RabbitMQ, PostgreSQL): they run
+# alone after the lanes, so no other test sees the outage.
+ALONE = {"broker_faults", "postgres_restart"}
 
 
 def lane_of(package, name):
+    if name in ALONE:
+        return "alone"
     if package == "switchyard-kafka" or "kafka" in name or name in KAFKA_ALSO:
         return "kafka"
     if package == "switchyard-rabbitmq" or "rabbitmq" in name or name in RABBITMQ_ALSO:
@@ -127,7 +132,7 @@ def main():
     kafka = os.environ["SWITCHYARD_KAFKA_URL"]
     amqp = os.environ["SWITCHYARD_AMQP_URL"]
 
-    lanes = {"kafka": [], "rabbitmq": [], "other": []}
+    lanes = {"kafka": [], "rabbitmq": [], "other": [], "alone": []}
     for package, name, kind, exe, pkg_dir in sorted(test_binaries(artifacts)):
         # What `cargo test` gives a test process: its package directory as the working
         # directory, and the cargo it may call back (tests/fault_process builds an
@@ -169,6 +174,9 @@ def main():
     started = time.monotonic()
     threads = []
     for lane, steps in lanes.items():
+        if lane == "alone":
+            continue
+
         def run_lane(lane=lane, steps=steps):
             for step in steps:
                 run_step(lane, step, print_lock)
@@ -177,6 +185,8 @@ def main():
         threads.append(thread)
     for thread in threads:
         thread.join()
+    for step in lanes["alone"]:
+        run_step("alone", step, print_lock)
 
     failed = 0
     summary = []
