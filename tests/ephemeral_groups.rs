@@ -89,18 +89,11 @@ mod rabbitmq {
 
     use switchyard::rabbitmq::{RabbitBroker, Unroutable};
     use switchyard::{Broker, Error, Message, Publisher, SubscribeOptions, Subscriber};
+    use switchyard_conformance::support::unique_name;
 
     fn url() -> String {
         std::env::var("SWITCHYARD_AMQP_URL")
             .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
-    }
-
-    fn unique(label: &str) -> String {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        format!("sye-{label}-{}-{nanos:x}", std::process::id())
     }
 
     fn unroutable(e: &Error) -> bool {
@@ -141,7 +134,7 @@ mod rabbitmq {
         let broker = RabbitBroker::connect(&url())
             .await
             .expect("RabbitMQ must be reachable");
-        let (gone_topic, kept_topic) = (unique("gone"), unique("kept"));
+        let (gone_topic, kept_topic) = (unique_name("sye-gone"), unique_name("sye-kept"));
         // Long enough to outlast declaring the group's 1,024 slot bindings on a loaded
         // machine; the queues' x-expires clock runs from their declaration.
         let expiry = Duration::from_secs(3);

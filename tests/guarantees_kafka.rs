@@ -30,6 +30,7 @@ use switchyard::{
 
 mod fault_process;
 use fault_process::{wait_for, Proc, Seen};
+use switchyard_conformance::support::unique_name;
 
 const CONCURRENCY: usize = 4;
 
@@ -42,19 +43,6 @@ fn url_with(settings: &str) -> String {
     let base = base_url();
     let sep = if base.contains('?') { '&' } else { '?' };
     format!("{base}{sep}{settings}")
-}
-
-/// A name no other run uses: pid and clock.
-fn unique(label: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!(
-        "sy-{label}-{:x}{:x}",
-        std::process::id(),
-        nanos & 0xff_ffff_ffff
-    )
 }
 
 /// What a kill-and-restart run saw.
@@ -75,7 +63,7 @@ async fn kill_run(
     kill_after: usize,
     may_lose: bool,
 ) -> Outcome {
-    let topic = unique("guarantee");
+    let topic = unique_name("sy-guarantee");
     let seen: Arc<Mutex<Seen>> = Arc::default();
     let mut args: Vec<String> = ["--url", url, "--topic", &topic, "--group", "g"]
         .iter()
@@ -210,7 +198,7 @@ async fn commit_auto_refuses_an_at_least_once_consumer() {
     let broker = switchyard::connect(&url_with("commit=auto"))
         .await
         .expect("Kafka must be reachable at SWITCHYARD_KAFKA_URL");
-    let topic = unique("auto");
+    let topic = unique_name("sy-auto");
     let consumer = Consumer::handler(SubscribeOptions::new(&topic, "g"), |_: Delivery| async {
         Ok::<_, HandlerError>(())
     });
@@ -248,7 +236,7 @@ async fn producer_at_most_once_has_no_offsets_and_writes_once() {
     let broker = switchyard::connect(&url)
         .await
         .expect("Kafka must be reachable at SWITCHYARD_KAFKA_URL");
-    let topic = unique("acks0");
+    let topic = unique_name("sy-acks0");
     let mut sub = broker
         .subscribe(SubscribeOptions::new(&topic, "g"))
         .await
@@ -282,7 +270,7 @@ async fn a_rejected_message_is_committed_past() {
     let broker = switchyard::connect(&base_url())
         .await
         .expect("Kafka must be reachable at SWITCHYARD_KAFKA_URL");
-    let topic = unique("reject");
+    let topic = unique_name("sy-reject");
     let mut sub = broker
         .subscribe(SubscribeOptions::new(&topic, "g"))
         .await

@@ -32,6 +32,7 @@ use switchyard::Message;
 
 mod fault_process;
 use fault_process::{wait_for, Position, Proc, Seen};
+use switchyard_conformance::support::unique_name;
 
 /// One kill-and-restart run.
 struct Run {
@@ -160,20 +161,6 @@ fn report(backend: &str, o: &Outcome, bound: usize, extra: &str) {
     );
 }
 
-fn unique(label: &str) -> String {
-    let id = uuid_tail();
-    format!("sy-{label}-{id}")
-}
-
-/// Random enough for test names without a uuid dependency: pid and clock.
-fn uuid_tail() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{:x}{:x}", std::process::id(), nanos & 0xff_ffff_ffff)
-}
-
 #[cfg(feature = "kafka")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_consumer_sigkilled_and_restarted_handles_everything() {
@@ -187,7 +174,7 @@ async fn kafka_consumer_sigkilled_and_restarted_handles_everything() {
     let run = Run {
         backend: "kafka",
         url,
-        topic: unique("sigkill"),
+        topic: unique_name("sy-sigkill"),
         group: "sigkill".to_string(),
         messages: 1500,
         kill_after: 500,
@@ -250,7 +237,7 @@ async fn rabbitmq_consumer_sigkilled_and_restarted_handles_everything() {
         "2",
     ]
     .map(String::from);
-    let topic = unique("sigkill");
+    let topic = unique_name("sy-sigkill");
     let group = "sigkill".to_string();
     let run = Run {
         backend: "rabbitmq",

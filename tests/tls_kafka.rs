@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use switchyard::kafka::{KafkaBroker, KafkaProblem, KafkaRefused};
 use switchyard::{Broker, Error, Message, Publisher, SubscribeOptions, Subscriber};
+use switchyard_conformance::support::unique_name;
 use tls::{Opening, Pki, Terminator};
 use tokio::net::TcpListener;
 
@@ -155,20 +156,13 @@ fn url(t: &Terminator, pki: &Pki, settings: &str) -> String {
     )
 }
 
-fn unique(label: &str) -> String {
-    format!(
-        "sy-tls-{label}-{}",
-        &switchyard::new_id().replace('-', "")[20..]
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_consume_and_a_two_member_group_through_tls() {
     let pki = Pki::new();
     let (_tansu, t) = tls_kafka(&pki).await;
     let broker =
         Arc::new(KafkaBroker::connect(&url(&t, &pki, "security.protocol=SSL")).expect("a TLS URL"));
-    let topic = unique("t");
+    let topic = unique_name("sy-tls-t");
     tls::two_members_share_a_topic(&*broker, &topic, LONG, Duration::from_millis(200)).await;
     broker.close().await.unwrap();
 }
@@ -186,7 +180,7 @@ async fn a_scram_login_through_tls() {
     );
     let broker = KafkaBroker::connect(&url).expect("a SASL_SSL URL");
     assert!(!format!("{:?}", broker.config()).contains("s3cret"));
-    let topic = unique("sasl");
+    let topic = unique_name("sy-tls-sasl");
     let mut sub = broker
         .subscribe(SubscribeOptions::new(&topic, "g"))
         .await
@@ -213,7 +207,7 @@ const REFUSED_WAIT: &str = "publish_timeout_ms=4000";
 async fn refusal(url: &str, secret: Option<&str>) -> (KafkaProblem, String) {
     let broker = KafkaBroker::connect(url).expect("a URL");
     let e = broker
-        .publish(&unique("refused"), Message::new("x"))
+        .publish(&unique_name("sy-tls-refused"), Message::new("x"))
         .await
         .expect_err("the broker refuses this client");
     if let Some(secret) = secret {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use switchyard::rabbitmq::{AuthRefused, RabbitBroker, TlsProblem, TlsRefused};
 use switchyard::{Broker, Error, Message, Publisher, SubscribeOptions, Subscriber};
+use switchyard_conformance::support::unique_name;
 use tls::{Leaf, Opening, Pki, Terminator};
 
 fn plain_url() -> String {
@@ -30,11 +31,6 @@ fn upstream() -> String {
     } else {
         format!("{hostport}:5672")
     }
-}
-
-fn unique(label: &str) -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    format!("syr-tls-{label}-{}", &id[20..])
 }
 
 async fn terminator(pki: &Pki, leaf: &Leaf, client_auth: bool) -> Terminator {
@@ -79,7 +75,7 @@ async fn round_trip(url: &str) {
     let broker = RabbitBroker::connect(url)
         .await
         .expect("connect through TLS");
-    let topic = unique("rt");
+    let topic = unique_name("syr-tls-rt");
     let mut sub = broker
         .subscribe(SubscribeOptions::new(&topic, "g"))
         .await
@@ -271,7 +267,7 @@ async fn a_group_of_two_members_shares_the_work_through_tls() {
         &format!("tls_ca_file={}&rebalance_ms=50", pki.path("ca.pem")),
     );
     let broker = Arc::new(RabbitBroker::connect(&url).await.unwrap());
-    let topic = unique("group");
+    let topic = unique_name("syr-tls-group");
     tls::two_members_share_a_topic(
         &*broker,
         &topic,

@@ -33,6 +33,7 @@
 mod kit;
 mod libtest;
 mod scenarios;
+pub mod support;
 
 pub use kit::{run, Ctx, Outcome, Report, ScenarioResult};
 

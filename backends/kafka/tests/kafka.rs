@@ -25,15 +25,8 @@ fn broker(settings: &str) -> KafkaBroker {
     KafkaBroker::connect(&url(settings)).expect("connect")
 }
 
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + LONG;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "gave up waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    switchyard_conformance::support::wait_until(what, LONG, cond).await;
 }
 
 #[derive(Clone, Default)]

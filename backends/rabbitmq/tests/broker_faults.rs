@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
+use switchyard_conformance::support::unique_name;
 use switchyard_core::{
     Broker, CancellationToken, Consumer, Delivery, HandlerError, Message, Publisher,
     SubscribeOptions,
@@ -138,11 +139,6 @@ impl Drop for StartAppGuard {
     }
 }
 
-fn unique(label: &str) -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    format!("syr-{label}-{}", &id[20..])
-}
-
 async fn cleanup(topic: &str, group: &str) {
     let conn = Connection::connect(&base_url(), ConnectionProperties::default())
         .await
@@ -185,7 +181,7 @@ const GROUP: &str = "workers";
 impl Run {
     async fn start(label: &str) -> Self {
         let broker = Arc::new(RabbitBroker::connect(&base_url()).await.unwrap());
-        let topic = unique(label);
+        let topic = unique_name(&format!("syr-{label}"));
         let handled: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let shutdown = CancellationToken::new();
         let handler = {

@@ -147,10 +147,7 @@ async fn a_handler_past_consumer_timeout_is_redelivered_logged_and_loses_nothing
     let started = Instant::now();
     // Before connecting: channels read the timeout when they open.
     let setting = ConsumerTimeout::set(TIMEOUT_MS);
-    let topic = format!(
-        "syr-acktimeout-{}",
-        &uuid::Uuid::now_v7().simple().to_string()[20..]
-    );
+    let topic = switchyard_conformance::support::unique_name("syr-acktimeout");
     let outcome = tokio::spawn(run(topic.clone())).await;
     drop(setting);
     cleanup(&topic, GROUP).await;

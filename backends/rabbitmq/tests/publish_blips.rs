@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
+use switchyard_conformance::support::unique_name;
 use switchyard_core::{
     Broker, CancellationToken, Consumer, Delivery, HandlerError, Message, Publisher,
     SubscribeOptions, Subscriber,
@@ -46,11 +47,6 @@ fn amqp_address() -> String {
     } else {
         format!("{host}:5672")
     }
-}
-
-fn unique(label: &str) -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    format!("syr-{label}-{}", &id[20..])
 }
 
 /// Closes the broker's connections whose client-given name starts with `prefix`, and
@@ -143,7 +139,7 @@ const BETWEEN_BLIPS: usize = 400;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn publishes_in_flight_ride_out_closed_connections() {
     let started = Instant::now();
-    let name = unique("blip");
+    let name = unique_name("syr-blip");
     let topic = name.clone();
     let url = with_param(&base_url(), &format!("connection_name={name}"));
     let broker = Arc::new(RabbitBroker::connect(&url).await.unwrap());
@@ -368,8 +364,8 @@ async fn start_proxy() -> (u16, tokio::task::JoinHandle<()>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_broker_fails_publish_transiently_within_the_bound() {
-    let topic = unique("gone");
-    let name = unique("gone");
+    let topic = unique_name("syr-gone");
+    let name = unique_name("syr-gone");
     // The group exists on the broker, through a direct connection, so publishes route.
     let direct =
         RabbitBroker::connect(&with_param(&base_url(), &format!("connection_name={name}")))

@@ -36,23 +36,10 @@ pub(crate) fn url(settings: &str) -> String {
 
 /// A topic or group name unique to this test run.
 pub(crate) fn name(label: &str) -> String {
-    format!(
-        "kt-{label}-{}",
-        &uuid::Uuid::now_v7().simple().to_string()[20..]
-    )
+    switchyard_conformance::support::unique_name(&format!("kt-{label}"))
 }
 
 /// The next `n` deliveries of `sub`; fails the test if they do not come.
 pub(crate) async fn recv_n(sub: &mut Box<dyn Subscription>, n: usize) -> Vec<Delivery> {
-    let mut got = Vec::new();
-    let mut buf = Vec::new();
-    while got.len() < n {
-        let k = tokio::time::timeout(RECV_GUARD, sub.recv_many(&mut buf, n - got.len()))
-            .await
-            .unwrap_or_else(|_| panic!("received {} of {n} before the guard", got.len()))
-            .expect("recv");
-        assert!(k > 0, "subscription ended early");
-        got.append(&mut buf);
-    }
-    got
+    switchyard_conformance::support::recv_n(sub, n, RECV_GUARD).await
 }

@@ -19,8 +19,7 @@ pub(crate) fn url() -> String {
 
 /// A name no other run uses.
 pub(crate) fn unique(label: &str) -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    format!("syr-{label}-{}", &id[20..])
+    switchyard_conformance::support::unique_name(&format!("syr-{label}"))
 }
 
 /// A plain lapin connection; fails the test when the broker is unreachable.
