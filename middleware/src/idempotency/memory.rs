@@ -1,9 +1,11 @@
 //! An in-process idempotency store: bounded, with expiry.
 
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use coarsetime::Instant;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -25,14 +27,17 @@ enum State {
     Completed,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 struct Mark {
     expires: Nanos,
     state: State,
 }
 
-/// Marks by expiry, soonest first (the digest tells marks with one expiry apart).
-type Queue = BTreeSet<(Nanos, Digest)>;
+impl Mark {
+    fn live(&self, now: Nanos) -> bool {
+        self.expires > now
+    }
+}
 
 /// Hashes a [`Digest`] for the map by taking its low 64 bits: they are already
 /// uniformly random and keyed, so hashing them again would only cost time.
@@ -81,81 +86,96 @@ impl Digester {
 #[derive(Default)]
 struct Marks {
     marks: HashMap<Digest, Mark, BuildHasherDefault<DigestBits>>,
-    /// In-flight marks by lease expiry.
-    leases: Queue,
-    /// Completed marks by retention expiry.
-    kept: Queue,
+    /// Completed marks in the order they were completed, with the expiry each was filed
+    /// with. An entry whose mark has since changed (completed again, or begun anew after
+    /// expiring) is stale and skipped when it comes up.
+    kept: VecDeque<(Nanos, Digest)>,
 }
 
 impl Marks {
-    fn queue(&mut self, state: State) -> &mut Queue {
-        match state {
-            State::InFlight => &mut self.leases,
-            State::Completed => &mut self.kept,
-        }
+    /// Whether the queue entry `(expires, key)` is still its mark's.
+    fn current(&self, (expires, key): (Nanos, Digest)) -> bool {
+        self.marks.get(&key)
+            == Some(&Mark {
+                expires,
+                state: State::Completed,
+            })
     }
 
-    /// Removes `key`'s mark, if any, from the map and its queue.
-    fn remove(&mut self, key: Digest) -> Option<Mark> {
-        let mark = self.marks.remove(&key)?;
-        self.queue(mark.state).remove(&(mark.expires, key));
-        Some(mark)
+    /// `key`'s mark where it has one that has not expired.
+    fn get(&self, key: Digest, now: Nanos) -> Option<State> {
+        self.marks
+            .get(&key)
+            .filter(|mark| mark.live(now))
+            .map(|mark| mark.state)
     }
 
-    /// Files `key`'s mark: in place where it has one, else as a new one, making room
+    /// Files `key`'s mark, in place where it has one, else as a new one, making room
     /// first.
-    fn file(&mut self, key: Digest, state: State, expires: Nanos, capacity: usize) {
-        let mark = Mark { expires, state };
-        if let Some(held) = self.marks.get_mut(&key) {
-            let old = std::mem::replace(held, mark);
-            self.queue(old.state).remove(&(old.expires, key));
-            self.queue(state).insert((expires, key));
-            return;
+    fn file(&mut self, key: Digest, mark: Mark, capacity: usize, now: Nanos) {
+        if !self.marks.contains_key(&key) {
+            while self.marks.len() >= capacity && self.evict_one(now) {}
         }
-        while self.marks.len() >= capacity && self.evict_one() {}
-        self.queue(state).insert((expires, key));
         self.marks.insert(key, mark);
+        if mark.state == State::Completed {
+            self.kept.push_back((mark.expires, key));
+            // Stale entries only come from marks filed more than once; dropping them
+            // once they outnumber the marks keeps the queue within twice the map.
+            if self.kept.len() > 2 * self.marks.len() + 1024 {
+                let kept = std::mem::take(&mut self.kept);
+                self.kept = kept.into_iter().filter(|&e| self.current(e)).collect();
+            }
+        }
     }
 
-    /// Drops every mark expired at `now`.
+    /// Drops the completed marks whose retention ended by `now`, oldest first. Retention
+    /// is usually one setting, so completion order is expiry order; a mark kept longer
+    /// than the ones after it holds them here until its own end, and reads treat them as
+    /// gone meanwhile. Expired leases go when read, replaced or evicted.
     fn sweep(&mut self, now: Nanos) {
-        for state in [State::InFlight, State::Completed] {
-            while let Some(&(expires, key)) = self.queue(state).first() {
-                if expires > now {
-                    break;
-                }
-                self.queue(state).pop_first();
+        while let Some(&(expires, key)) = self.kept.front() {
+            if expires > now {
+                break;
+            }
+            self.kept.pop_front();
+            if self.current((expires, key)) {
                 self.marks.remove(&key);
             }
         }
     }
 
-    /// Forgets the completed mark that would expire first; with none, the soonest
-    /// lease. Completed marks go first: forgetting one risks a late duplicate running
-    /// again, forgetting a lease risks a duplicate running alongside the original.
-    fn evict_one(&mut self) -> bool {
-        let queue = if self.kept.is_empty() {
-            &mut self.leases
-        } else {
-            &mut self.kept
-        };
-        match queue.pop_first() {
-            Some((_, key)) => {
-                self.marks.remove(&key);
-                true
+    /// Forgets the oldest completed mark; with none, an expired lease if there is one,
+    /// else any lease. Completed marks go first: forgetting one risks a late duplicate
+    /// running again, forgetting a live lease risks a duplicate running alongside the
+    /// original.
+    fn evict_one(&mut self, now: Nanos) -> bool {
+        while let Some(entry) = self.kept.pop_front() {
+            if self.current(entry) {
+                self.marks.remove(&entry.1);
+                return true;
             }
-            None => false,
         }
+        // A look at a few leases, not all: a full map of live leases would make every
+        // call scan it.
+        let lease = self
+            .marks
+            .iter()
+            .take(64)
+            .find(|(_, mark)| !mark.live(now))
+            .or_else(|| self.marks.iter().next())
+            .map(|(key, _)| *key);
+        lease.is_some_and(|key| self.marks.remove(&key).is_some())
     }
 }
 
 /// Idempotency marks in this process's memory: lost on restart, not shared between
 /// processes (use [`PostgresStore`](super::PostgresStore) for that).
 ///
-/// Bounded: it holds at most `capacity` marks; when full, it forgets the completed mark
-/// closest to expiry first, and in-flight leases only when no completed mark is left.
-/// Marks expire (leases after their lease, completed marks after their retention) and
-/// expired ones are dropped as calls come in, so an idle store keeps what it had.
+/// Bounded: it holds at most `capacity` marks; when full, it forgets the oldest
+/// completed mark first, and an in-flight lease only when no completed mark is left.
+/// Marks expire (leases after their lease, completed marks after their retention);
+/// expired completed marks are dropped as calls come in, expired leases when read or
+/// when room is needed, so an idle store keeps what it had.
 pub struct MemoryStore {
     inner: Mutex<Marks>,
     digester: Digester,
@@ -194,7 +214,7 @@ impl MemoryStore {
 
     /// Now on the store's clock.
     fn now(&self) -> Nanos {
-        Nanos::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(Nanos::MAX)
+        Instant::now().duration_since(self.epoch).as_nanos()
     }
 }
 
@@ -210,15 +230,18 @@ impl IdempotencyStore for MemoryStore {
         let now = self.now();
         let mut marks = self.inner.lock();
         marks.sweep(now);
-        // Whatever is left after the sweep is unexpired.
-        if let Some(mark) = marks.marks.get(&key) {
-            return Ok(match mark.state {
-                State::InFlight => Begin::InFlight,
-                State::Completed => Begin::Completed,
-            });
+        match marks.get(key, now) {
+            Some(State::InFlight) => Ok(Begin::InFlight),
+            Some(State::Completed) => Ok(Begin::Completed),
+            None => {
+                let mark = Mark {
+                    expires: expiry(now, lease),
+                    state: State::InFlight,
+                };
+                marks.file(key, mark, self.capacity, now);
+                Ok(Begin::Started)
+            }
         }
-        marks.file(key, State::InFlight, expiry(now, lease), self.capacity);
-        Ok(Begin::Started)
     }
 
     async fn complete(&self, key: MarkKey<'_>, retention: Duration) -> Result<()> {
@@ -226,7 +249,11 @@ impl IdempotencyStore for MemoryStore {
         let now = self.now();
         let mut marks = self.inner.lock();
         marks.sweep(now);
-        marks.file(key, State::Completed, expiry(now, retention), self.capacity);
+        let mark = Mark {
+            expires: expiry(now, retention),
+            state: State::Completed,
+        };
+        marks.file(key, mark, self.capacity, now);
         Ok(())
     }
 
@@ -234,7 +261,7 @@ impl IdempotencyStore for MemoryStore {
         let key = self.digester.digest(key);
         let mut marks = self.inner.lock();
         if marks.marks.get(&key).map(|m| m.state) == Some(State::InFlight) {
-            marks.remove(key);
+            marks.marks.remove(&key);
         }
         Ok(())
     }
@@ -382,6 +409,37 @@ mod tests {
         assert_eq!(
             store.begin(key("999"), LEASE).await.unwrap(),
             Begin::InFlight
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stale_queue_entry_leaves_the_mark_filed_after_it() {
+        let store = MemoryStore::new(10);
+        store
+            .complete(key("a"), Duration::from_millis(10))
+            .await
+            .unwrap();
+        // Completed again for longer: the first queue entry is now stale.
+        store.complete(key("a"), LEASE).await.unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        // This call sweeps the stale entry, which must not take the mark with it.
+        assert_eq!(
+            store.begin(key("a"), LEASE).await.unwrap(),
+            Begin::Completed
+        );
+        assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn completing_one_mark_again_and_again_keeps_the_queue_bounded() {
+        let store = MemoryStore::new(10);
+        for _ in 0..10_000 {
+            store.complete(key("a"), LEASE).await.unwrap();
+        }
+        assert!(store.inner.lock().kept.len() <= 2 + 1024);
+        assert_eq!(
+            store.begin(key("a"), LEASE).await.unwrap(),
+            Begin::Completed
         );
     }
 
