@@ -120,19 +120,27 @@ impl IdempotencyLayer {
     where
         S: Service<Delivery, Response = (), Error = HandlerError>,
     {
+        // The guard owns the call's layer and delivery, and the rest of the call borrows
+        // them from it (one reference count each per call, not two).
+        let mut mark = Held {
+            config: self,
+            delivery,
+            stage: Stage::NotBegun,
+        };
+        let (this, delivery) = (&*mark.config, &mark.delivery);
         let key = MarkKey::new(delivery.group(), delivery.id());
-        let store = &*self.store;
+        let store = &*this.store;
         let mut waited_since = None;
         loop {
-            let begun = self
-                .steady("begin", key, self.outage_limit, || {
-                    store.begin(key, self.lease)
+            let begun = this
+                .steady("begin", key, this.outage_limit, || {
+                    store.begin(key, this.lease)
                 })
                 .await?;
             match begun {
                 Begin::Started => break,
                 Begin::Completed => {
-                    self.skipped.fetch_add(1, Ordering::Relaxed);
+                    this.skipped.fetch_add(1, Ordering::Relaxed);
                     let group = delivery.group().to_string();
                     metrics::counter!("switchyard_duplicates_skipped_total", "group" => group)
                         .increment(1);
@@ -142,38 +150,34 @@ impl IdempotencyLayer {
                 // Another consumer runs it now: wait for its outcome rather than run the
                 // same message twice at once.
                 Begin::InFlight
-                    if waited_since.get_or_insert_with(Instant::now).elapsed() < self.lease =>
+                    if waited_since.get_or_insert_with(Instant::now).elapsed() < this.lease =>
                 {
-                    tokio::time::sleep(self.poll).await;
+                    tokio::time::sleep(this.poll).await;
                 }
                 Begin::InFlight => {
                     return Err(HandlerError::transient(format!(
                         "message {} is still marked in flight after the {:?} lease",
                         delivery.id(),
-                        self.lease
+                        this.lease
                     )))
                 }
             }
         }
-        let mut mark = Held {
-            config: self.clone(),
-            delivery: delivery.clone(),
-            stage: Stage::Running,
-        };
+        mark.stage = Stage::Running;
         let result = Caught::new(inner.call(delivery.clone())).await;
         mark.stage = Stage::Returned { ok: result.is_ok() };
         match &result {
             // Never given up: released or forgotten, the mark would let a redelivery
             // run the handler a second time.
             Ok(()) => {
-                self.steady("complete", key, None, || {
-                    store.complete(key, self.retention)
+                this.steady("complete", key, None, || {
+                    store.complete(key, this.retention)
                 })
                 .await?
             }
             Err(_) => {
-                let released = self
-                    .steady("release", key, self.outage_limit, || store.release(key))
+                let released = this
+                    .steady("release", key, this.outage_limit, || store.release(key))
                     .await;
                 if let Err(e) = released {
                     // The lease runs out anyway; the redelivery then runs.
@@ -198,6 +202,8 @@ struct Held {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Stage {
+    /// No mark taken yet (or none to finish: skipped, or the store failed).
+    NotBegun,
     Running,
     Returned {
         ok: bool,
@@ -208,7 +214,7 @@ enum Stage {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if self.stage == Stage::Finished {
+        if matches!(self.stage, Stage::NotBegun | Stage::Finished) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
