@@ -9,7 +9,7 @@
 //! Then, as diagnostics: the same stack with a store that remembers nothing (what the
 //! layers cost without the store's work, so the two figures split the gap between the
 //! layers and the store), each layer alone around the bare handler, and the store
-//! alone in a loop.
+//! alone in a loop, and the stack's cost per message over the bare handler in ns.
 
 mod common;
 
@@ -100,6 +100,13 @@ fn main() {
         );
         println!("note: {}", store_alone(n).await);
         println!("note: {}", primitives());
+        println!(
+            "note: per message, the stack costs {:.0} ns over the bare handler, {:.0} ns \
+             of it the layers and {:.0} ns the store",
+            1e9 / full - 1e9 / bare,
+            1e9 / layers - 1e9 / bare,
+            1e9 / full - 1e9 / layers
+        );
         println!(
             "pair=middleware-stack switchyard={full:.0} raw={bare:.0} ratio={:.3}",
             full / bare
