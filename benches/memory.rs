@@ -128,12 +128,6 @@ async fn bounded(backlog: u64, payload: Bytes) {
 /// Measured rounds of each side.
 const ROUNDS: usize = 3;
 
-/// The middle value.
-fn median(mut rates: Vec<f64>) -> f64 {
-    rates.sort_by(f64::total_cmp);
-    rates[rates.len() / 2]
-}
-
 fn main() {
     let n = common::arg("--messages", 1_000_000);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -167,7 +161,7 @@ fn main() {
             shown(&sy_rates),
             shown(&raw_rates)
         );
-        let (raw_rate, sy_rate) = (median(raw_rates), median(sy_rates));
+        let (raw_rate, sy_rate) = (common::median(raw_rates), common::median(sy_rates));
         println!(
             "note: switchyard publishes with publish_batch (1,024 per call, each a Message::new \
              with a fresh UUIDv7 id) and consumes through the runtime (concurrency 1,024, \

@@ -79,7 +79,7 @@ fn main() {
                 }
             }
         }
-        let [bare, full, layers, dead_letter, idempotency, retry] = runs.map(median);
+        let [bare, full, layers, dead_letter, idempotency, retry] = runs.map(common::median);
         println!(
             "note: medians of {ROUNDS} rounds after a warm-up round; both sides publish with \
              publish_batch (1,024 per call, fresh ids) and consume through the runtime \
@@ -148,12 +148,6 @@ fn primitives() -> String {
 
 /// Measured rounds of the bare, stack and diagnostic runs.
 const ROUNDS: usize = 3;
-
-/// The middle value.
-fn median(mut rates: Vec<f64>) -> f64 {
-    rates.sort_by(f64::total_cmp);
-    rates[rates.len() / 2]
-}
 
 /// The memory store on its own, one thread: begin and complete for `n` fresh ids, as
 /// the layer calls them.

@@ -10,7 +10,10 @@
 //! diagnostic, the floor of any round trip in process: a tokio mpsc channel to a
 //! responder task that answers on a oneshot (`floor=channel req_per_s=<n>`).
 
+mod common;
+
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,15 +26,25 @@ use switchyard::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-const PAYLOAD: usize = 256;
+use common::PAYLOAD;
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+/// Requests per second over `n` round trips, `in_flight` at a time; each round trip
+/// resolves to the length of the reply's payload, which must be the request's.
+async fn drive<F, Fut>(n: usize, in_flight: usize, round_trip: F) -> f64
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = usize>,
+{
+    let start = Instant::now();
+    let answered = futures::stream::iter(0..n)
+        .map(round_trip)
+        .buffer_unordered(in_flight)
+        .filter(|len| futures::future::ready(*len == PAYLOAD))
+        .count()
+        .await;
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    assert_eq!(answered, n, "every reply carries its request's payload");
+    rate
 }
 
 /// Requests per second through a channel and a oneshot per request.
@@ -42,22 +55,15 @@ async fn channel(n: usize, in_flight: usize, payload: Bytes) -> f64 {
             let _ = reply.send(request);
         }
     });
-    let start = Instant::now();
-    let answered = futures::stream::iter(0..n)
-        .map(|_| {
-            let (tx, payload) = (tx.clone(), payload.clone());
-            async move {
-                let (reply_tx, reply_rx) = oneshot::channel();
-                tx.send((payload, reply_tx)).await.unwrap();
-                reply_rx.await.unwrap().len()
-            }
-        })
-        .buffer_unordered(in_flight)
-        .filter(|len| futures::future::ready(*len == PAYLOAD))
-        .count()
-        .await;
-    let rate = n as f64 / start.elapsed().as_secs_f64();
-    assert_eq!(answered, n);
+    let rate = drive(n, in_flight, |_| {
+        let (tx, payload) = (tx.clone(), payload.clone());
+        async move {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            tx.send((payload, reply_tx)).await.unwrap();
+            reply_rx.await.unwrap().len()
+        }
+    })
+    .await;
     drop(tx);
     responder.await.unwrap();
     rate
@@ -113,30 +119,23 @@ async fn by_hand(n: usize, in_flight: usize, payload: Bytes) -> f64 {
             .unwrap(),
     ];
     let next = AtomicU64::new(0);
-    let start = Instant::now();
-    let answered = futures::stream::iter(0..n)
-        .map(|_| {
-            let (broker, waiting, payload) = (broker.clone(), waiting.clone(), payload.clone());
-            let correlation = next.fetch_add(1, Ordering::Relaxed).to_string();
-            async move {
-                let (tx, rx) = oneshot::channel();
-                waiting.lock().unwrap().insert(correlation.clone(), tx);
-                let request = Message::new(payload).with_header("correlation-id", correlation);
-                broker.publish("rpc", request).await.unwrap();
-                tokio::time::timeout(Duration::from_secs(60), rx)
-                    .await
-                    .unwrap()
-                    .unwrap()
-                    .payload
-                    .len()
-            }
-        })
-        .buffer_unordered(in_flight)
-        .filter(|len| futures::future::ready(*len == PAYLOAD))
-        .count()
-        .await;
-    let rate = n as f64 / start.elapsed().as_secs_f64();
-    assert_eq!(answered, n);
+    let rate = drive(n, in_flight, |_| {
+        let (broker, waiting, payload) = (broker.clone(), waiting.clone(), payload.clone());
+        let correlation = next.fetch_add(1, Ordering::Relaxed).to_string();
+        async move {
+            let (tx, rx) = oneshot::channel();
+            waiting.lock().unwrap().insert(correlation.clone(), tx);
+            let request = Message::new(payload).with_header("correlation-id", correlation);
+            broker.publish("rpc", request).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(60), rx)
+                .await
+                .unwrap()
+                .unwrap()
+                .payload
+                .len()
+        }
+    })
+    .await;
     shutdown.cancel();
     for running in running {
         running.join().await.unwrap();
@@ -158,21 +157,14 @@ async fn switchyard(n: usize, in_flight: usize, payload: Bytes) -> f64 {
     .start(broker.clone(), shutdown.clone())
     .await
     .unwrap();
-    let start = Instant::now();
-    let answered = futures::stream::iter(0..n)
-        .map(|_| {
-            let (broker, payload) = (broker.clone(), payload.clone());
-            async move {
-                let reply = broker.request("rpc", Message::new(payload), Duration::from_secs(60));
-                reply.await.unwrap().payload.len()
-            }
-        })
-        .buffer_unordered(in_flight)
-        .filter(|len| futures::future::ready(*len == PAYLOAD))
-        .count()
-        .await;
-    let rate = n as f64 / start.elapsed().as_secs_f64();
-    assert_eq!(answered, n);
+    let rate = drive(n, in_flight, |_| {
+        let (broker, payload) = (broker.clone(), payload.clone());
+        async move {
+            let reply = broker.request("rpc", Message::new(payload), Duration::from_secs(60));
+            reply.await.unwrap().payload.len()
+        }
+    })
+    .await;
     shutdown.cancel();
     let report = running.join().await.unwrap();
     assert_eq!(report.acked, n as u64);
@@ -180,14 +172,9 @@ async fn switchyard(n: usize, in_flight: usize, payload: Bytes) -> f64 {
     rate
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
-    let n = arg("--requests", 100_000);
-    let in_flight = arg("--in-flight", 64);
+    let n = common::arg("--requests", 100_000) as usize;
+    let in_flight = common::arg("--in-flight", 64) as usize;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -207,11 +194,11 @@ fn main() {
                 floor.push(f);
             }
         }
-        let (s, r) = (median(ours), median(theirs));
+        let (s, r) = (common::median(ours), common::median(theirs));
         println!(
             "pair=memory-rpc switchyard={s:.0} raw={r:.0} ratio={:.3} requests={n} in_flight={in_flight}",
             s / r
         );
-        println!("floor=channel req_per_s={:.0}", median(floor));
+        println!("floor=channel req_per_s={:.0}", common::median(floor));
     });
 }

@@ -1,4 +1,8 @@
-//! Shared by the benchmarks: argument parsing and the end-to-end run on the memory backend.
+//! Shared by the benchmarks: argument parsing, medians and the end-to-end run on the
+//! memory backend.
+
+// Each bench uses its part of this module.
+#![allow(dead_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,6 +27,12 @@ pub(crate) fn arg(name: &str, default: u64) -> u64 {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// The middle value.
+pub(crate) fn median(mut rates: Vec<f64>) -> f64 {
+    rates.sort_by(f64::total_cmp);
+    rates[rates.len() / 2]
 }
 
 /// How many messages the handler saw, and a wake-up when it has seen `target`, so the
