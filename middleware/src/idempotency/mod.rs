@@ -25,6 +25,7 @@
 //! one `switchyard-id` record header (a record with none, an empty one or several gets
 //! an id from its topic, partition and offset, which no other record shares).
 
+mod future;
 mod layer;
 mod memory;
 #[cfg(feature = "postgres")]
@@ -36,11 +37,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use switchyard_core::Result;
 
+pub use future::IdempotencyFuture;
 pub use layer::IdempotencyLayer;
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresStore, PostgresTlsProblem, PostgresTlsRefused};
-pub use service::{Idempotency, IdempotencyFuture};
+pub use service::Idempotency;
 
 /// The answer to [`IdempotencyStore::begin`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,12 +6,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use switchyard_core::{Delivery, HandlerError};
 use tokio::time::Instant;
 use tower::Service;
 
-use super::{Begin, IdempotencyLayer, MarkKey};
+use super::{Begin, IdempotencyFuture, IdempotencyLayer, MarkKey};
 use crate::catch::Caught;
 
 /// The service [`IdempotencyLayer`] produces.
@@ -26,9 +25,6 @@ impl<S> Idempotency<S> {
         Self { inner, config }
     }
 }
-
-/// The future of an [`Idempotency`] call.
-pub type IdempotencyFuture = BoxFuture<'static, Result<(), HandlerError>>;
 
 impl<S> Service<Delivery> for Idempotency<S>
 where
@@ -48,7 +44,7 @@ where
         // pattern for calling a service later, inside a future).
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(self.config.clone().handle(inner, delivery))
+        IdempotencyFuture::new(Box::pin(self.config.clone().handle(inner, delivery)))
     }
 }
 
@@ -251,6 +247,7 @@ mod tests {
     use super::*;
     use crate::idempotency::{IdempotencyStore, MemoryStore};
     use async_trait::async_trait;
+    use futures::future::BoxFuture;
     use std::sync::atomic::AtomicU64;
     use switchyard_core::backend::Acker;
     use switchyard_core::{FailureKind, Message, Nack, Origin};
