@@ -5,9 +5,8 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::time::Duration;
 
-use coarsetime::Instant;
-
 use async_trait::async_trait;
+use coarsetime::Instant;
 use parking_lot::Mutex;
 use switchyard_core::Result;
 
@@ -17,8 +16,8 @@ use super::{Begin, IdempotencyStore, MarkKey};
 /// size, so the map holds it inline and a mark costs no allocation of its own.
 type Digest = u128;
 
-/// Nanoseconds since the store was made: 8 bytes where an `Instant` takes 16, and
-/// good for 584 years.
+/// Nanoseconds since the store was made, on the coarse monotonic clock: good for 584
+/// years.
 type Nanos = u64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,8 +115,11 @@ impl Marks {
         if !self.marks.contains_key(&key) {
             while self.marks.len() >= capacity && self.evict_one(now) {}
         }
-        self.marks.insert(key, mark);
-        if mark.state == State::Completed {
+        let old = self.marks.insert(key, mark);
+        // Filed again unchanged (completed twice within one tick of the clock), its
+        // queue entry is still the current one; a second, equal entry would be taken
+        // for current too and never dropped.
+        if mark.state == State::Completed && old != Some(mark) {
             self.kept.push_back((mark.expires, key));
             // Stale entries only come from marks filed more than once; dropping them
             // once they outnumber the marks keeps the queue within twice the map.
@@ -441,6 +443,22 @@ mod tests {
             store.begin(key("a"), LEASE).await.unwrap(),
             Begin::Completed
         );
+    }
+
+    #[test]
+    fn a_mark_filed_again_unchanged_keeps_one_queue_entry() {
+        let mut marks = Marks::default();
+        let mark = Mark {
+            expires: 5,
+            state: State::Completed,
+        };
+        // Within one tick of the coarse clock, the same expiry every time.
+        for _ in 0..10_000 {
+            marks.file(7, mark, 10, 0);
+        }
+        assert_eq!(marks.kept.len(), 1);
+        marks.sweep(5);
+        assert!(marks.marks.is_empty());
     }
 
     #[tokio::test]
