@@ -1,6 +1,6 @@
 //! Throughput of switchyard's Kafka backend against raw rdkafka on the same broker.
 //!
-//! `cargo run --release -p switchyard-kafka --example bench -- [--messages N] [--url kafka://…]`
+//! `cargo run --release -p switchyard-kafka --example kafka_bench -- [--messages N] [--url kafka://…]`
 //!
 //! Produces N messages of 256 bytes through switchyard (`publish_batch`) and through a raw
 //! `FutureProducer` with the same settings (acks=all, idempotence, linger.ms=5; the raw
@@ -15,7 +15,7 @@
 //!
 //! After the pairs (or alone, with `--rpc`), the request/reply pair `kafka-rpc`:
 //! `--requests` round trips per round (default 5,000), `--in-flight` at once (default
-//! 64), `--rounds` rounds (default 3), see `bench/rpc.rs`.
+//! 64), `--rounds` rounds (default 3), see `kafka_bench/rpc.rs`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,7 +29,7 @@ use switchyard_core::{Consumer, Delivery, HandlerError, Message, Publisher, Subs
 use switchyard_kafka::{KafkaBroker, ID_HEADER};
 use tokio_util::sync::CancellationToken;
 
-#[path = "bench/rpc.rs"]
+#[path = "kafka_bench/rpc.rs"]
 mod rpc;
 
 const SIZE: usize = 256;

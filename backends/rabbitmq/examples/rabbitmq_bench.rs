@@ -1,6 +1,6 @@
 //! Throughput of the RabbitMQ backend against raw lapin.
 //!
-//! `cargo run --release -p switchyard-rabbitmq --example bench -- [--messages N]
+//! `cargo run --release -p switchyard-rabbitmq --example rabbitmq_bench -- [--messages N]
 //! [--rounds R] [--url U] [--topologies | --rpc] [--requests N] [--in-flight K]`
 //!
 //! Every side publishes N persistent 256-byte messages with publisher confirms, awaited
@@ -21,7 +21,7 @@
 //!
 //! After the pairs (or alone, with `--rpc`), the request/reply pair `rabbitmq-rpc`:
 //! `--requests` round trips (default 20,000), `--in-flight` at once (default 64), see
-//! `bench/rpc.rs`.
+//! `rabbitmq_bench/rpc.rs`.
 
 use std::time::Instant;
 
@@ -37,7 +37,7 @@ use lapin::{
 };
 use switchyard_core::{Broker, Message, SubscribeOptions};
 
-#[path = "bench/rpc.rs"]
+#[path = "rabbitmq_bench/rpc.rs"]
 mod rpc;
 
 const WINDOW: usize = 1024;
