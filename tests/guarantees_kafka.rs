@@ -34,6 +34,12 @@ use switchyard_conformance::support::unique_name;
 
 const CONCURRENCY: usize = 4;
 
+/// A consumer group for one test: the tests run side by side, and members of one
+/// group on different topics would rebalance each other (slowly, on tansu).
+fn own_group() -> String {
+    unique_name("g")
+}
+
 fn base_url() -> String {
     std::env::var("SWITCHYARD_KAFKA_URL").unwrap_or_else(|_| "kafka://127.0.0.1:9092".into())
 }
@@ -64,8 +70,9 @@ async fn kill_run(
     may_lose: bool,
 ) -> Outcome {
     let topic = unique_name("sy-guarantee");
+    let group = own_group();
     let seen: Arc<Mutex<Seen>> = Arc::default();
-    let mut args: Vec<String> = ["--url", url, "--topic", &topic, "--group", "g"]
+    let mut args: Vec<String> = ["--url", url, "--topic", &topic, "--group", &group]
         .iter()
         .chain(extra)
         .map(|s| s.to_string())
@@ -199,7 +206,8 @@ async fn commit_auto_refuses_an_at_least_once_consumer() {
         .await
         .expect("Kafka must be reachable at SWITCHYARD_KAFKA_URL");
     let topic = unique_name("sy-auto");
-    let consumer = Consumer::handler(SubscribeOptions::new(&topic, "g"), |_: Delivery| async {
+    let group = own_group();
+    let consumer = Consumer::handler(SubscribeOptions::new(&topic, &group), |_: Delivery| async {
         Ok::<_, HandlerError>(())
     });
     let err = match consumer
@@ -218,7 +226,7 @@ async fn commit_auto_refuses_an_at_least_once_consumer() {
     }
     // The same URL takes an at-most-once consumer (which commits as commit=sync).
     let shutdown = CancellationToken::new();
-    let running = Consumer::handler(SubscribeOptions::new(&topic, "g"), |_: Delivery| async {
+    let running = Consumer::handler(SubscribeOptions::new(&topic, &group), |_: Delivery| async {
         Ok::<_, HandlerError>(())
     })
     .guarantee(Guarantee::AtMostOnce)
@@ -237,8 +245,9 @@ async fn producer_at_most_once_has_no_offsets_and_writes_once() {
         .await
         .expect("Kafka must be reachable at SWITCHYARD_KAFKA_URL");
     let topic = unique_name("sy-acks0");
+    let group = own_group();
     let mut sub = broker
-        .subscribe(SubscribeOptions::new(&topic, "g"))
+        .subscribe(SubscribeOptions::new(&topic, &group))
         .await
         .unwrap();
     let batch: Vec<Message> = (0..20).map(|i| Message::new(format!("m{i}"))).collect();
@@ -271,8 +280,9 @@ async fn a_rejected_message_is_committed_past() {
         .await
         .expect("Kafka must be reachable at SWITCHYARD_KAFKA_URL");
     let topic = unique_name("sy-reject");
+    let group = own_group();
     let mut sub = broker
-        .subscribe(SubscribeOptions::new(&topic, "g"))
+        .subscribe(SubscribeOptions::new(&topic, &group))
         .await
         .unwrap();
     broker
@@ -286,7 +296,7 @@ async fn a_rejected_message_is_committed_past() {
     sub.close().await.unwrap();
 
     let mut later = broker
-        .subscribe(SubscribeOptions::new(&topic, "g"))
+        .subscribe(SubscribeOptions::new(&topic, &group))
         .await
         .unwrap();
     broker

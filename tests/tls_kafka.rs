@@ -182,7 +182,7 @@ async fn a_scram_login_through_tls() {
     assert!(!format!("{:?}", broker.config()).contains("s3cret"));
     let topic = unique_name("sy-tls-sasl");
     let mut sub = broker
-        .subscribe(SubscribeOptions::new(&topic, "g"))
+        .subscribe(SubscribeOptions::new(&topic, unique_name("g")))
         .await
         .expect("joining with a SCRAM login through TLS");
     broker
