@@ -12,7 +12,9 @@
 //! Rounds alternate the order of the sides; each figure is the median over the rounds.
 //! Prints `pair=<name> switchyard=<msgs/s> raw=<msgs/s> ratio=<r>` for
 //! `rabbitmq-publish` and `rabbitmq-consume` (same topology) and
-//! `rabbitmq-publish-vs-plain` and `rabbitmq-consume-vs-plain`.
+//! `rabbitmq-publish-vs-plain` and `rabbitmq-consume-vs-plain`, and before them, per
+//! side, the CPU time and context switches this process spent per message (from
+//! `/proc`, on Linux), which separate the client's cost from the broker's.
 //!
 //! `--topologies` instead measures raw lapin publishing to one group's 8 queues through
 //! each routing on offer: the plain queue, a direct exchange with slot bindings, a topic
@@ -66,6 +68,40 @@ fn unique(label: &str) -> String {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// This process's CPU seconds (user + system) and context switches (all threads) so
+/// far, from `/proc`; `None` where there is none. Both sides run in this process one
+/// after the other, so the difference across a side is that side's cost.
+fn usage() -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command's closing parenthesis; utime and stime are the 12th and
+    // 13th of them, in clock ticks (100 a second on Linux).
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let mut switches = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let status = std::fs::read_to_string(task.ok()?.path().join("status")).ok()?;
+        for l in status.lines() {
+            if l.starts_with("voluntary_ctxt_switches")
+                || l.starts_with("nonvoluntary_ctxt_switches")
+            {
+                switches += l.split_whitespace().last()?.parse::<u64>().ok()?;
+            }
+        }
+    }
+    Some((ticks as f64 / 100.0, switches))
+}
+
+/// Runs one side and adds its CPU time and context switches to `spent`.
+async fn measured<F: std::future::Future<Output = f64>>(spent: &mut (f64, u64), side: F) -> f64 {
+    let before = usage();
+    let rate = side.await;
+    if let (Some(b), Some(a)) = (before, usage()) {
+        spent.0 += a.0 - b.0;
+        spent.1 += a.1 - b.1;
+    }
+    rate
 }
 
 fn line(pair: &str, ours: f64, raw: f64) {
@@ -259,6 +295,7 @@ async fn pairs(url: &str, n: usize, rounds: usize) {
     declare_queue(&ch, &plain).await;
     let (topology, plain_route) = (Route::slots(&theirs), Route::plain(&plain));
     let mut rates: [Vec<f64>; 6] = Default::default();
+    let mut spent = [(0.0, 0); 6];
     for round in 0..rounds {
         // Alternate the order so no side always runs on a warmer broker.
         let mut publish_order = [0, 1, 2];
@@ -266,24 +303,36 @@ async fn pairs(url: &str, n: usize, rounds: usize) {
             publish_order.reverse();
         }
         for side in publish_order {
+            let spent = &mut spent[side];
             let rate = match side {
-                0 => switchyard_publish(&*broker, &ours, n).await,
-                1 => raw_publish(&ch, &topology, n).await,
-                _ => raw_publish(&ch, &plain_route, n).await,
+                0 => measured(spent, switchyard_publish(&*broker, &ours, n)).await,
+                1 => measured(spent, raw_publish(&ch, &topology, n)).await,
+                _ => measured(spent, raw_publish(&ch, &plain_route, n)).await,
             };
             rates[side].push(rate);
         }
         for side in publish_order {
+            let spent = &mut spent[3 + side];
             let rate = match side {
-                0 => switchyard_consume(&*broker, &ours, n).await,
-                1 => raw_consume(&conn, &partition_queues(&theirs), n).await,
-                _ => raw_consume(&conn, std::slice::from_ref(&plain), n).await,
+                0 => measured(spent, switchyard_consume(&*broker, &ours, n)).await,
+                1 => measured(spent, raw_consume(&conn, &partition_queues(&theirs), n)).await,
+                _ => measured(spent, raw_consume(&conn, std::slice::from_ref(&plain), n)).await,
             };
             rates[3 + side].push(rate);
         }
         eprintln!(
             "round {round}: publish sy={:.0} raw={:.0} plain={:.0}; consume sy={:.0} raw={:.0} plain={:.0}",
             rates[0][round], rates[1][round], rates[2][round], rates[3][round], rates[4][round], rates[5][round]
+        );
+    }
+    let msgs = (n * rounds) as f64;
+    let per = |i: usize| (spent[i].0 * 1e6 / msgs, spent[i].1 as f64 / msgs);
+    for (what, first) in [("publish", 0), ("consume", 3)] {
+        let [(sy_cpu, sy_sw), (raw_cpu, raw_sw), (plain_cpu, plain_sw)] =
+            [per(first), per(first + 1), per(first + 2)];
+        println!(
+            "note: {what}, this process per message: cpu_us sy={sy_cpu:.1} raw={raw_cpu:.1} \
+             plain={plain_cpu:.1}; context_switches sy={sy_sw:.2} raw={raw_sw:.2} plain={plain_sw:.2}"
         );
     }
     let [sy_pub, raw_pub, plain_pub, sy_con, raw_con, plain_con] = rates.map(median);
