@@ -93,15 +93,12 @@ fn usage() -> Option<(f64, u64)> {
     Some((ticks as f64 / 100.0, switches))
 }
 
-/// Runs one side and adds its CPU time and context switches to `spent`.
-async fn measured<F: std::future::Future<Output = f64>>(spent: &mut (f64, u64), side: F) -> f64 {
-    let before = usage();
-    let rate = side.await;
+/// Adds what this process spent since `before` (a [`usage`] reading) to `spent`.
+fn add_since(spent: &mut (f64, u64), before: Option<(f64, u64)>) {
     if let (Some(b), Some(a)) = (before, usage()) {
         spent.0 += a.0 - b.0;
         spent.1 += a.1 - b.1;
     }
-    rate
 }
 
 fn line(pair: &str, ours: f64, raw: f64) {
@@ -303,21 +300,23 @@ async fn pairs(url: &str, n: usize, rounds: usize) {
             publish_order.reverse();
         }
         for side in publish_order {
-            let spent = &mut spent[side];
+            let before = usage();
             let rate = match side {
-                0 => measured(spent, switchyard_publish(&*broker, &ours, n)).await,
-                1 => measured(spent, raw_publish(&ch, &topology, n)).await,
-                _ => measured(spent, raw_publish(&ch, &plain_route, n)).await,
+                0 => switchyard_publish(&*broker, &ours, n).await,
+                1 => raw_publish(&ch, &topology, n).await,
+                _ => raw_publish(&ch, &plain_route, n).await,
             };
+            add_since(&mut spent[side], before);
             rates[side].push(rate);
         }
         for side in publish_order {
-            let spent = &mut spent[3 + side];
+            let before = usage();
             let rate = match side {
-                0 => measured(spent, switchyard_consume(&*broker, &ours, n)).await,
-                1 => measured(spent, raw_consume(&conn, &partition_queues(&theirs), n)).await,
-                _ => measured(spent, raw_consume(&conn, std::slice::from_ref(&plain), n)).await,
+                0 => switchyard_consume(&*broker, &ours, n).await,
+                1 => raw_consume(&conn, &partition_queues(&theirs), n).await,
+                _ => raw_consume(&conn, std::slice::from_ref(&plain), n).await,
             };
+            add_since(&mut spent[3 + side], before);
             rates[3 + side].push(rate);
         }
         eprintln!(

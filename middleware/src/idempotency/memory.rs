@@ -112,7 +112,9 @@ impl Marks {
     /// Files `key`'s mark, in place where it has one, else as a new one, making room
     /// first.
     fn file(&mut self, key: Digest, mark: Mark, capacity: usize, now: Nanos) {
-        if !self.marks.contains_key(&key) {
+        // Only a full store looks the key up first: a new mark makes room, a refiled one
+        // takes its own place.
+        if self.marks.len() >= capacity && !self.marks.contains_key(&key) {
             while self.marks.len() >= capacity && self.evict_one(now) {}
         }
         let old = self.marks.insert(key, mark);
