@@ -22,7 +22,7 @@ use switchyard_core::{
     SubscribeOptions, Subscriber,
 };
 use switchyard_rabbitmq::RabbitBroker;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 fn base_url() -> String {
@@ -340,9 +340,22 @@ fn via_port(port: u16) -> String {
 
 /// Forwards TCP connections from a local port to the broker until aborted; aborting it
 /// closes the port and every forwarded connection, as a broker that went away would.
-async fn start_proxy() -> (u16, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+/// A TCP proxy to the broker on a port of its own, and a hold on that port: a second
+/// socket bound to it that never listens. Once the proxy is gone, connecting to the port
+/// is refused, and no listener of a test running alongside can take the port over (as
+/// one did once, answering nothing, so the publish timed out instead of being refused).
+async fn start_proxy() -> (u16, tokio::task::JoinHandle<()>, tokio::net::TcpSocket) {
+    let reusable = || {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseport(true).unwrap();
+        socket
+    };
+    let proxy = reusable();
+    proxy.bind(([127, 0, 0, 1], 0).into()).unwrap();
+    let port = proxy.local_addr().unwrap().port();
+    let hold = reusable();
+    hold.bind(([127, 0, 0, 1], port).into()).unwrap();
+    let listener = proxy.listen(64).unwrap();
     let target = amqp_address();
     let task = tokio::spawn(async move {
         let mut links = tokio::task::JoinSet::new();
@@ -359,7 +372,7 @@ async fn start_proxy() -> (u16, tokio::task::JoinHandle<()>) {
         }
         // Dropping the task drops the JoinSet, which aborts the links.
     });
-    (port, task)
+    (port, task, hold)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,7 +389,7 @@ async fn unreachable_broker_fails_publish_transiently_within_the_bound() {
         .await
         .unwrap();
 
-    let (port, proxy) = start_proxy().await;
+    let (port, proxy, _hold) = start_proxy().await;
     let bound = Duration::from_secs(3);
     let url = with_param(
         &via_port(port),
