@@ -13,20 +13,11 @@ use switchyard_core::Result;
 use super::{Begin, IdempotencyStore, MarkKey};
 
 /// A mark's key: a 128-bit keyed digest of its group and id (see [`Digester`]). Fixed
-/// size, so the map holds it inline and a mark costs no allocation of its own. Two
-/// words rather than a `u128`, whose 16-byte alignment would pad each map entry from
-/// 24 to 32 bytes: a million marks are then 48 MB of table to page in and walk, not 64.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Digest(u64, u64);
+/// size, so the map holds it inline and a mark costs no allocation of its own.
+type Digest = u128;
 
-impl Hash for Digest {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        // Either word alone is uniformly random and keyed (see `DigestBits`).
-        state.write_u64(self.1);
-    }
-}
-
-/// Nanoseconds since the store was made, on the coarse monotonic clock.
+/// Nanoseconds since the store was made, on the coarse monotonic clock: good for 584
+/// years.
 type Nanos = u64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,36 +26,20 @@ enum State {
     Completed,
 }
 
-/// A mark: its state and when it expires, in one word (the expiry shifted left by one,
-/// the low bit set when completed), so a map entry stays at 24 bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Mark(u64);
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Mark {
+    expires: Nanos,
+    state: State,
+}
 
 impl Mark {
-    /// Expiries beyond 2⁶³ ns (292 years) are clamped: never, in practice.
-    fn new(expires: Nanos, state: State) -> Self {
-        Self(expires.min(Nanos::MAX >> 1) << 1 | u64::from(state == State::Completed))
-    }
-
-    fn expires(self) -> Nanos {
-        self.0 >> 1
-    }
-
-    fn state(self) -> State {
-        if self.0 & 1 == 1 {
-            State::Completed
-        } else {
-            State::InFlight
-        }
-    }
-
-    fn live(self, now: Nanos) -> bool {
-        self.expires() > now
+    fn live(&self, now: Nanos) -> bool {
+        self.expires > now
     }
 }
 
-/// Hashes a [`Digest`] for the map by taking one of its words: it is already uniformly
-/// random and keyed, so hashing it again would only cost time.
+/// Hashes a [`Digest`] for the map by taking its low 64 bits: they are already
+/// uniformly random and keyed, so hashing them again would only cost time.
 #[derive(Default)]
 struct DigestBits(u64);
 
@@ -74,7 +49,7 @@ impl Hasher for DigestBits {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        // Only `Digest`s are hashed here (`write_u64`); any other input still spreads.
+        // Only `Digest`s are hashed here (`write_u128`); any other input still spreads.
         for chunk in bytes.chunks(8) {
             let mut word = [0u8; 8];
             word[..chunk.len()].copy_from_slice(chunk);
@@ -82,8 +57,8 @@ impl Hasher for DigestBits {
         }
     }
 
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
+    fn write_u128(&mut self, n: u128) {
+        self.0 = n as u64;
     }
 }
 
@@ -103,23 +78,27 @@ impl Digester {
         key.hash(&mut h);
         let first = h.finish();
         h.write_u8(1);
-        Digest(first, h.finish())
+        (u128::from(first) << 64) | u128::from(h.finish())
     }
 }
 
 #[derive(Default)]
 struct Marks {
     marks: HashMap<Digest, Mark, BuildHasherDefault<DigestBits>>,
-    /// Completed marks in the order they were completed, as each was filed. An entry
-    /// whose mark has since changed (completed again, or begun anew after expiring) is
-    /// stale and skipped when it comes up.
-    kept: VecDeque<(Mark, Digest)>,
+    /// Completed marks in the order they were completed, with the expiry each was filed
+    /// with. An entry whose mark has since changed (completed again, or begun anew after
+    /// expiring) is stale and skipped when it comes up.
+    kept: VecDeque<(Nanos, Digest)>,
 }
 
 impl Marks {
-    /// Whether the queue entry `(mark, key)` is still `key`'s mark.
-    fn current(&self, (mark, key): (Mark, Digest)) -> bool {
-        self.marks.get(&key) == Some(&mark)
+    /// Whether the queue entry `(expires, key)` is still its mark's.
+    fn current(&self, (expires, key): (Nanos, Digest)) -> bool {
+        self.marks.get(&key)
+            == Some(&Mark {
+                expires,
+                state: State::Completed,
+            })
     }
 
     /// `key`'s mark where it has one that has not expired.
@@ -127,7 +106,7 @@ impl Marks {
         self.marks
             .get(&key)
             .filter(|mark| mark.live(now))
-            .map(|mark| mark.state())
+            .map(|mark| mark.state)
     }
 
     /// Files `key`'s mark, in place where it has one, else as a new one, making room
@@ -142,8 +121,8 @@ impl Marks {
         // Filed again unchanged (completed twice within one tick of the clock), its
         // queue entry is still the current one; a second, equal entry would be taken
         // for current too and never dropped.
-        if mark.state() == State::Completed && old != Some(mark) {
-            self.kept.push_back((mark, key));
+        if mark.state == State::Completed && old != Some(mark) {
+            self.kept.push_back((mark.expires, key));
             // Stale entries only come from marks filed more than once; dropping them
             // once they outnumber the marks keeps the queue within twice the map.
             if self.kept.len() > 2 * self.marks.len() + 1024 {
@@ -158,12 +137,12 @@ impl Marks {
     /// than the ones after it holds them here until its own end, and reads treat them as
     /// gone meanwhile. Expired leases go when read, replaced or evicted.
     fn sweep(&mut self, now: Nanos) {
-        while let Some(&(mark, key)) = self.kept.front() {
-            if mark.live(now) {
+        while let Some(&(expires, key)) = self.kept.front() {
+            if expires > now {
                 break;
             }
             self.kept.pop_front();
-            if self.current((mark, key)) {
+            if self.current((expires, key)) {
                 self.marks.remove(&key);
             }
         }
@@ -259,7 +238,10 @@ impl IdempotencyStore for MemoryStore {
             Some(State::InFlight) => Ok(Begin::InFlight),
             Some(State::Completed) => Ok(Begin::Completed),
             None => {
-                let mark = Mark::new(expiry(now, lease), State::InFlight);
+                let mark = Mark {
+                    expires: expiry(now, lease),
+                    state: State::InFlight,
+                };
                 marks.file(key, mark, self.capacity, now);
                 Ok(Begin::Started)
             }
@@ -271,7 +253,10 @@ impl IdempotencyStore for MemoryStore {
         let now = self.now();
         let mut marks = self.inner.lock();
         marks.sweep(now);
-        let mark = Mark::new(expiry(now, retention), State::Completed);
+        let mark = Mark {
+            expires: expiry(now, retention),
+            state: State::Completed,
+        };
         marks.file(key, mark, self.capacity, now);
         Ok(())
     }
@@ -279,7 +264,7 @@ impl IdempotencyStore for MemoryStore {
     async fn release(&self, key: MarkKey<'_>) -> Result<()> {
         let key = self.digester.digest(key);
         let mut marks = self.inner.lock();
-        if marks.marks.get(&key).map(|m| m.state()) == Some(State::InFlight) {
+        if marks.marks.get(&key).map(|m| m.state) == Some(State::InFlight) {
             marks.marks.remove(&key);
         }
         Ok(())
@@ -465,27 +450,17 @@ mod tests {
     #[test]
     fn a_mark_filed_again_unchanged_keeps_one_queue_entry() {
         let mut marks = Marks::default();
-        let mark = Mark::new(5, State::Completed);
+        let mark = Mark {
+            expires: 5,
+            state: State::Completed,
+        };
         // Within one tick of the coarse clock, the same expiry every time.
         for _ in 0..10_000 {
-            marks.file(Digest(7, 7), mark, 10, 0);
+            marks.file(7, mark, 10, 0);
         }
         assert_eq!(marks.kept.len(), 1);
         marks.sweep(5);
         assert!(marks.marks.is_empty());
-    }
-
-    #[test]
-    fn a_mark_keeps_its_expiry_and_state_in_one_word() {
-        for state in [State::InFlight, State::Completed] {
-            let mark = Mark::new(12_345, state);
-            assert_eq!((mark.expires(), mark.state()), (12_345, state));
-            assert_eq!(Mark::new(Nanos::MAX, state).state(), state);
-            assert!(Mark::new(Nanos::MAX, state).live(Nanos::MAX >> 2));
-        }
-        // What the layout is for: a map entry and a queue entry of 24 bytes each.
-        assert_eq!(std::mem::size_of::<(Digest, Mark)>(), 24);
-        assert_eq!(std::mem::size_of::<(Mark, Digest)>(), 24);
     }
 
     #[tokio::test]
