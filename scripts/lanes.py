@@ -99,6 +99,22 @@ class Step:
         self.seconds = 0
 
 
+def failure_excerpt(lines, tail=40, panics=5):
+    """What a failed step's log shows: each panic's message first (with
+    RUST_BACKTRACE set, the backtrace after it fills the tail), then the last lines."""
+    excerpt = []
+    for i, line in enumerate(lines[:-tail]):
+        if "panicked at" in line and len(excerpt) < panics * 8:
+            excerpt.append(line)
+            for follow in lines[i + 1 : i + 8]:
+                if follow.startswith(("stack backtrace:", "note: ")):
+                    break
+                excerpt.append(follow)
+    if excerpt:
+        excerpt.append("...")
+    return excerpt + lines[-tail:]
+
+
 def run_step(lane, step, print_lock):
     env = dict(os.environ, **step.env)
     started = time.monotonic()
@@ -119,8 +135,8 @@ def run_step(lane, step, print_lock):
     with print_lock:
         print(f"== {lane}: {step.name} {verdict}, {step.seconds} s ==", flush=True)
         if not step.ok:
-            tail = step.log.read_text(errors="replace").splitlines()[-40:]
-            print("\n".join("    " + line for line in tail), flush=True)
+            lines = step.log.read_text(errors="replace").splitlines()
+            print("\n".join("    " + line for line in failure_excerpt(lines)), flush=True)
 
 
 def main():
