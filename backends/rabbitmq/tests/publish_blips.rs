@@ -339,11 +339,9 @@ fn via_port(port: u16) -> String {
 }
 
 /// Forwards TCP connections from a local port to the broker until aborted; aborting it
-/// closes the port and every forwarded connection, as a broker that went away would.
-/// A TCP proxy to the broker on a port of its own, and a hold on that port: a second
-/// socket bound to it that never listens. Once the proxy is gone, connecting to the port
-/// is refused, and no listener of a test running alongside can take the port over (as
-/// one did once, answering nothing, so the publish timed out instead of being refused).
+/// closes every forwarded connection, as a broker that went away would. The port stays
+/// held by the socket returned, bound to it and never listening: connecting is then
+/// refused, and a listener of a test running alongside cannot take the port over.
 async fn start_proxy() -> (u16, tokio::task::JoinHandle<()>, tokio::net::TcpSocket) {
     let reusable = || {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
