@@ -49,11 +49,24 @@ impl std::error::Error for AuthRefused {}
 /// list_connections`). lapin's own auto-recovery stays off: we rebuild topology and
 /// consumers ourselves, so we know which deliveries died with the old channels.
 pub(crate) async fn connect_once(config: &RabbitConfig, role: &str) -> Result<Connection> {
+    connect_within(config, role, HANDSHAKE_LIMIT).await
+}
+
+/// How long opening a connection may take: lapin has no overall handshake timeout, and
+/// a broker that accepts the socket but never answers must not hang the caller.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+
+/// [`connect_once`], given up after `limit` when that is sooner than the usual 10 s: a
+/// caller with a deadline of its own then gets an error naming the handshake that did
+/// not finish, not only its own wait.
+pub(crate) async fn connect_within(
+    config: &RabbitConfig,
+    role: &str,
+    limit: Duration,
+) -> Result<Connection> {
     let props = ConnectionProperties::default()
         .with_connection_name(format!("{} {role}", config.connection_name).into());
-    // lapin has no overall handshake timeout; a broker that accepts the socket but
-    // never answers must not hang the caller.
-    let after = Duration::from_secs(10);
+    let after = limit.min(HANDSHAKE_LIMIT);
     let tls_failure = Arc::new(parking_lot::Mutex::new(None));
     // Read before connecting: a certificate file gone since startup is a settings
     // error, not a connection one.

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::codec::properties;
 use crate::config::RabbitConfig;
-use crate::connection::{connect_once, RECONNECT};
+use crate::connection::{connect_within, RECONNECT};
 use crate::error::map_err;
 use crate::schedule;
 use crate::topology::{
@@ -118,8 +118,9 @@ impl PublisherCore {
         }
     }
 
-    /// A live channel with confirms on and what `needs` declared.
-    async fn channel_for(&self, needs: Needs<'_>) -> Result<Channel> {
+    /// A live channel with confirms on and what `needs` declared, connecting first if
+    /// need be (that attempt bounded by `deadline`).
+    async fn channel_for(&self, needs: Needs<'_>, deadline: Instant) -> Result<Channel> {
         let mut live = self.live.lock().await;
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed { backend: BACKEND });
@@ -132,7 +133,11 @@ impl PublisherCore {
                 let _ = old.conn.close(200, "reconnecting".into()).await;
             }
             // One attempt: the caller's retry loop owns the backoff and the deadline.
-            let conn = connect_once(&self.config, "publisher").await?;
+            // Given up a little before the caller's deadline, so that the caller sees
+            // this error, which names the handshake, rather than its own timeout.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let limit = left.saturating_sub(Duration::from_millis(20));
+            let conn = connect_within(&self.config, "publisher", limit).await?;
             let channel = conn
                 .create_channel()
                 .await
@@ -312,7 +317,7 @@ impl PublisherCore {
         confirmed: &mut [bool],
         deadline: &mut Instant,
     ) -> Result<()> {
-        let channel = tokio::time::timeout_at(*deadline, self.channel_for(needs))
+        let channel = tokio::time::timeout_at(*deadline, self.channel_for(needs, *deadline))
             .await
             .map_err(|_| Error::Timeout {
                 after: self.config.confirm_timeout,
@@ -405,8 +410,8 @@ impl PublisherCore {
                 topic,
                 levels: plan.levels,
             };
-            let _ =
-                tokio::time::timeout(self.config.confirm_timeout, self.channel_for(needs)).await;
+            let deadline = Instant::now() + self.config.confirm_timeout;
+            let _ = tokio::time::timeout_at(deadline, self.channel_for(needs, deadline)).await;
         }
         let Some(plan) = schedule::plan(delay.saturating_sub(called.elapsed()))? else {
             let mut r = self.publish(topic, vec![message]).await?;

@@ -22,7 +22,7 @@ use switchyard_core::{
     SubscribeOptions, Subscriber,
 };
 use switchyard_rabbitmq::RabbitBroker;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
 fn base_url() -> String {
@@ -354,23 +354,97 @@ async fn start_proxy() -> (u16, tokio::task::JoinHandle<()>, tokio::net::TcpSock
     let hold = reusable();
     hold.bind(([127, 0, 0, 1], port).into()).unwrap();
     let listener = proxy.listen(64).unwrap();
+    (port, tokio::spawn(forward(Arc::new(listener))), hold)
+}
+
+/// Forwards each connection `listener` accepts to the broker. Dropped (its task
+/// aborted), it drops its JoinSet, which aborts the links.
+async fn forward(listener: Arc<TcpListener>) {
     let target = amqp_address();
-    let task = tokio::spawn(async move {
-        let mut links = tokio::task::JoinSet::new();
+    let mut links = tokio::task::JoinSet::new();
+    loop {
+        let Ok((mut client, _)) = listener.accept().await else {
+            continue;
+        };
+        let target = target.clone();
+        links.spawn(async move {
+            if let Ok(mut server) = TcpStream::connect(&target).await {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            }
+        });
+    }
+}
+
+/// A broker that takes connections and then says nothing (overloaded, or a load
+/// balancer with nothing behind it): a publish that has to reconnect fails within its
+/// bound, with an error that names the handshake that never finished rather than only
+/// the wait for a channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_broker_fails_publish_naming_the_handshake() {
+    let topic = unique_name("syr-mute");
+    let name = unique_name("syr-mute");
+    let direct =
+        RabbitBroker::connect(&with_param(&base_url(), &format!("connection_name={name}")))
+            .await
+            .unwrap();
+    let sub = direct
+        .subscribe(SubscribeOptions::new(&topic, GROUP))
+        .await
+        .unwrap();
+
+    let listener = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let forwarding = tokio::spawn(forward(listener.clone()));
+    let bound = Duration::from_secs(2);
+    let url = with_param(
+        &via_port(port),
+        &format!(
+            "confirm_timeout_ms={}&connection_name={name}",
+            bound.as_millis()
+        ),
+    );
+    let broker = RabbitBroker::connect(&url).await.unwrap();
+    broker
+        .publish(&topic, Message::new("before"))
+        .await
+        .expect("the broker answers through the proxy");
+
+    // The connection drops; the port now takes connections and never answers.
+    forwarding.abort();
+    let _ = forwarding.await;
+    let mute = tokio::spawn(async move {
+        let mut held = Vec::new();
         loop {
-            let Ok((mut client, _)) = listener.accept().await else {
-                continue;
-            };
-            let target = target.clone();
-            links.spawn(async move {
-                if let Ok(mut server) = TcpStream::connect(&target).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                }
-            });
+            if let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
         }
-        // Dropping the task drops the JoinSet, which aborts the links.
     });
-    (port, task, hold)
+    let began = Instant::now();
+    let result = timeout(
+        bound + Duration::from_secs(12),
+        broker.publish(&topic, Message::new("after")),
+    )
+    .await;
+    let took = began.elapsed();
+    mute.abort();
+    let _ = timeout(Duration::from_secs(10), broker.close()).await;
+    drop(sub);
+    let _ = timeout(Duration::from_secs(10), direct.close()).await;
+    cleanup(&topic, GROUP).await;
+
+    let err = result
+        .expect("publish hung with the broker silent")
+        .expect_err("nothing can be published with the broker silent");
+    eprintln!("publish gave up after {took:?}: {err}");
+    assert!(err.is_transient(), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!(
+            "the AMQP handshake with amqp://***@127.0.0.1:{port}"
+        )),
+        "the error names the handshake that did not finish: {text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
