@@ -19,7 +19,7 @@ use lapin::{Connection, ConnectionProperties};
 use switchyard_conformance::support::unique_name;
 use switchyard_core::{
     Broker, CancellationToken, Consumer, Delivery, HandlerError, Message, Publisher,
-    SubscribeOptions, Subscriber,
+    SubscribeOptions, Subscriber, Subscription,
 };
 use switchyard_rabbitmq::RabbitBroker;
 use tokio::net::{TcpListener, TcpStream};
@@ -375,27 +375,23 @@ async fn forward(listener: Arc<TcpListener>) {
     }
 }
 
-/// A broker that takes connections and then says nothing (overloaded, or a load
-/// balancer with nothing behind it): a publish that has to reconnect fails within its
-/// bound, with an error that names the handshake that never finished rather than only
-/// the wait for a channel.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_broker_fails_publish_naming_the_handshake() {
-    let topic = unique_name("syr-mute");
-    let name = unique_name("syr-mute");
+/// A connection of its own, with `topic`'s group subscribed through it so publishes
+/// route, and the broker under test: through 127.0.0.1:`port`, publishes bounded by
+/// `bound`, and one publish through it already confirmed.
+async fn connect_via(
+    topic: &str,
+    name: &str,
+    port: u16,
+    bound: Duration,
+) -> (RabbitBroker, Box<dyn Subscription>, RabbitBroker) {
     let direct =
         RabbitBroker::connect(&with_param(&base_url(), &format!("connection_name={name}")))
             .await
             .unwrap();
     let sub = direct
-        .subscribe(SubscribeOptions::new(&topic, GROUP))
+        .subscribe(SubscribeOptions::new(topic, GROUP))
         .await
         .unwrap();
-
-    let listener = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
-    let port = listener.local_addr().unwrap().port();
-    let forwarding = tokio::spawn(forward(listener.clone()));
-    let bound = Duration::from_secs(2);
     let url = with_param(
         &via_port(port),
         &format!(
@@ -405,9 +401,25 @@ async fn a_silent_broker_fails_publish_naming_the_handshake() {
     );
     let broker = RabbitBroker::connect(&url).await.unwrap();
     broker
-        .publish(&topic, Message::new("before"))
+        .publish(topic, Message::new("before"))
         .await
         .expect("the broker answers through the proxy");
+    (direct, sub, broker)
+}
+
+/// A broker that takes connections and then says nothing (overloaded, or a load
+/// balancer with nothing behind it): a publish that has to reconnect fails within its
+/// bound, with an error that names the handshake that never finished rather than only
+/// the wait for a channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_broker_fails_publish_naming_the_handshake() {
+    let topic = unique_name("syr-mute");
+    let name = unique_name("syr-mute");
+    let listener = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let forwarding = tokio::spawn(forward(listener.clone()));
+    let bound = Duration::from_secs(2);
+    let (direct, sub, broker) = connect_via(&topic, &name, port, bound).await;
 
     // The connection drops; the port now takes connections and never answers.
     forwarding.abort();
@@ -451,30 +463,9 @@ async fn a_silent_broker_fails_publish_naming_the_handshake() {
 async fn unreachable_broker_fails_publish_transiently_within_the_bound() {
     let topic = unique_name("syr-gone");
     let name = unique_name("syr-gone");
-    // The group exists on the broker, through a direct connection, so publishes route.
-    let direct =
-        RabbitBroker::connect(&with_param(&base_url(), &format!("connection_name={name}")))
-            .await
-            .unwrap();
-    let sub = direct
-        .subscribe(SubscribeOptions::new(&topic, GROUP))
-        .await
-        .unwrap();
-
     let (port, proxy, _hold) = start_proxy().await;
     let bound = Duration::from_secs(3);
-    let url = with_param(
-        &via_port(port),
-        &format!(
-            "confirm_timeout_ms={}&connection_name={name}",
-            bound.as_millis()
-        ),
-    );
-    let broker = RabbitBroker::connect(&url).await.unwrap();
-    broker
-        .publish(&topic, Message::new("before"))
-        .await
-        .expect("the broker answers through the proxy");
+    let (direct, sub, broker) = connect_via(&topic, &name, port, bound).await;
 
     proxy.abort();
     let _ = proxy.await;
