@@ -1,7 +1,8 @@
 //! Throughput of the RabbitMQ backend against raw lapin.
 //!
 //! `cargo run --release -p switchyard-rabbitmq --example rabbitmq_bench -- [--messages N]
-//! [--rounds R] [--url U] [--topologies | --rpc] [--requests N] [--in-flight K]`
+//! [--rounds R] [--url U] [--topologies | --rpc] [--requests N] [--in-flight K]
+//! [--rpc-shapes]`
 //!
 //! Every side publishes N persistent 256-byte messages with publisher confirms, awaited
 //! in windows of 1024 (switchyard: `publish_batch` of 1024), then consumes them with one
@@ -23,7 +24,8 @@
 //!
 //! After the pairs (or alone, with `--rpc`), the request/reply pair `rabbitmq-rpc`:
 //! `--requests` round trips (default 20,000), `--in-flight` at once (default 64), see
-//! `rabbitmq_bench/rpc.rs`.
+//! `rabbitmq_bench/rpc.rs`; `--rpc-shapes` adds raw lapin reshaped step by step like a
+//! switchyard member (a channel per partition, then a task per partition too).
 
 use std::time::Instant;
 
@@ -491,6 +493,7 @@ async fn main() {
             number("--requests", 20_000),
             number("--in-flight", 64),
             rounds,
+            std::env::args().any(|a| a == "--rpc-shapes"),
         )
     };
     if std::env::args().any(|a| a == "--topologies") {

@@ -10,8 +10,11 @@
 //! awaited) and then acks the request. Raw lapin matches replies to requests through a
 //! map of correlation ids, as the requester does. Each side's clock starts after its
 //! first reply (so the responder member's partition claims are not timed). A warm-up
-//! round, then R rounds in alternating order; prints the medians as
-//! `pair=rabbitmq-rpc switchyard=<req/s> raw=<req/s> ratio=<r>`.
+//! round, then R rounds in alternating order; prints each side's CPU time per request
+//! and the medians as `pair=rabbitmq-rpc switchyard=<req/s> raw=<req/s> ratio=<r>`.
+//! With `--rpc-shapes`, the rounds also run raw lapin with a channel per partition
+//! queue, and then also a task per queue, and a note line gives their figures: what
+//! switchyard's shape costs before any code of its own runs.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +30,10 @@ use switchyard_core::{
 };
 use tokio::sync::oneshot;
 
-use crate::{confirm_channel, declare_group, delete, line, median, partition_queues, unique};
+use crate::{
+    add_since, confirm_channel, declare_group, delete, line, median, partition_queues, unique,
+    usage,
+};
 
 const PAYLOAD: usize = 256;
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -79,18 +85,48 @@ async fn switchyard(url: &str, topic: &str, n: usize, in_flight: usize) -> f64 {
 
 type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
 
-/// The raw responder: answers every request from the group's partition queues, up to
-/// `in_flight` at once, until `stop`.
-async fn raw_responder(conn: Connection, topic: String, in_flight: usize, stop: CancellationToken) {
-    let consume = conn.create_channel().await.expect("channel");
-    consume
+/// How the raw responder reads the group's partition queues. `--rpc-shapes` measures the
+/// last two beside the pair: they take raw lapin step by step to the shape of a
+/// switchyard member, which owns each partition through a channel of its own (closing it
+/// hands the partition's unsettled messages back) and reads each with a task of its own.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shape {
+    /// One channel consuming every queue: the least a client can do.
+    OneChannel,
+    /// A channel per queue.
+    ChannelPerQueue,
+    /// A channel per queue, and a task per queue handing its deliveries to the handlers.
+    TaskPerQueue,
+}
+
+/// A channel with a prefetch of `in_flight` per consumer.
+async fn consume_channel(conn: &Connection, in_flight: usize) -> Channel {
+    let channel = conn.create_channel().await.expect("channel");
+    channel
         .basic_qos(in_flight as u16, BasicQosOptions { global: false })
         .await
         .expect("qos");
+    channel
+}
+
+/// The raw responder: answers every request from the group's partition queues, up to
+/// `in_flight` at once, until `stop`.
+async fn raw_responder(
+    conn: Connection,
+    topic: String,
+    in_flight: usize,
+    shape: Shape,
+    stop: CancellationToken,
+) {
+    let shared = consume_channel(&conn, in_flight).await;
     let reply = confirm_channel(&conn).await;
     let mut consumers = Vec::new();
     for (i, q) in partition_queues(&topic).iter().enumerate() {
-        let consumer = consume
+        let channel = match shape {
+            Shape::OneChannel => shared.clone(),
+            Shape::ChannelPerQueue | Shape::TaskPerQueue => consume_channel(&conn, in_flight).await,
+        };
+        let consumer = channel
             .basic_consume(
                 q.as_str().into(),
                 format!("rpc-{i}").as_str().into(),
@@ -101,7 +137,24 @@ async fn raw_responder(conn: Connection, topic: String, in_flight: usize, stop: 
             .expect("consume");
         consumers.push(consumer);
     }
-    let requests = futures::stream::select_all(consumers).take_until(stop.cancelled_owned());
+    let requests = if shape == Shape::TaskPerQueue {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for mut consumer in consumers {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(d) = consumer.next().await {
+                    if tx.send(d).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|d| (d, rx)) })
+            .boxed()
+    } else {
+        futures::stream::select_all(consumers).boxed()
+    };
+    let requests = requests.take_until(stop.cancelled_owned());
     requests
         .for_each_concurrent(in_flight, |d| {
             let reply = reply.clone();
@@ -130,7 +183,7 @@ async fn raw_responder(conn: Connection, topic: String, in_flight: usize, stop: 
 }
 
 /// Requests per second through raw lapin: direct reply-to and a correlation map.
-async fn raw(url: &str, topic: &str, n: usize, in_flight: usize) -> f64 {
+async fn raw(url: &str, topic: &str, n: usize, in_flight: usize, shape: Shape) -> f64 {
     let responder_conn = Connection::connect(url, ConnectionProperties::default())
         .await
         .expect("connect raw");
@@ -139,6 +192,7 @@ async fn raw(url: &str, topic: &str, n: usize, in_flight: usize) -> f64 {
         responder_conn,
         topic.to_string(),
         in_flight,
+        shape,
         stop.clone(),
     ));
     let conn = Connection::connect(url, ConnectionProperties::default())
@@ -223,7 +277,7 @@ async fn raw(url: &str, topic: &str, n: usize, in_flight: usize) -> f64 {
 }
 
 /// The pair, on a topic of each side's own.
-pub(crate) async fn pair(url: &str, n: usize, in_flight: usize, rounds: usize) {
+pub(crate) async fn pair(url: &str, n: usize, in_flight: usize, rounds: usize, shapes: bool) {
     let (ours, theirs) = (unique("rpc-sy"), unique("rpc-raw"));
     let setup = switchyard_rabbitmq::connect(url).await.expect("connect");
     declare_group(&*setup, &ours).await;
@@ -231,22 +285,62 @@ pub(crate) async fn pair(url: &str, n: usize, in_flight: usize, rounds: usize) {
     setup.close().await.expect("close");
     // Warm-up: connections, the broker's queue processes, the allocator.
     switchyard(url, &ours, n / 10, in_flight).await;
-    raw(url, &theirs, n / 10, in_flight).await;
-    let (mut sy, mut rw) = (Vec::new(), Vec::new());
+    raw(url, &theirs, n / 10, in_flight, Shape::OneChannel).await;
+    // Side 0 is switchyard, the others raw lapin in these shapes.
+    let mut sides = vec![None, Some(Shape::OneChannel)];
+    if shapes {
+        sides.extend([Some(Shape::ChannelPerQueue), Some(Shape::TaskPerQueue)]);
+    }
+    let mut rates = vec![Vec::new(); sides.len()];
+    let mut spent = vec![(0.0, 0); sides.len()];
     for round in 0..rounds {
-        if round % 2 == 0 {
-            sy.push(switchyard(url, &ours, n, in_flight).await);
-            rw.push(raw(url, &theirs, n, in_flight).await);
-        } else {
-            rw.push(raw(url, &theirs, n, in_flight).await);
-            sy.push(switchyard(url, &ours, n, in_flight).await);
+        let mut order: Vec<usize> = (0..sides.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
         }
+        for side in order {
+            let before = usage();
+            let rate = match sides[side] {
+                None => switchyard(url, &ours, n, in_flight).await,
+                Some(shape) => raw(url, &theirs, n, in_flight, shape).await,
+            };
+            add_since(&mut spent[side], before);
+            rates[side].push(rate);
+        }
+        let shown: Vec<String> = rates.iter().map(|r| format!("{:.0}", r[round])).collect();
         eprintln!(
-            "round {round}: rpc sy={:.0} raw={:.0} req/s ({in_flight} in flight)",
-            sy[round], rw[round]
+            "round {round}: rpc sy={} raw={}{} req/s ({in_flight} in flight)",
+            shown[0],
+            shown[1],
+            if shapes {
+                format!(
+                    " channel-per-queue={} task-per-queue={}",
+                    shown[2], shown[3]
+                )
+            } else {
+                String::new()
+            }
         );
     }
-    line("rabbitmq-rpc", median(sy), median(rw));
+    // CPU per request: every round of a side runs n requests, plus one untimed first.
+    // (Context switches are left out: each side's connections close when it ends, and
+    // the switches of their finished threads are no longer counted.)
+    let cost: Vec<f64> = spent
+        .iter()
+        .map(|(cpu, _)| cpu * 1e6 / (rounds * n) as f64)
+        .collect();
+    println!(
+        "note: rpc, this process per request: cpu_us sy={:.1} raw={:.1}",
+        cost[0], cost[1]
+    );
+    let medians: Vec<f64> = rates.into_iter().map(median).collect();
+    if shapes {
+        println!(
+            "note: raw lapin in switchyard's shape: a channel per partition {:.0} req/s ({:.1} cpu_us per request), and a task per partition {:.0} req/s ({:.1} cpu_us)",
+            medians[2], cost[2], medians[3], cost[3]
+        );
+    }
+    line("rabbitmq-rpc", medians[0], medians[1]);
     let conn = Connection::connect(url, ConnectionProperties::default())
         .await
         .expect("connect raw");
