@@ -153,12 +153,14 @@ impl SubscribeOptions {
     }
 
     /// Where a new group starts.
+    #[must_use]
     pub fn start(mut self, start: StartFrom) -> Self {
         self.start = start;
         self
     }
 
     /// The in-flight window.
+    #[must_use]
     pub fn prefetch(mut self, prefetch: usize) -> Self {
         self.prefetch = prefetch;
         self
@@ -166,6 +168,7 @@ impl SubscribeOptions {
 
     /// Whether the group's broker state goes away after its last member leaves; the
     /// `ephemeral` field says what that means on each backend.
+    #[must_use]
     pub fn ephemeral(mut self, ephemeral: bool) -> Self {
         self.ephemeral = ephemeral;
         self
@@ -173,12 +176,14 @@ impl SubscribeOptions {
 
     /// How long an ephemeral group outlives its last member where the broker expires it
     /// on a timer (RabbitMQ's `x-expires`; the `ephemeral_expiry` field).
+    #[must_use]
     pub fn ephemeral_expiry(mut self, expiry: Duration) -> Self {
         self.ephemeral_expiry = expiry;
         self
     }
 
     /// Whether the consumer acks before or after its handler runs (the `guarantee` field).
+    #[must_use]
     pub fn guarantee(mut self, guarantee: Guarantee) -> Self {
         self.guarantee = guarantee;
         self

@@ -283,6 +283,7 @@ impl HandlerError {
     }
 
     /// Records the retries that came before this failure; used by retry middleware.
+    #[must_use]
     pub fn with_retries(mut self, retries: u32, first_failure: std::time::SystemTime) -> Self {
         self.retries = retries;
         self.first_failure = first_failure.min(self.first_failure);

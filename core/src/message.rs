@@ -92,6 +92,7 @@ impl Message {
     }
 
     /// Sets the ordering key.
+    #[must_use]
     pub fn with_key(mut self, key: impl Into<String>) -> Self {
         self.key = Some(key.into());
         self
@@ -99,12 +100,14 @@ impl Message {
 
     /// Replaces the generated id (for example with a business id, so a republish of
     /// the same event is recognised as a duplicate).
+    #[must_use]
     pub fn with_id(mut self, id: impl Into<String>) -> Self {
         self.id = id.into();
         self
     }
 
     /// Adds or replaces a header.
+    #[must_use]
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.insert(name.into(), value.into());
         self

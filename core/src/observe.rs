@@ -79,6 +79,7 @@ impl TraceContext {
     }
 
     /// A new span in the same trace.
+    #[must_use]
     pub fn child(&self) -> Self {
         Self {
             span_id: nonzero_random_u64(),

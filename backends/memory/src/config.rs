@@ -30,18 +30,21 @@ impl Default for MemoryConfig {
 
 impl MemoryConfig {
     /// Sets the per-topic capacity.
+    #[must_use]
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
         self
     }
 
     /// Sets how long a publish waits for room.
+    #[must_use]
     pub fn publish_timeout(mut self, timeout: Duration) -> Self {
         self.publish_timeout = timeout;
         self
     }
 
     /// Sets the largest accepted payload.
+    #[must_use]
     pub fn max_message_size(mut self, limit: Option<usize>) -> Self {
         self.max_message_size = limit;
         self

@@ -81,12 +81,14 @@ impl DeadLetterLayer {
     }
 
     /// Names the dead-letter topic of each topic (default `<topic>.dlq`).
+    #[must_use]
     pub fn topic(mut self, topic_for: impl Fn(&str) -> String + Send + Sync + 'static) -> Self {
         self.topic_for = Arc::new(topic_for);
         self
     }
 
     /// How many broker deliveries a retryable failure gets before it is dead-lettered.
+    #[must_use]
     pub fn max_deliveries(mut self, n: u32) -> Self {
         self.max_deliveries = n.max(1);
         self

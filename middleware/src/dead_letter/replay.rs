@@ -101,24 +101,28 @@ impl DeadLetterAdmin {
     }
 
     /// The group used to read dead-letter topics.
+    #[must_use]
     pub fn group(mut self, group: impl Into<String>) -> Self {
         self.group = group.into();
         self
     }
 
     /// How long reading waits for one more dead letter before it decides it has them all.
+    #[must_use]
     pub fn idle(mut self, idle: Duration) -> Self {
         self.idle = idle;
         self
     }
 
     /// The most dead letters read in one call (default 10,000).
+    #[must_use]
     pub fn max(mut self, max: usize) -> Self {
         self.max = max.max(1);
         self
     }
 
     /// Where [`Self::replay`] sends dead letters (default [`ReplayTo::Group`]).
+    #[must_use]
     pub fn to(mut self, to: ReplayTo) -> Self {
         self.to = to;
         self

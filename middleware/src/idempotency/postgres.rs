@@ -212,6 +212,7 @@ impl PostgresStore {
     /// Deletes expired rows every `every`, at most `batch` per statement, until none is
     /// left; replaces the default sweep (every minute, batches of 1,000). Small batches
     /// keep each statement's locks and WAL short on a large table.
+    #[must_use]
     pub fn sweep_every(mut self, every: Duration, batch: u32) -> Self {
         if let Some(old) = self.sweeper.take() {
             old.abort();

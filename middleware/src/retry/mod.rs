@@ -92,6 +92,7 @@ impl RetryPolicy {
     }
 
     /// Which failures to retry (default: [`HandlerError::is_retryable`]).
+    #[must_use]
     pub fn retry_if(
         mut self,
         predicate: impl Fn(&HandlerError) -> bool + Send + Sync + 'static,
