@@ -391,7 +391,7 @@ async fn routed_queues(
     queues
 }
 
-/// The routing key of a slot as the earlier layout wrote it: its 10 bits, dotted.
+/// The routing key of a slot for the topic-exchange routing: its 10 bits, dotted.
 fn slot_bits(slot: usize) -> String {
     (0..10)
         .rev()

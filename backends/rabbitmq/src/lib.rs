@@ -19,12 +19,9 @@
 //! 255 bytes.) Everything is declared idempotently at subscribe time, and the exchange
 //! at publish time, on throwaway channels: an object that already exists with other
 //! settings is a permanent [`Error::Backend`](switchyard_core::Error::Backend) whose source is a [`DeclareConflict`]
-//! naming it. A topic of the earlier layout (a topic exchange routing slot bits through
-//! `#.<bits>` bindings) is refused the same way with an [`OldLayout`] naming the
-//! migration: stop its clients of the earlier release and delete the exchange; the
-//! partition queues keep their messages and each key its partition. It is not migrated
-//! in place, as nothing tells whether a client of the earlier release still publishes
-//! to it.
+//! naming it: an exchange of another type under a topic's name, say. Deleting that
+//! exchange is the fix; the group's partition queues keep their messages, and the next
+//! subscribe or publish declares the exchange and binds them again.
 //!
 //! ## Per-key order with competing members
 //!
@@ -95,8 +92,7 @@
 //! AMQP cannot list objects, so [`Broker::topics`](switchyard_core::Broker::topics) asks the management plugin's HTTP API
 //! (`GET /api/exchanges/<vhost>` and `/api/queues/<vhost>`) at `management_url`
 //! (default `http://<amqp host>:15672`, basic auth with the AMQP URL's user and
-//! password): every direct exchange is a topic (and every topic exchange, which is a
-//! topic of the earlier layout, so it shows up to migrate), every set of partition queues `T:G.p<i>`
+//! password): every direct exchange is a topic, every set of partition queues `T:G.p<i>`
 //! a group, and a group's lag is read as [`Broker::lag`](switchyard_core::Broker::lag) reads it. Without the plugin
 //! the error names it: `rabbitmq-plugins enable rabbitmq_management`.
 //!
@@ -197,7 +193,7 @@ pub use broker::{connect, RabbitBroker};
 pub use codec::KEY_HEADER;
 pub use config::RabbitConfig;
 pub use connection::AuthRefused;
-pub use error::{DeclareConflict, OldLayout};
+pub use error::DeclareConflict;
 pub use management::ManagementUnavailable;
 pub use publisher::Unroutable;
 pub use tls::{TlsProblem, TlsRefused};

@@ -217,14 +217,12 @@ fn encode_path(s: &str) -> String {
 
 /// Switchyard's topics and groups in a listing: direct exchanges with a valid topic name
 /// (not `amq.*`, nor the `T:G.return` and hold exchanges, whose names hold a ':'), and
-/// topic exchanges, which topics of the earlier layout are, so they show up to migrate; and
 /// groups from partition queues `T:G.p<i>`, with their partition queue names. Groups
 /// whose queue names were shortened (very long names) cannot be named and are left out.
 pub(crate) fn topics(listing: &Listing) -> BTreeMap<String, BTreeMap<String, Vec<String>>> {
     let mut out: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
     for (name, kind) in &listing.exchanges {
-        let exchange = kind == "direct" || kind == "topic";
-        if exchange && !name.starts_with("amq.") && validate_name("topic", name).is_ok() {
+        if kind == "direct" && !name.starts_with("amq.") && validate_name("topic", name).is_ok() {
             out.entry(name.clone()).or_default();
         }
     }
@@ -263,7 +261,7 @@ mod tests {
                 ("amq.direct", "direct"),
                 ("orders", "direct"),
                 ("orders:email.return", "direct"),
-                ("earlier", "topic"),
+                ("other-kind", "topic"),
                 ("orders:email.delay.500", "fanout"),
                 ("empty", "direct"),
                 ("other", "fanout"),
@@ -285,7 +283,7 @@ mod tests {
             .collect(),
         };
         let t = topics(&listing);
-        assert_eq!(t.keys().collect::<Vec<_>>(), ["earlier", "empty", "orders"]);
+        assert_eq!(t.keys().collect::<Vec<_>>(), ["empty", "orders"]);
         assert!(t["empty"].is_empty());
         assert_eq!(t["orders"].keys().collect::<Vec<_>>(), ["a.p1", "email"]);
         assert_eq!(t["orders"]["email"], ["orders:email.p0", "orders:email.p1"]);

@@ -8,7 +8,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ExchangeKind};
 use switchyard_core::{Error, Result};
 
-use crate::error::{conflict, exchange_conflict, map_err, soft_code, DeclareConflict};
+use crate::error::{conflict, map_err, soft_code, DeclareConflict};
 use crate::BACKEND;
 
 /// Number of routing slots: a key's hash picks one, and a group may have up to this
@@ -123,7 +123,7 @@ pub(crate) fn is_hold_queue(queue: &str) -> bool {
 
 /// Declares the topic's exchange, a durable direct exchange, on a throwaway channel: a
 /// refused declaration closes the channel it was made on, and the working channels must
-/// survive it. One of the earlier layout is an [`OldLayout`](crate::OldLayout) error.
+/// survive it.
 pub(crate) async fn declare_topic(conn: &Connection, exchange: &str) -> Result<()> {
     declare_exchange_of(conn, exchange, ExchangeKind::Direct).await
 }
@@ -140,7 +140,6 @@ async fn declare_exchange_of(conn: &Connection, exchange: &str, kind: ExchangeKi
         .create_channel()
         .await
         .map_err(|e| map_err("opening a channel", e))?;
-    let direct = kind == ExchangeKind::Direct;
     let r = ch
         .exchange_declare(
             exchange.into(),
@@ -157,7 +156,6 @@ async fn declare_exchange_of(conn: &Connection, exchange: &str, kind: ExchangeKi
             let _ = ch.close(200, "declared".into()).await;
             Ok(())
         }
-        Err(e) if direct => Err(exchange_conflict(exchange, e)),
         Err(e) => Err(conflict("exchange", exchange, e)),
     }
 }

@@ -18,7 +18,7 @@ use switchyard_core::{
     Broker, CancellationToken, Consumer, Delivery, Error, HandlerError, Message, Publisher,
     SubscribeOptions, Subscriber,
 };
-use switchyard_rabbitmq::{DeclareConflict, OldLayout, RabbitBroker, Unroutable};
+use switchyard_rabbitmq::{DeclareConflict, RabbitBroker, Unroutable};
 
 /// Ready messages and consumers of a queue.
 async fn queue_stats(conn: &Connection, queue: &str) -> (u32, u32) {
@@ -245,17 +245,15 @@ async fn conflicting_queue_declaration_is_a_clear_error() {
     cleanup_groups(&ok_topic, &["g"], 8).await;
 }
 
-/// A topic exchange where the topic's exchange should be is the earlier layout: subscribe
-/// and publish refuse it with an error that names it and the migration, and after the
-/// migration (deleting the exchange) the group's queues keep their messages and are
-/// bound again by the next subscribe.
+/// An exchange of another kind under a topic's name: subscribe and publish refuse it
+/// with a `DeclareConflict` naming it, and once it is deleted the group's queues still
+/// hold their messages and are bound again by the next subscribe.
 #[tokio::test]
-async fn a_topic_of_the_earlier_layout_is_refused_with_the_migration() {
+async fn an_exchange_of_another_kind_under_a_topics_name_is_refused_naming_it() {
     let conn = raw().await;
     let broker = RabbitBroker::connect(&url()).await.unwrap();
-    let topic = unique("earlier");
-    // A group as this release makes it, holding one message; then the exchange is
-    // swapped for one of the earlier layout.
+    let topic = unique("other-kind");
+    // A group holding one message; then its exchange is swapped for a topic exchange.
     let sub = broker
         .subscribe(SubscribeOptions::new(&topic, "g"))
         .await
@@ -285,24 +283,27 @@ async fn a_topic_of_the_earlier_layout_is_refused_with_the_migration() {
         .subscribe(SubscribeOptions::new(&topic, "g"))
         .await
         .err()
-        .expect("subscribing to the earlier layout must fail");
+        .expect("subscribing through a topic exchange must fail");
     let publish_err = fresh.publish(&topic, Message::new("x")).await.unwrap_err();
     for err in [&subscribe_err, &publish_err] {
         let Error::Backend { source, .. } = err else {
             panic!("unexpected error {err}");
         };
-        let old = source
-            .downcast_ref::<OldLayout>()
-            .unwrap_or_else(|| panic!("source is not OldLayout: {source}"));
-        assert_eq!(old.exchange, topic);
+        let conflict = source
+            .downcast_ref::<DeclareConflict>()
+            .unwrap_or_else(|| panic!("source is not a DeclareConflict: {source}"));
+        assert_eq!(
+            (conflict.kind, conflict.name.as_str()),
+            ("exchange", topic.as_str())
+        );
         assert!(!err.is_transient(), "{err}");
         let shown = err.to_string();
         assert!(
-            shown.contains("migrate") && shown.contains(&topic),
+            shown.contains("delete it") && shown.contains(&topic),
             "{shown}"
         );
     }
-    // The migration: delete the exchange. The message waits in its partition.
+    // The fix: delete the exchange. The message waits in its partition.
     ch.exchange_delete(topic.as_str().into(), ExchangeDeleteOptions::default())
         .await
         .unwrap();
