@@ -7,9 +7,6 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::error::{Error, Result};
 
-/// The header that names a payload's content type.
-pub const CONTENT_TYPE_HEADER: &str = "content-type";
-
 /// Encodes and decodes typed payloads.
 pub trait Codec: Send + Sync + 'static {
     /// The MIME type written to the `content-type` header.

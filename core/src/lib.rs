@@ -64,6 +64,7 @@ mod delivery;
 mod error;
 mod guarantee;
 mod handler;
+pub mod headers;
 mod message;
 mod names;
 pub mod observe;
@@ -75,13 +76,13 @@ pub use broker::{
     AnyBroker, Broker, Capabilities, GroupInfo, Publisher, PublisherExt, StartFrom,
     SubscribeOptions, Subscriber, Subscription, TopicInfo,
 };
-pub use codec::{Codec, JsonCodec, CONTENT_TYPE_HEADER};
+pub use codec::{Codec, JsonCodec};
 pub use delivery::{Delivery, Nack, Origin};
 pub use error::{BoxError, Error, FailureKind, HandlerError, Result};
 pub use guarantee::Guarantee;
 pub use handler::{handler_fn, FromDelivery, Handler, HandlerFuture, HandlerService, Json};
 pub use message::{new_id, Headers, Message, Receipt};
-pub use observe::{Instrumented, TraceContext, TRACEPARENT};
+pub use observe::{Instrumented, TraceContext};
 pub use rpc::{reply_fn, IntoReply, ReplyHandler, ReplyService, RequestExt};
 pub use runtime::{shutdown_on_signal, App, Consumer, ConsumerReport, RunningApp, RunningConsumer};
 

@@ -6,8 +6,9 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::codec::{Codec, JsonCodec, CONTENT_TYPE_HEADER};
+use crate::codec::{Codec, JsonCodec};
 use crate::error::Result;
+use crate::headers::CONTENT_TYPE;
 
 /// Message headers: a sorted string map, carried byte for byte by every backend.
 pub type Headers = BTreeMap<String, String>;
@@ -88,7 +89,7 @@ impl Message {
     /// A message whose payload is `value` encoded with `codec`.
     pub fn encode<C: Codec, T: Serialize + ?Sized>(codec: &C, value: &T) -> Result<Self> {
         let payload = codec.encode(value)?;
-        Ok(Self::new(payload).with_header(CONTENT_TYPE_HEADER, codec.content_type()))
+        Ok(Self::new(payload).with_header(CONTENT_TYPE, codec.content_type()))
     }
 
     /// Sets the ordering key.
@@ -120,7 +121,7 @@ impl Message {
 
     /// The `content-type` header, if any.
     pub fn content_type(&self) -> Option<&str> {
-        self.headers.get(CONTENT_TYPE_HEADER).map(String::as_str)
+        self.headers.get(CONTENT_TYPE).map(String::as_str)
     }
 }
 

@@ -38,9 +38,6 @@ use crate::broker::{Broker, Capabilities, Publisher, SubscribeOptions, Subscribe
 use crate::error::Result;
 use crate::message::{Message, Receipt};
 
-/// The W3C trace-context header.
-pub const TRACEPARENT: &str = "traceparent";
-
 /// A W3C trace context: which trace a message belongs to and which span sent it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct TraceContext {

@@ -11,7 +11,7 @@ use libfuzzer_sys::fuzz_target;
 use switchyard_core::backend::is_reserved_header;
 use switchyard_core::Message;
 use switchyard_rabbitmq::fuzzing::{decode, properties};
-use switchyard_rabbitmq::KEY_HEADER;
+use switchyard_rabbitmq::headers;
 
 fn short(u: &mut Unstructured<'_>) -> Result<ShortString> {
     let mut s: String = u.arbitrary()?;
@@ -23,7 +23,7 @@ fn short(u: &mut Unstructured<'_>) -> Result<ShortString> {
 
 fn name(u: &mut Unstructured<'_>) -> Result<ShortString> {
     Ok(match u.int_in_range(0..=9)? {
-        0 => KEY_HEADER.into(),
+        0 => headers::KEY.into(),
         1 => "x-retry-tier".into(),
         2 => "x-first-death-queue".into(),
         3 => "x-first-death-reason".into(),

@@ -7,11 +7,11 @@ use libfuzzer_sys::fuzz_target;
 use switchyard_core::backend::is_reserved_header;
 use switchyard_core::Message;
 use switchyard_kafka::fuzzing::{decode_record, record_headers};
-use switchyard_kafka::ID_HEADER;
+use switchyard_kafka::headers;
 
 fn name<'a>(u: &mut Unstructured<'a>) -> Result<&'a str> {
     Ok(match u.int_in_range(0..=7)? {
-        0 => ID_HEADER,
+        0 => headers::ID,
         1 => "x-switchyard-key",
         _ => u.arbitrary()?,
     })

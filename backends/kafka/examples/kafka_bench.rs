@@ -26,7 +26,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use switchyard_core::{Consumer, Delivery, HandlerError, Message, Publisher, SubscribeOptions};
-use switchyard_kafka::{KafkaBroker, ID_HEADER};
+use switchyard_kafka::headers;
+use switchyard_kafka::KafkaBroker;
 use tokio_util::sync::CancellationToken;
 
 #[path = "kafka_bench/rpc.rs"]
@@ -128,7 +129,7 @@ async fn produce_raw(servers: &str, topic: &str, warm: &str, msgs: &[Message]) -
     let mut pending = Vec::with_capacity(msgs.len());
     for m in msgs {
         let headers = OwnedHeaders::new().insert(Header {
-            key: ID_HEADER,
+            key: headers::ID,
             value: Some(m.id.as_bytes()),
         });
         let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic)

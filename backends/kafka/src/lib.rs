@@ -15,7 +15,7 @@
 //! - The message key is the record key: the same key always lands on the same partition
 //!   (librdkafka's `murmur2_random` partitioner, the Java client's), in publish order
 //!   (idempotent producer). Messages without a key are spread across partitions.
-//! - The message id travels in the record header [`ID_HEADER`] (`switchyard-id`); every
+//! - The message id travels in the record header [`headers::ID`] (`switchyard-id`); every
 //!   application header (the `content-type` one included) is a record header of the same
 //!   name. A record written by another client, without `switchyard-id`, is consumed with
 //!   the id `kafka:<topic>:<partition>:<offset>`.
@@ -109,7 +109,14 @@ pub use admin::ReplayFrom;
 pub use broker::KafkaBroker;
 pub use config::{CommitStrategy, DeliveryGuarantee, KafkaConfig};
 pub use context::{KafkaContext, KafkaProblem, KafkaRefused};
-pub use record::ID_HEADER;
+
+/// Header names the Kafka backend writes on every record.
+pub mod headers {
+    /// The record header carrying the switchyard message id. Every other application
+    /// header travels as a record header of the same name (the `content-type` header
+    /// included), with its value as UTF-8 bytes.
+    pub const ID: &str = "switchyard-id";
+}
 
 /// Connects to Kafka from a `kafka://host:port[,host:port][?setting=value]` URL
 /// (settings on [`KafkaConfig`]).

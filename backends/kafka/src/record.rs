@@ -7,15 +7,12 @@ use rdkafka::Message as _;
 use switchyard_core::backend::is_reserved_header;
 use switchyard_core::{Bytes, Headers, Message};
 
-/// The record header carrying the switchyard message id. Every other application
-/// header travels as a record header of the same name (the `content-type` header
-/// included), with its value as UTF-8 bytes.
-pub const ID_HEADER: &str = "switchyard-id";
+use crate::headers;
 
 /// The record headers of a message: its id first, then its headers.
 pub(crate) fn headers(message: &Message) -> OwnedHeaders {
     let mut h = OwnedHeaders::new_with_capacity(message.headers.len() + 1).insert(Header {
-        key: ID_HEADER,
+        key: headers::ID,
         value: Some(message.id.as_bytes()),
     });
     for (k, v) in &message.headers {
@@ -120,7 +117,7 @@ where
         let value = value
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .unwrap_or_default();
-        if name == ID_HEADER {
+        if name == headers::ID {
             ids.push(value);
         } else if !is_reserved_header(name) {
             hdrs.insert(name.to_string(), value);
@@ -250,7 +247,7 @@ mod proptests {
     fn name() -> impl Strategy<Value = String> {
         prop_oneof![
             3 => "\\PC{0,12}",
-            1 => Just(ID_HEADER.to_string()),
+            1 => Just(headers::ID.to_string()),
             1 => Just("Switchyard-ID".to_string()),
             1 => Just("x-switchyard-key".to_string()),
             1 => Just("content-type".to_string()),
@@ -301,7 +298,7 @@ mod proptests {
             });
             let ids: Vec<String> = headers
                 .iter()
-                .filter(|(k, _)| k == ID_HEADER)
+                .filter(|(k, _)| k == headers::ID)
                 .map(|(_, v)| v.as_deref().map(lossy).unwrap_or_default())
                 .collect();
             match ids.as_slice() {

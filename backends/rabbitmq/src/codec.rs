@@ -38,12 +38,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 use switchyard_core::backend::{check_headers, is_reserved_header};
-use switchyard_core::{Bytes, Error, Headers, Message, Result, CONTENT_TYPE_HEADER};
+use switchyard_core::headers::CONTENT_TYPE;
+use switchyard_core::{Bytes, Error, Headers, Message, Result};
 
 use crate::topology::is_hold_queue;
 
-/// The header that carries a message's key.
-pub const KEY_HEADER: &str = "x-switchyard-key";
+use crate::headers;
 
 fn short(what: &str, s: &str) -> Result<ShortString> {
     ShortString::try_new(s).map_err(|_| {
@@ -73,7 +73,7 @@ fn property_bytes(message: &Message) -> usize {
             .iter()
             .map(|(n, v)| entry(n, v))
             .sum::<usize>()
-        + message.key.as_deref().map_or(0, |k| entry(KEY_HEADER, k));
+        + message.key.as_deref().map_or(0, |k| entry(headers::KEY, k));
     let content_type = message.content_type().map_or(0, |ct| 1 + ct.len());
     2 + table + (1 + message.id.len()) + 1 + 8 + content_type
 }
@@ -104,7 +104,7 @@ pub(crate) fn properties(message: &Message) -> Result<BasicProperties> {
     }
     if let Some(key) = &message.key {
         headers.insert(
-            KEY_HEADER.into(),
+            headers::KEY.into(),
             AMQPValue::LongString(LongString::from(key.as_bytes())),
         );
     }
@@ -184,7 +184,7 @@ pub(crate) fn decode(props: &BasicProperties, data: Vec<u8>) -> Arc<Message> {
     if let Some(table) = props.headers() {
         for (name, value) in table.inner() {
             let Some(text) = as_text(value) else { continue };
-            if name.as_str() == KEY_HEADER {
+            if name.as_str() == headers::KEY {
                 key = Some(text);
             } else if !is_reserved_header(name.as_str()) {
                 headers.insert(name.as_str().to_string(), text);
@@ -195,9 +195,9 @@ pub(crate) fn decode(props: &BasicProperties, data: Vec<u8>) -> Arc<Message> {
         headers.retain(|name, _| !name.starts_with(RETRY_HEADER_PREFIX));
     }
     reply::to_headers(props, &mut headers);
-    if !headers.contains_key(CONTENT_TYPE_HEADER) {
+    if !headers.contains_key(CONTENT_TYPE) {
         if let Some(ct) = props.content_type() {
-            headers.insert(CONTENT_TYPE_HEADER.to_string(), ct.as_str().to_string());
+            headers.insert(CONTENT_TYPE.to_string(), ct.as_str().to_string());
         }
     }
     let id = match props

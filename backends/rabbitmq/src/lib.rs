@@ -190,13 +190,18 @@ mod tls;
 mod topology;
 
 pub use broker::{connect, RabbitBroker};
-pub use codec::KEY_HEADER;
 pub use config::RabbitConfig;
 pub use connection::AuthRefused;
 pub use error::DeclareConflict;
 pub use management::ManagementUnavailable;
 pub use publisher::Unroutable;
 pub use tls::{TlsProblem, TlsRefused};
+
+/// Header names the RabbitMQ backend reserves.
+pub mod headers {
+    /// The AMQP header that carries a message's key.
+    pub const KEY: &str = "x-switchyard-key";
+}
 
 pub(crate) const BACKEND: &str = "rabbitmq";
 

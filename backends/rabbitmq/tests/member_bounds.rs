@@ -10,7 +10,8 @@ use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use switchyard_core::{Message, Nack, Publisher, SubscribeOptions, Subscriber};
-use switchyard_rabbitmq::{RabbitBroker, KEY_HEADER};
+use switchyard_rabbitmq::headers;
+use switchyard_rabbitmq::RabbitBroker;
 
 use common::{cleanup, raw, unique, url, PARTITIONS};
 
@@ -159,7 +160,7 @@ async fn a_requeued_foreign_message_without_an_id_comes_back_and_its_key_flows()
     let ch = conn.create_channel().await.unwrap();
     for i in 0..3 {
         let mut headers = FieldTable::default();
-        headers.insert(KEY_HEADER.into(), AMQPValue::LongString(key.into()));
+        headers.insert(headers::KEY.into(), AMQPValue::LongString(key.into()));
         ch.basic_publish(
             topic.as_str().into(),
             routing_key(key).as_str().into(),

@@ -2,7 +2,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use switchyard_core::observe::{TraceContext, TRACEPARENT};
+use switchyard_core::headers::TRACEPARENT;
+use switchyard_core::observe::TraceContext;
 use switchyard_core::{Consumer, Delivery, HandlerError, Message, SubscribeOptions};
 
 use super::{publish_all, recv_n, spawn, stop, subscribe};

@@ -39,8 +39,9 @@ pub use backoff::Backoff;
 pub use key_gate::KeyGate;
 pub use settled::settled;
 
+use crate::headers::TRACEPARENT;
 use crate::message::Message;
-use crate::observe::{TraceContext, TRACEPARENT};
+use crate::observe::TraceContext;
 
 /// Stamps `message` with a `traceparent` (continuing the current handler's trace, or a
 /// new one) unless it has one; returns the context it carries.

@@ -15,7 +15,8 @@ use super::Stats;
 use crate::delivery::{Delivery, Nack};
 use crate::error::{FailureKind, HandlerError};
 use crate::guarantee::Guarantee;
-use crate::observe::{TraceContext, TRACEPARENT};
+use crate::headers::TRACEPARENT;
+use crate::observe::TraceContext;
 
 /// Calls the handler for one delivery (`ready` is what the service's `poll_ready` said:
 /// an error fails the delivery) and returns the future that runs it to the end and

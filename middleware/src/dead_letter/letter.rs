@@ -31,7 +31,7 @@ fn truncated(mut text: String, max: usize) -> String {
 pub(super) fn without_own_headers(mut letter: Message, why: &switchyard_core::Error) -> Message {
     let before = letter.headers.len();
     letter.headers.retain(|name, _| {
-        headers::ALL.contains(&name.as_str()) || name == switchyard_core::CONTENT_TYPE_HEADER
+        headers::ALL.contains(&name.as_str()) || name == switchyard_core::headers::CONTENT_TYPE
     });
     let dropped = before - letter.headers.len();
     letter.headers.insert(

@@ -27,7 +27,8 @@ use switchyard_core::{
     reply_fn, Broker, Bytes, CancellationToken, Consumer, Delivery, HandlerError, Message,
     RunningConsumer, SubscribeOptions,
 };
-use switchyard_kafka::{KafkaBroker, ID_HEADER};
+use switchyard_kafka::headers;
+use switchyard_kafka::KafkaBroker;
 use tokio::sync::oneshot;
 
 const PAYLOAD: usize = 256;
@@ -167,7 +168,7 @@ async fn raw_responder(base: ClientConfig, topic: String, stop: Arc<AtomicBool>)
         let to = String::from_utf8_lossy(to).into_owned();
         let headers = OwnedHeaders::new()
             .insert(Header {
-                key: ID_HEADER,
+                key: headers::ID,
                 value: Some(uuid::Uuid::now_v7().to_string().as_bytes()),
             })
             .insert(Header {
@@ -251,7 +252,7 @@ impl Raw {
         self.waiting.lock().unwrap().insert(correlation.clone(), tx);
         let headers = OwnedHeaders::new()
             .insert(Header {
-                key: ID_HEADER,
+                key: headers::ID,
                 value: Some(id.as_bytes()),
             })
             .insert(Header {

@@ -11,8 +11,8 @@ use switchyard_core::rpc::headers::{CORRELATION_ID, REPLY_TO};
 fn name() -> impl Strategy<Value = String> {
     prop_oneof![
         4 => "\\PC{0,12}",
-        1 => Just(KEY_HEADER.to_string()),
-        1 => Just(CONTENT_TYPE_HEADER.to_string()),
+        1 => Just(headers::KEY.to_string()),
+        1 => Just(CONTENT_TYPE.to_string()),
         1 => Just("switchyard-id".to_string()),
         1 => Just("x-retry-tier".to_string()),
         1 => Just("x-retry-due-ms".to_string()),
@@ -135,12 +135,12 @@ proptest! {
         prop_assert_eq!(&m.payload[..], &data[..]);
         let empty = FieldTable::default();
         let sent = props.headers().as_ref().unwrap_or(&empty).inner();
-        prop_assert_eq!(m.key.clone(), sent.get(KEY_HEADER).and_then(as_text));
+        prop_assert_eq!(m.key.clone(), sent.get(headers::KEY).and_then(as_text));
         for (k, v) in &m.headers {
             prop_assert!(!is_reserved_header(k), "{k}");
             let from_table = sent.get(k.as_str()).and_then(as_text);
             let property = match k.as_str() {
-                CONTENT_TYPE_HEADER => props.content_type(),
+                CONTENT_TYPE => props.content_type(),
                 REPLY_TO => props.reply_to(),
                 CORRELATION_ID => props.correlation_id(),
                 _ => &None,
@@ -178,7 +178,7 @@ proptest! {
         id in prop_oneof![4 => "\\PC{1,40}", 1 => "[a-z]{250,260}"],
         key in proptest::option::of("\\PC{0,16}"),
         sent in proptest::collection::btree_map(
-            prop_oneof![8 => "\\PC{0,12}", 1 => "[a-z]{250,260}", 1 => Just(KEY_HEADER.to_string())]
+            prop_oneof![8 => "\\PC{0,12}", 1 => "[a-z]{250,260}", 1 => Just(headers::KEY.to_string())]
                 .prop_filter("steered by where it came from", |k| {
                     !k.starts_with(RETRY_HEADER_PREFIX)
                         && !k.starts_with("x-first-death-")
@@ -195,7 +195,7 @@ proptest! {
         m.key = key;
         m.headers = sent;
         if let Some(ct) = content_type {
-            m.headers.insert(CONTENT_TYPE_HEADER.to_string(), ct);
+            m.headers.insert(CONTENT_TYPE.to_string(), ct);
         }
         m.timestamp = if millis >= 0 {
             UNIX_EPOCH + Duration::from_millis(millis as u64)

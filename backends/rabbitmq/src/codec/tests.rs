@@ -18,13 +18,13 @@ fn round_trips_properties() {
         .with_key("kéy/1")
         .with_header("ünï", "välue")
         .with_header("empty", "")
-        .with_header(CONTENT_TYPE_HEADER, "application/json");
+        .with_header(CONTENT_TYPE, "application/json");
     let props = properties(&m).unwrap();
     let back = decode(&props, b"x".to_vec());
     assert_eq!(back.id, m.id);
     assert_eq!(back.key, m.key);
     assert_eq!(back.headers, m.headers);
-    let reserved = Message::new("x").with_header(KEY_HEADER, "k");
+    let reserved = Message::new("x").with_header(headers::KEY, "k");
     assert!(properties(&reserved).is_err());
     let bare = Message::new("x");
     let props = properties(&bare).unwrap();
@@ -106,7 +106,7 @@ fn header_values_of_every_type_are_kept_as_text() {
         ("array", AMQPValue::FieldArray(FieldArray::default())),
         ("table", AMQPValue::FieldTable(FieldTable::default())),
         ("void", AMQPValue::Void),
-        (KEY_HEADER, AMQPValue::LongLongInt(42)),
+        (headers::KEY, AMQPValue::LongLongInt(42)),
     ]));
     let m = decode(&props, Vec::new());
     let h = &m.headers;
@@ -119,7 +119,7 @@ fn header_values_of_every_type_are_kept_as_text() {
     assert_eq!(h["dec"], "0.005");
     assert_eq!(h["bytes"], "\u{fffd}a");
     assert_eq!(h["long"], "\u{fffd}(");
-    for absent in ["array", "table", "void", KEY_HEADER] {
+    for absent in ["array", "table", "void", headers::KEY] {
         assert!(!h.contains_key(absent), "{absent}: {h:?}");
     }
     assert_eq!(m.key.as_deref(), Some("42"));
@@ -128,8 +128,10 @@ fn header_values_of_every_type_are_kept_as_text() {
 #[test]
 fn a_missing_or_empty_message_id_is_derived_the_same_on_every_delivery() {
     let keyed = |key: &str| {
-        BasicProperties::default()
-            .with_headers(table(vec![(KEY_HEADER, AMQPValue::LongString(key.into()))]))
+        BasicProperties::default().with_headers(table(vec![(
+            headers::KEY,
+            AMQPValue::LongString(key.into()),
+        )]))
     };
     let empty = keyed("k").with_message_id("".into());
     let a = decode(&empty, b"x".to_vec());
@@ -149,7 +151,7 @@ fn a_missing_or_empty_message_id_is_derived_the_same_on_every_delivery() {
         decode(&BasicProperties::default(), b"x".to_vec()),
         decode(
             &BasicProperties::default().with_headers(table(vec![(
-                KEY_HEADER,
+                headers::KEY,
                 AMQPValue::ShortString("k".into()),
             )])),
             b"x".to_vec(),

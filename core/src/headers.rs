@@ -1,0 +1,14 @@
+//! Header names core reads and writes on every backend.
+//!
+//! Every header name switchyard defines lives in a `headers` module beside what writes
+//! it: this one, [`rpc::headers`](crate::rpc::headers), the middleware's
+//! `dead_letter::headers` and `retry_tiers::headers`, and each backend's own (the Kafka
+//! record's id, the RabbitMQ message's key).
+
+/// A payload's content type, set by [`Message::encode`](crate::Message::encode) and read
+/// by [`Message::content_type`](crate::Message::content_type).
+pub const CONTENT_TYPE: &str = "content-type";
+
+/// The W3C trace context (`traceparent`), stamped on each published message and read
+/// by the runtime to continue the trace.
+pub const TRACEPARENT: &str = "traceparent";
