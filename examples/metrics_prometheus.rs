@@ -65,7 +65,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     // One delivery fails once (a flaky downstream), so the failed counter has something.
     let failed_once = Arc::new(AtomicBool::new(false));
     let count = move |d: Delivery| {
-        let flaky = d.attempt() == 1 && !failed_once.swap(true, Ordering::SeqCst);
+        let flaky = d.delivery_count() == 1 && !failed_once.swap(true, Ordering::SeqCst);
         let error = || HandlerError::transient(std::io::Error::other("flaky downstream"));
         std::future::ready(if flaky { Err(error()) } else { Ok(()) })
     };

@@ -106,7 +106,7 @@ fn compare(path: &Path, table: &Table, backend: &str, caps: &Capabilities) {
         ("replay", caps.replay),
         ("persistent", caps.persistent),
         ("per_key_order", caps.per_key_order),
-        ("durable_attempts", caps.durable_attempts),
+        ("durable_delivery_counts", caps.durable_delivery_counts),
         ("native_dead_letter", caps.native_dead_letter),
         ("delayed_delivery", caps.delayed_delivery),
         ("request_reply", caps.request_reply),

@@ -190,6 +190,6 @@ async fn a_dropped_unsettled_delivery_is_redelivered() {
     drop(first);
     let again = sub.recv().await.unwrap().unwrap();
     assert_eq!(again.id(), id);
-    assert_eq!(again.attempt(), 2);
+    assert_eq!(again.delivery_count(), 2);
     again.ack().await.unwrap();
 }

@@ -157,7 +157,7 @@ async fn handle(log: Log, d: Delivery) -> Result<(), HandlerError> {
         decoded: decoded.is_ok(),
         failed: false,
         seq: decoded.as_ref().ok().and_then(|b| b.seq),
-        attempt: d.attempt(),
+        attempt: d.delivery_count(),
         key: m.key.clone(),
         id: m.id.clone(),
         // A near-limit header is not worth keeping.

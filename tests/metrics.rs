@@ -80,7 +80,7 @@ async fn published_handled_failed_and_in_flight_are_counted() {
 
     let broker = switchyard::connect("memory://metrics").await.unwrap();
     let handler = |d: Delivery| async move {
-        if d.payload() == b"fail once" && d.attempt() == 1 {
+        if d.payload() == b"fail once" && d.delivery_count() == 1 {
             return Err(HandlerError::transient(std::io::Error::other(
                 "first try fails",
             )));

@@ -99,7 +99,7 @@ async fn handle_span_continues_the_publish_span_trace() {
     assert_eq!(handle.get("outcome").map(String::as_str), Some("acked"));
     assert_eq!(handle.get("topic").map(String::as_str), Some("traced"));
     assert_eq!(handle.get("group").map(String::as_str), Some("audit"));
-    assert_eq!(handle.get("attempt").map(String::as_str), Some("1"));
+    assert_eq!(handle.get("delivery_count").map(String::as_str), Some("1"));
     assert!(handle.contains_key("duration_us"), "{handle:?}");
     assert_eq!(
         handle.get("trace_id"),

@@ -522,7 +522,7 @@ fn print_delivery(out: &mut impl Write, d: &Delivery, format: Format) -> Result<
             v["topic"] = d.topic().into();
             v["partition"] = d.origin().partition.into();
             v["offset"] = d.origin().offset.into();
-            v["attempt"] = d.attempt().into();
+            v["delivery_count"] = d.delivery_count().into();
             writeln!(out, "{v}").map_err(io)
         }
     }

@@ -81,7 +81,7 @@ async fn publish_then_consume_as_json_keeps_key_headers_and_binary() {
     assert_eq!(lines[0]["key"], "c-1");
     assert_eq!(lines[0]["headers"]["source"], "cli");
     assert_eq!(lines[0]["headers"]["x"], "a=b");
-    assert_eq!(lines[0]["attempt"], 1);
+    assert_eq!(lines[0]["delivery_count"], 1);
 
     // Acked: the group has nothing more; --no-ack leaves messages for the next reader.
     let again = cli(

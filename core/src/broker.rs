@@ -273,8 +273,8 @@ pub struct Capabilities {
     pub persistent: bool,
     /// Same-key messages are handled in publish order within a group.
     pub per_key_order: bool,
-    /// Attempt counts survive a consumer restart (not just in-process redelivery).
-    pub durable_attempts: bool,
+    /// Delivery counts survive a consumer restart (not just in-process redelivery).
+    pub durable_delivery_counts: bool,
     /// The broker can dead-letter messages itself: [`Nack::Reject`](crate::Nack::Reject)
     /// hands the message to a broker-side dead-letter destination (RabbitMQ with
     /// `dead_letter_exchange=`). Without it, a rejected message is dropped.

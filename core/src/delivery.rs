@@ -13,7 +13,7 @@ use crate::message::Message;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Nack {
-    /// Deliver it again (attempt + 1). Later messages with the same key wait for it.
+    /// Deliver it again (delivery count + 1). Later messages with the same key wait for it.
     Requeue,
     /// Give it up: the broker drops it, or dead-letters it where the backend is set up to.
     Reject,
@@ -70,7 +70,7 @@ const NACKED: u8 = 3;
 /// Everything a delivery holds, behind one `Arc`, so a clone is one atomic increment.
 struct Inner<A: ?Sized + Acker> {
     message: Arc<Message>,
-    attempt: u32,
+    delivery_count: u32,
     origin: Origin,
     state: AtomicU8,
     acker: A,
@@ -97,10 +97,15 @@ pub struct Delivery {
 
 impl Delivery {
     /// Builds a delivery; called by backends.
-    pub fn new(message: Arc<Message>, attempt: u32, origin: Origin, acker: impl Acker) -> Self {
+    pub fn new(
+        message: Arc<Message>,
+        delivery_count: u32,
+        origin: Origin,
+        acker: impl Acker,
+    ) -> Self {
         let inner: Arc<Inner<dyn Acker>> = Arc::new(Inner {
             message,
-            attempt: attempt.max(1),
+            delivery_count: delivery_count.max(1),
             origin,
             state: AtomicU8::new(UNSETTLED),
             acker,
@@ -133,9 +138,11 @@ impl Delivery {
         &self.inner.message.payload
     }
 
-    /// 1 on the first delivery, then one more on each redelivery.
-    pub fn attempt(&self) -> u32 {
-        self.inner.attempt
+    /// Which delivery of the message this is: 1 on the first, then one more on each
+    /// redelivery (the handler's runs within one delivery are attempts, counted by the
+    /// retry middleware).
+    pub fn delivery_count(&self) -> u32 {
+        self.inner.delivery_count
     }
 
     /// Where the message came from.
@@ -204,7 +211,7 @@ impl fmt::Debug for Delivery {
         f.debug_struct("Delivery")
             .field("id", &self.inner.message.id)
             .field("key", &self.inner.message.key)
-            .field("attempt", &self.inner.attempt)
+            .field("delivery_count", &self.inner.delivery_count)
             .field("origin", self.origin())
             .field("payload_len", &self.inner.message.payload.len())
             .finish()

@@ -3,7 +3,7 @@
 //! The pieces every switchyard backend and application share:
 //!
 //! - the message model: [`Message`] (id, key, headers, payload), [`Delivery`]
-//!   (a received message with its attempt count, [`Origin`] and a one-shot ack handle);
+//!   (a received message with its delivery count, [`Origin`] and a one-shot ack handle);
 //! - the backend traits: [`Publisher`], [`Subscriber`], [`Subscription`], [`Broker`]
 //!   (object-safe, so [`AnyBroker`] can be picked at run time from a URL);
 //! - one [`Error`] type with [`Error::is_transient`], and [`HandlerError`] for handlers;

@@ -21,9 +21,9 @@
 //! headers are constants in a `headers` module each ([`dead_letter::headers`],
 //! [`retry_tiers::headers`]).
 //!
-//! One word per concept: a **delivery** is one hand-over of a message by the broker (its
-//! number is `Delivery::attempt`); an **attempt** is one run of the handler within a
-//! delivery; a **retry** is an attempt after the first.
+//! One word per concept: a **delivery** is one hand-over of a message by the broker
+//! (counted by `Delivery::delivery_count`); an **attempt** is one run of the handler
+//! within a delivery; a **retry** is an attempt after the first.
 //!
 //! ## Order
 //!

@@ -37,7 +37,7 @@ async fn a_panic_releases_the_idempotency_mark() {
             let runs = runs.clone();
             async move {
                 runs.fetch_add(1, Ordering::SeqCst);
-                if d.attempt() == 1 {
+                if d.delivery_count() == 1 {
                     panic!("first attempt blows up");
                 }
                 Ok::<_, HandlerError>(())

@@ -296,7 +296,7 @@ impl Broker for KafkaBroker {
             replay: true,
             persistent: true,
             per_key_order: true,
-            durable_attempts: false,
+            durable_delivery_counts: false,
             native_dead_letter: false,
             delayed_delivery: false,
             max_message_size: Some(self.inner.config.max_message_size),

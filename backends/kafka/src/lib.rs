@@ -51,7 +51,7 @@
 //! - **Nack.** Kafka has no per-message nack. `Nack::Requeue` redelivers the record in
 //!   process with `attempt + 1`; its key stays blocked, so later same-key records still
 //!   wait behind it, and its offset stays uncommitted until it is acked. The trade-off:
-//!   attempts are counted in memory only (`durable_attempts: false`) — after a crash or
+//!   attempts are counted in memory only (`durable_delivery_counts: false`) — after a crash or
 //!   a rebalance the message comes back with attempt 1 — and a message nacked forever
 //!   holds its partition's commit position back (records after it are still handled,
 //!   but would be redelivered after a restart); bound retries with the retry/dead-letter

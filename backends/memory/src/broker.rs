@@ -167,7 +167,7 @@ impl Broker for MemoryBroker {
             replay: true,
             persistent: false,
             per_key_order: true,
-            durable_attempts: true,
+            durable_delivery_counts: true,
             native_dead_letter: false,
             delayed_delivery: false,
             max_message_size: self.inner.config.max_message_size,

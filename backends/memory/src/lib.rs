@@ -25,7 +25,7 @@
 //! let mut sub = broker.subscribe(SubscribeOptions::new("orders", "email")).await.unwrap();
 //! let delivery = sub.recv().await.unwrap().unwrap();
 //! assert_eq!(delivery.payload(), b"order 1");
-//! assert_eq!(delivery.attempt(), 1);
+//! assert_eq!(delivery.delivery_count(), 1);
 //! delivery.ack().await.unwrap();
 //! # });
 //! ```

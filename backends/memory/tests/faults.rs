@@ -99,7 +99,7 @@ async fn dropped_consumers_hand_their_work_to_the_group() {
         .unwrap();
     for _ in 0..5 {
         let d = survivor.recv().await.unwrap().unwrap();
-        assert_eq!(d.attempt(), 2);
+        assert_eq!(d.delivery_count(), 2);
         d.ack().await.unwrap();
     }
 }

@@ -34,8 +34,8 @@ async fn run(
             let payload = String::from_utf8_lossy(d.payload()).into_owned();
             record
                 .lock()
-                .push((payload.clone(), d.attempt(), d.is_settled()));
-            if payload == "fail" && d.attempt() == 1 {
+                .push((payload.clone(), d.delivery_count(), d.is_settled()));
+            if payload == "fail" && d.delivery_count() == 1 {
                 return Err(HandlerError::new(FailureKind::Transient, "first try fails"));
             }
             if payload == "after" {

@@ -100,7 +100,7 @@ impl Broker for RabbitBroker {
             replay: false,
             persistent: true,
             per_key_order: true,
-            durable_attempts: false,
+            durable_delivery_counts: false,
             native_dead_letter: self.inner.config.dead_letter_exchange.is_some(),
             delayed_delivery: true,
             max_message_size: Some(self.inner.config.max_message_size),

@@ -175,9 +175,9 @@ pub(crate) const RETRY_HEADER_PREFIX: &str = "x-retry-";
 /// it comes back; a timestamp beyond what the system clock can hold becomes the time of
 /// receipt; header values of any type are kept as text where they have one.
 ///
-/// `x-delivery-count` is not read as an attempt count: partition queues are classic
+/// `x-delivery-count` is not read as the delivery count: partition queues are classic
 /// queues, where the broker never sets it, so any such header came from a client. The
-/// attempt number is the member's own count (see the gate).
+/// delivery count is the member's own (see the gate).
 pub(crate) fn decode(props: &BasicProperties, data: Vec<u8>) -> Arc<Message> {
     let mut headers = Headers::new();
     let mut key = None;
@@ -261,7 +261,7 @@ impl Fnv128 {
 /// Two publishes get the same id exactly when all of those are equal: the same payload
 /// and headers sent twice without a timestamp (or within the same second, AMQP's
 /// timestamp resolution) and without a distinguishing `correlation_id`. Switchyard then
-/// takes them for one message: the second may get the first's attempt number, and an
+/// takes them for one message: the second may get the first's delivery count, and an
 /// idempotency layer skips it as a duplicate. Set `message_id` (or a timestamp or
 /// `correlation_id` that differs) to keep such messages apart.
 pub(crate) fn derived_id(props: &BasicProperties, data: &[u8]) -> String {

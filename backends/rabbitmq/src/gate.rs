@@ -30,7 +30,7 @@ pub(crate) struct Gate {
     keys: KeyGate<String, Entry>,
     /// Keys whose head was nacked for requeue, with that message's id.
     awaiting: HashMap<String, String>,
-    /// The attempt number a message requeued by this member comes back with.
+    /// The delivery count a message requeued by this member comes back with.
     attempts: HashMap<String, u32>,
 }
 

@@ -115,11 +115,11 @@
 //! were never handed out too, when a partition changes hands), so the member counts the
 //! attempts of the messages it requeued itself: 1, 2, 3... A message that comes back
 //! for another reason (a member closed, died or lost its connection with it unsettled)
-//! starts again at 1. So [`Capabilities::durable_attempts`](switchyard_core::Capabilities::durable_attempts) is false. (Quorum queues
+//! starts again at 1. So [`Capabilities::durable_delivery_counts`](switchyard_core::Capabilities::durable_delivery_counts) is false. (Quorum queues
 //! count deliveries durably in `x-delivery-count`, but do not enforce exclusive
 //! consumers and keep file handles open per queue. An `x-delivery-count` header on a
 //! classic queue can only come from a client, so it is kept as an ordinary header and
-//! never read as an attempt count.)
+//! never read as the delivery count.)
 
 //! ## Long handlers and the consumer ack timeout
 //!

@@ -25,7 +25,7 @@ pub(crate) async fn pump(shared: Arc<Shared>, p: u32, gen: u64, mut consumer: Co
             Ok(d) => {
                 // Classic queues only flag a redelivery, and set the flag as well on
                 // messages that were prefetched but never handed out (a partition handed
-                // over), so it is not an attempt count; the gate counts the requeues of
+                // over), so it is not a delivery count; the gate counts the requeues of
                 // this member exactly.
                 let entry = Entry {
                     message: decode(&d.properties, d.data),

@@ -76,7 +76,7 @@ async fn redeliver_after_returns_to_the_group_only_after_the_delay_in_its_key_sl
         assert_eq!(got.key, original.key, "key of {}", d.id());
         assert_eq!(got.headers, original.headers, "headers of {}", d.id());
         assert_eq!(got.payload, original.payload, "payload of {}", d.id());
-        assert_eq!(d.attempt(), 1);
+        assert_eq!(d.delivery_count(), 1);
         if original.key.is_some() {
             assert_eq!(
                 d.origin().partition,

@@ -179,7 +179,7 @@ async fn a_requeued_foreign_message_without_an_id_comes_back_and_its_key_flows()
         while seen.len() < 4 {
             let d = sub.recv().await.expect("subscription open").unwrap();
             let payload = String::from_utf8_lossy(d.payload()).into_owned();
-            seen.push((payload.clone(), d.attempt(), d.id().to_string()));
+            seen.push((payload.clone(), d.delivery_count(), d.id().to_string()));
             if seen.len() == 1 {
                 d.nack(Nack::Requeue).await.unwrap();
             } else {

@@ -66,9 +66,9 @@ pub(super) async fn roundtrip_bytes_exact(ctx: Arc<Ctx>) -> Check {
             orig.headers
         );
         ensure!(
-            d.attempt() == 1,
+            d.delivery_count() == 1,
             "first delivery has attempt {}",
-            d.attempt()
+            d.delivery_count()
         );
         ensure!(
             d.topic() == topic,

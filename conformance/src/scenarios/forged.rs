@@ -94,7 +94,7 @@ pub(super) async fn forged_retry_headers_ignored(ctx: Arc<Ctx>) -> Check {
                 let first = {
                     let mut seen = seen.lock().unwrap();
                     let first = !seen.iter().any(|(p, _, _)| *p == payload);
-                    seen.push((payload.clone(), d.attempt(), retry_headers));
+                    seen.push((payload.clone(), d.delivery_count(), retry_headers));
                     first
                 };
                 if payload == "forged" && first {

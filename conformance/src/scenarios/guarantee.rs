@@ -25,7 +25,7 @@ pub(super) async fn at_most_once(ctx: Arc<Ctx>) -> Check {
                 let failing = payload.starts_with("fail");
                 seen.lock()
                     .unwrap()
-                    .push((payload, d.attempt(), d.is_settled()));
+                    .push((payload, d.delivery_count(), d.is_settled()));
                 if failing {
                     return Err(HandlerError::transient(std::io::Error::other("fails")));
                 }

@@ -157,7 +157,7 @@ pub(super) async fn load_100k(ctx: Arc<Ctx>) -> Check {
             let (successes, failures) = (successes.clone(), failures.clone());
             async move {
                 // 20% of runs fail; the redelivery (attempt + 1) draws again.
-                if draw(d.id(), d.attempt() as usize) < 0.2 {
+                if draw(d.id(), d.delivery_count() as usize) < 0.2 {
                     failures.fetch_add(1, Ordering::Relaxed);
                     return Err(HandlerError::transient(std::io::Error::other(
                         "flaky downstream",

@@ -32,7 +32,7 @@ pub(super) async fn tower_layers(ctx: Arc<Ctx>) -> Check {
                 }
             }))
             .service(switchyard_core::handler_fn(|d: Delivery| async move {
-                if d.attempt() == 1 && d.payload() == b"fail-once" {
+                if d.delivery_count() == 1 && d.payload() == b"fail-once" {
                     return Err(HandlerError::transient(std::io::Error::other(
                         "first try fails",
                     )));

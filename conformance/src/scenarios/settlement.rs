@@ -24,8 +24,8 @@ pub(super) async fn nack_redelivers(ctx: Arc<Ctx>) -> Check {
                     .unwrap()
                     .entry(d.id().to_string())
                     .or_default()
-                    .push(d.attempt());
-                if d.attempt() < 3 {
+                    .push(d.delivery_count());
+                if d.delivery_count() < 3 {
                     return Err(HandlerError::transient(std::io::Error::other("not yet")));
                 }
                 Ok(())
@@ -87,9 +87,9 @@ pub(super) async fn unacked_returned(ctx: Arc<Ctx>) -> Check {
         again_ids == ids(&sent),
         "redelivered set differs from the unacked set"
     );
-    if ctx.caps.durable_attempts {
+    if ctx.caps.durable_delivery_counts {
         ensure!(
-            again.iter().all(|d| d.attempt() >= 2),
+            again.iter().all(|d| d.delivery_count() >= 2),
             "redelivered messages should have attempt >= 2"
         );
     }
@@ -105,7 +105,7 @@ pub(super) async fn panic_contained(ctx: Arc<Ctx>) -> Check {
             let tally = tally.clone();
             async move {
                 let n: usize = std::str::from_utf8(d.payload()).unwrap().parse().unwrap();
-                if n.is_multiple_of(3) && d.attempt() == 1 {
+                if n.is_multiple_of(3) && d.delivery_count() == 1 {
                     panic!("conformance: deliberate panic on message {n}");
                 }
                 tally.add(d.id());

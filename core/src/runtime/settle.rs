@@ -81,7 +81,7 @@ impl Observed {
             group = delivery.group(),
             key = delivery.key(),
             id = delivery.id(),
-            attempt = delivery.attempt(),
+            delivery_count = delivery.delivery_count(),
             trace_id = trace.map(|t| t.trace_hex()),
             span_id = trace.map(|t| t.span_hex()),
             parent_span_id = parent.map(|p| p.span_hex()),
@@ -192,13 +192,13 @@ async fn finish(
             id = delivery.id(),
             topic = delivery.topic(),
             group = delivery.group(),
-            attempt = delivery.attempt(),
+            delivery_count = delivery.delivery_count(),
             kind = %e.kind(),
             error = %e,
             "handler failed; nacking for redelivery"
         )
     });
-    let pause = settings.backoff.pause(delivery.attempt());
+    let pause = settings.backoff.pause(delivery.delivery_count());
     if !pause.is_zero() {
         tokio::time::sleep(pause).await;
     }

@@ -51,7 +51,10 @@ pub(super) fn dead_letter(delivery: &Delivery, error: &HandlerError) -> Message 
         truncated(error.source_error().to_string(), MAX_ERROR_TEXT),
     );
     h.insert(headers::ERROR_KIND.into(), error.kind().as_str().into());
-    h.insert(headers::DELIVERIES.into(), delivery.attempt().to_string());
+    h.insert(
+        headers::DELIVERIES.into(),
+        delivery.delivery_count().to_string(),
+    );
     h.insert(headers::RETRIES.into(), error.retries().to_string());
     h.insert(headers::ORIGINAL_TOPIC.into(), origin.topic.to_string());
     h.insert(headers::ORIGINAL_GROUP.into(), origin.group.to_string());

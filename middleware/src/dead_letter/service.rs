@@ -56,7 +56,7 @@ impl OnFailure for DeadLetterLayer {
                 return Err(error);
             }
             let outages = config.outages.lock().of(&delivery);
-            let counted = delivery.attempt().saturating_sub(outages);
+            let counted = delivery.delivery_count().saturating_sub(outages);
             if error.is_retryable() && counted < config.max_deliveries {
                 return Err(error);
             }

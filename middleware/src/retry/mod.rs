@@ -1,7 +1,7 @@
 //! In-process retry with exponential backoff, jitter and a cap.
 //!
 //! Words, used the same way across this crate: a **delivery** is one hand-over of a
-//! message by the broker (its number is [`Delivery::attempt`](switchyard_core::Delivery));
+//! message by the broker (counted by [`Delivery::delivery_count`](switchyard_core::Delivery));
 //! an **attempt** is one run of the handler within a delivery; a **retry** is an attempt
 //! after the first. [`RetryPolicy::new`] takes the most attempts per delivery.
 //!

@@ -68,10 +68,15 @@ fn is_retry_header(name: &str) -> bool {
 }
 
 /// The same delivery with a changed message, settled through the original.
-fn represent(delivery: &Delivery, message: Message, attempt: u32, origin: Origin) -> Delivery {
+fn represent(
+    delivery: &Delivery,
+    message: Message,
+    delivery_count: u32,
+    origin: Origin,
+) -> Delivery {
     Delivery::new(
         Arc::new(message),
-        attempt,
+        delivery_count,
         origin,
         Forward(delivery.clone()),
     )
@@ -112,7 +117,7 @@ where
                 let seen = represent(
                     &delivery,
                     clean,
-                    delivery.attempt(),
+                    delivery.delivery_count(),
                     delivery.origin().clone(),
                 );
                 return inner.oneshot(seen).await;
@@ -131,15 +136,15 @@ where
                 header(m, headers::ORIGINAL_PARTITION),
                 header(m, headers::ORIGINAL_OFFSET),
             );
-            let attempt = delivery
-                .attempt()
+            let delivery_count = delivery
+                .delivery_count()
                 .saturating_add(u32::try_from(hops).unwrap_or(u32::MAX));
             let mut message = m.clone();
             message
                 .headers
                 .insert(headers::TIER.into(), hops.to_string());
             inner
-                .oneshot(represent(&delivery, message, attempt, origin))
+                .oneshot(represent(&delivery, message, delivery_count, origin))
                 .await
         })
     }
@@ -231,7 +236,7 @@ mod proptests {
             let seen: Arc<Mutex<Vec<(Message, u32)>>> = Arc::default();
             let record = seen.clone();
             let handler = tower::service_fn(move |d: Delivery| {
-                record.lock().unwrap().push((d.message().clone(), d.attempt()));
+                record.lock().unwrap().push((d.message().clone(), d.delivery_count()));
                 async { Ok::<(), HandlerError>(()) }
             });
             let mut service = RetryTiersInbound::new(handler, "t", "g", tier, &tiers);
