@@ -79,6 +79,18 @@ impl Ctx {
         Ok(())
     }
 
+    /// Whether the capability holds for a part of a scenario; where it does not, says in
+    /// the output that the part is not checked, so it does not pass silently.
+    pub(crate) fn part_needs(&self, has: bool, what: &str) -> bool {
+        if !has {
+            let _ = writeln!(
+                std::io::stdout(),
+                "  part not checked: backend lacks {what}"
+            );
+        }
+        has
+    }
+
     /// Skips the scenario unless the capability holds.
     pub(crate) fn require(&self, has: bool, what: &str) -> Check {
         if has {

@@ -182,7 +182,7 @@ pub(super) async fn late_group(ctx: Arc<Ctx>) -> Check {
         SubscribeOptions::new(&topic, ctx.name("latest")).start(StartFrom::Latest),
     )
     .await?;
-    let mut earliest = if ctx.caps.replay {
+    let mut earliest = if ctx.part_needs(ctx.caps.replay, "replay (the earliest-start group)") {
         Some(
             subscribe(
                 &ctx,
