@@ -49,13 +49,13 @@
 //!   consumers only. A consumer with `Guarantee::AtMostOnce` commits as `commit=sync`,
 //!   before its handler runs: a crash loses what was being handled, never duplicates.
 //! - **Nack.** Kafka has no per-message nack. `Nack::Requeue` redelivers the record in
-//!   process with `attempt + 1`; its key stays blocked, so later same-key records still
-//!   wait behind it, and its offset stays uncommitted until it is acked. The trade-off:
-//!   attempts are counted in memory only (`durable_delivery_counts: false`) — after a crash or
-//!   a rebalance the message comes back with attempt 1 — and a message nacked forever
-//!   holds its partition's commit position back (records after it are still handled,
-//!   but would be redelivered after a restart); bound retries with the retry/dead-letter
-//!   middleware. `Nack::Reject` counts as done: the commit moves past it (logged).
+//!   process with `delivery_count + 1`; its key stays blocked, so later same-key records
+//!   still wait behind it, and its offset stays uncommitted until it is acked. The
+//!   trade-off: delivery counts are kept in memory only (`durable_delivery_counts:
+//!   false`) — after a crash or a rebalance the message comes back with delivery count 1
+//!   — and a message nacked forever holds its partition's commit position back (records
+//!   after it are still handled, but would be redelivered after a restart); bound
+//!   retries with the retry/dead-letter middleware. `Nack::Reject` counts as done: the commit moves past it (logged).
 //! - **Rebalance.** On revocation the member stops handing out the revoked partitions'
 //!   records, waits up to `revoke_timeout_ms` for their in-flight messages, commits
 //!   what finished and lets the partitions go; settling one of their deliveries later

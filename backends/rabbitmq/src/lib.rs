@@ -78,7 +78,7 @@
 //! the group's partition queues to the same slots as `T` does: the message comes back to `G`
 //! only, in its key's partition, with its id, key, headers and payload unchanged (the
 //! `x-first-death-*` headers the broker adds are dropped on receipt, its `x-death`
-//! table is never a header). It arrives as attempt 1: the hold queue is a new
+//! table is never a header). It arrives with delivery count 1: the hold queue is a new
 //! delivery. Dead-lettering from classic queues is at-most-once inside the broker (no
 //! internal publisher confirms, <https://www.rabbitmq.com/docs/dlx#safety>): the hold
 //! queue drops the message as soon as it has handed it on. On one node the partition
@@ -96,7 +96,7 @@
 //! a group, and a group's lag is read as [`Broker::lag`](switchyard_core::Broker::lag) reads it. Without the plugin
 //! the error names it: `rabbitmq-plugins enable rabbitmq_management`.
 //!
-//! ## Consuming, attempts, dead letters
+//! ## Consuming, delivery counts, dead letters
 //!
 //! Each owned partition has its own channel; the member's `prefetch` is split over them
 //! as per-channel `basic.qos` limits (RabbitMQ's `global` qos, which is per channel and
@@ -111,9 +111,9 @@
 //! gate holds until then); `Nack::Reject` is `basic.reject` (dead-lettered to
 //! `dead_letter_exchange` when set).
 //!
-//! Attempts: classic queues only flag a redelivery (and flag prefetched messages that
-//! were never handed out too, when a partition changes hands), so the member counts the
-//! attempts of the messages it requeued itself: 1, 2, 3... A message that comes back
+//! Delivery counts: classic queues only flag a redelivery (and flag prefetched messages
+//! that were never handed out too, when a partition changes hands), so the member counts
+//! the deliveries of the messages it requeued itself: 1, 2, 3... A message that comes back
 //! for another reason (a member closed, died or lost its connection with it unsettled)
 //! starts again at 1. So [`Capabilities::durable_delivery_counts`](switchyard_core::Capabilities::durable_delivery_counts) is false. (Quorum queues
 //! count deliveries durably in `x-delivery-count`, but do not enforce exclusive
