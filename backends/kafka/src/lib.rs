@@ -55,7 +55,8 @@
 //!   false`) — after a crash or a rebalance the message comes back with delivery count 1
 //!   — and a message nacked forever holds its partition's commit position back (records
 //!   after it are still handled, but would be redelivered after a restart); bound
-//!   retries with the retry/dead-letter middleware. `Nack::Reject` counts as done: the commit moves past it (logged).
+//!   retries with the retry/dead-letter middleware. `Nack::Reject` counts as done: the
+//!   commit moves past it (logged).
 //! - **Rebalance.** On revocation the member stops handing out the revoked partitions'
 //!   records, waits up to `revoke_timeout_ms` for their in-flight messages, commits
 //!   what finished and lets the partitions go; settling one of their deliveries later
