@@ -10,6 +10,8 @@
 //! never skips, when either is missing. A guard starts the broker again even if a test
 //! panics, and a test returns only once the broker answers.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::process::Command;
@@ -27,24 +29,6 @@ use switchyard_core::{
     SubscribeOptions,
 };
 use switchyard_rabbitmq::RabbitBroker;
-
-fn base_url() -> String {
-    std::env::var("SWITCHYARD_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
-}
-
-/// `host:port` of the AMQP URL.
-fn amqp_address() -> String {
-    let url = base_url();
-    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
-    let rest = rest.split(['/', '?']).next().unwrap_or(rest);
-    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-    if host.contains(':') {
-        host.to_string()
-    } else {
-        format!("{host}:5672")
-    }
-}
 
 fn rabbitmqctl(args: &[&str]) {
     let out = Command::new("rabbitmqctl")
@@ -92,7 +76,7 @@ fn close_all_connections() -> usize {
 /// Waits until the broker accepts TCP connections and has finished booting.
 fn wait_until_up() {
     let deadline = Instant::now() + Duration::from_secs(120);
-    let address = amqp_address();
+    let address = common::amqp_address();
     loop {
         let open = address
             .to_socket_addrs()
@@ -140,7 +124,7 @@ impl Drop for StartAppGuard {
 }
 
 async fn cleanup(topic: &str, group: &str) {
-    let conn = Connection::connect(&base_url(), ConnectionProperties::default())
+    let conn = Connection::connect(&common::url(), ConnectionProperties::default())
         .await
         .expect("RabbitMQ is reachable again");
     let mut queues: Vec<String> = (0..8).map(|p| format!("{topic}:{group}.p{p}")).collect();
@@ -183,9 +167,7 @@ impl Run {
         // Restarting the broker's application takes 15–40 s on a busy machine (booting
         // included), and the publisher is to ride out the whole outage: its confirm
         // timeout covers that, rather than the default 30 s.
-        let url = base_url();
-        let sep = if url.contains('?') { '&' } else { '?' };
-        let url = format!("{url}{sep}confirm_timeout_ms=120000");
+        let url = common::with_param(&common::url(), "confirm_timeout_ms=120000");
         let broker = Arc::new(RabbitBroker::connect(&url).await.unwrap());
         let topic = unique_name(&format!("syr-{label}"));
         let handled: Arc<Mutex<HashMap<String, usize>>> = Arc::default();

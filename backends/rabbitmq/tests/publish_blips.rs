@@ -8,6 +8,8 @@
 //! Only this test's own connections are closed (picked by their connection name), so
 //! tests of other binaries running on the same broker are not disturbed.
 
+mod common;
+
 use std::collections::HashMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -24,30 +26,6 @@ use switchyard_core::{
 use switchyard_rabbitmq::RabbitBroker;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
-
-fn base_url() -> String {
-    std::env::var("SWITCHYARD_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
-}
-
-/// `url` with one more query parameter.
-fn with_param(url: &str, param: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{param}")
-}
-
-/// `host:port` of the AMQP URL.
-fn amqp_address() -> String {
-    let url = base_url();
-    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
-    let rest = rest.split(['/', '?']).next().unwrap_or(rest);
-    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-    if host.contains(':') {
-        host.to_string()
-    } else {
-        format!("{host}:5672")
-    }
-}
 
 /// Closes the broker's connections whose client-given name starts with `prefix`, and
 /// waits (up to 10 s) until they are gone; returns how many there were. One
@@ -94,7 +72,7 @@ fn close_connections_named(prefix: &str) -> usize {
 async fn cleanup(topic: &str, group: &str) {
     let Ok(Ok(conn)) = timeout(
         Duration::from_secs(10),
-        Connection::connect(&base_url(), ConnectionProperties::default()),
+        Connection::connect(&common::url(), ConnectionProperties::default()),
     )
     .await
     else {
@@ -141,7 +119,7 @@ async fn publishes_in_flight_ride_out_closed_connections() {
     let started = Instant::now();
     let name = unique_name("syr-blip");
     let topic = name.clone();
-    let url = with_param(&base_url(), &format!("connection_name={name}"));
+    let url = common::with_param(&common::url(), &format!("connection_name={name}"));
     let broker = Arc::new(RabbitBroker::connect(&url).await.unwrap());
 
     let handled: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
@@ -330,7 +308,7 @@ async fn run_blips(
 
 /// The AMQP URL with its host and port replaced by 127.0.0.1:`port`.
 fn via_port(port: u16) -> String {
-    let (base, address) = (base_url(), amqp_address());
+    let (base, address) = (common::url(), common::amqp_address());
     assert!(
         base.contains(&address),
         "SWITCHYARD_AMQP_URL must name its port: {base}"
@@ -360,7 +338,7 @@ async fn start_proxy() -> (u16, tokio::task::JoinHandle<()>, tokio::net::TcpSock
 /// Forwards each connection `listener` accepts to the broker. Dropped (its task
 /// aborted), it drops its JoinSet, which aborts the links.
 async fn forward(listener: Arc<TcpListener>) {
-    let target = amqp_address();
+    let target = common::amqp_address();
     let mut links = tokio::task::JoinSet::new();
     loop {
         let Ok((mut client, _)) = listener.accept().await else {
@@ -384,15 +362,17 @@ async fn connect_via(
     port: u16,
     bound: Duration,
 ) -> (RabbitBroker, Box<dyn Subscription>, RabbitBroker) {
-    let direct =
-        RabbitBroker::connect(&with_param(&base_url(), &format!("connection_name={name}")))
-            .await
-            .unwrap();
+    let direct = RabbitBroker::connect(&common::with_param(
+        &common::url(),
+        &format!("connection_name={name}"),
+    ))
+    .await
+    .unwrap();
     let sub = direct
         .subscribe(SubscribeOptions::new(topic, GROUP))
         .await
         .unwrap();
-    let url = with_param(
+    let url = common::with_param(
         &via_port(port),
         &format!(
             "confirm_timeout_ms={}&connection_name={name}",

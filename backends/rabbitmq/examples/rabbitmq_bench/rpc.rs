@@ -118,13 +118,17 @@ async fn raw_responder(
     shape: Shape,
     stop: CancellationToken,
 ) {
-    let shared = consume_channel(&conn, in_flight).await;
+    // Only the one-channel shape shares a channel; the others open one per queue.
+    let shared = match shape {
+        Shape::OneChannel => Some(consume_channel(&conn, in_flight).await),
+        Shape::ChannelPerQueue | Shape::TaskPerQueue => None,
+    };
     let reply = confirm_channel(&conn).await;
     let mut consumers = Vec::new();
     for (i, q) in partition_queues(&topic).iter().enumerate() {
-        let channel = match shape {
-            Shape::OneChannel => shared.clone(),
-            Shape::ChannelPerQueue | Shape::TaskPerQueue => consume_channel(&conn, in_flight).await,
+        let channel = match &shared {
+            Some(channel) => channel.clone(),
+            None => consume_channel(&conn, in_flight).await,
         };
         let consumer = channel
             .basic_consume(

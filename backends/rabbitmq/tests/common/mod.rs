@@ -17,6 +17,25 @@ pub(crate) fn url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
 }
 
+/// `url` with one more query parameter.
+pub(crate) fn with_param(url: &str, param: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{param}")
+}
+
+/// `host:port` of the broker's AMQP URL.
+pub(crate) fn amqp_address() -> String {
+    let url = url();
+    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+    let rest = rest.split(['/', '?']).next().unwrap_or(rest);
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    if host.contains(':') {
+        host.to_string()
+    } else {
+        format!("{host}:5672")
+    }
+}
+
 /// A name no other run uses.
 pub(crate) fn unique(label: &str) -> String {
     switchyard_conformance::support::unique_name(&format!("syr-{label}"))
