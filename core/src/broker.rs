@@ -405,11 +405,11 @@ pub trait Broker: Publisher + Subscriber {
         })
     }
     /// Sends a responder's `reply` to the reply `address` a request carried. Default:
-    /// a publish to the reply topic `address` ([`rpc::pubsub`](crate::rpc::pubsub)), which
+    /// a publish to the reply topic `address` ([`backend::rpc::pubsub`](crate::backend::rpc::pubsub)), which
     /// refuses addresses that are not reply topics; backends with their own reply
     /// channel override it.
     async fn send_reply(&self, address: &str, reply: Message) -> Result<()> {
-        crate::rpc::pubsub::send_reply(self, address, reply).await
+        crate::backend::rpc::pubsub::send_reply(self, address, reply).await
     }
     /// Publishes `message` to `topic` for every group of the topic, no sooner than
     /// `when` (a time already past publishes at once). Resolves once the backend holds

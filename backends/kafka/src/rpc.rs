@@ -32,9 +32,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
+use switchyard_core::backend::rpc::pubsub::REPLY_TOPIC_PREFIX;
+use switchyard_core::backend::rpc::{Inbox, Requester};
 use switchyard_core::backend::{check_headers, validate_name};
-use switchyard_core::rpc::pubsub::REPLY_TOPIC_PREFIX;
-use switchyard_core::rpc::{Inbox, Requester};
 use switchyard_core::{new_id, Error, Message, Result};
 use tokio::sync::mpsc;
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
+use switchyard_core::backend::rpc::Requester;
 use switchyard_core::backend::{validate_name, BrokerUrl};
-use switchyard_core::rpc::Requester;
 use switchyard_core::{Broker, Capabilities, Error, GroupInfo, Message, Result, TopicInfo};
 
 use crate::config::MemoryConfig;

@@ -3,7 +3,7 @@
 
 use futures::StreamExt;
 use parking_lot::Mutex;
-use switchyard_core::rpc::Inbox;
+use switchyard_core::backend::rpc::Inbox;
 use switchyard_core::{new_id, Error, Message, Result};
 
 use crate::broker::BACKEND;

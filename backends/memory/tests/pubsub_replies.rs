@@ -1,4 +1,4 @@
-//! The generic request/reply transport (`switchyard_core::rpc::pubsub`: a reply topic per
+//! The generic request/reply transport (`switchyard_core::backend::rpc::pubsub`: a reply topic per
 //! client read by an ephemeral group) works end to end over a broker's plain
 //! publish/subscribe. A backend without a channel of its own uses it as it is; here it
 //! runs over the memory broker's topics, bypassing memory's in-process inbox.
@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use switchyard_core::rpc::{pubsub, Requester};
+use switchyard_core::backend::rpc::{pubsub, Requester};
 use switchyard_core::{
     reply_fn, Broker, CancellationToken, Capabilities, Consumer, Delivery, HandlerError, Message,
     Publisher, Receipt, Result, SubscribeOptions, Subscriber, Subscription,

@@ -32,8 +32,8 @@ use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use switchyard_core::backend::rpc::{Inbox, Requester};
 use switchyard_core::backend::validate_name;
-use switchyard_core::rpc::{Inbox, Requester};
 use switchyard_core::{Error, Message, Publisher, Receipt, Result};
 use tokio::sync::Mutex;
 

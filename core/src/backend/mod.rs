@@ -1,6 +1,7 @@
 //! What backend authors need and applications do not: the ack handle a backend
 //! implements, broker URL parsing and redaction, the name and header rules every
-//! backend enforces, trace-context stamping, the per-key gate and the retry pause.
+//! backend enforces, trace-context stamping, the per-key gate, the retry pause, and the
+//! requester's machinery for request/reply ([`rpc`]).
 //!
 //! Applications use the crate root (and the `switchyard` facade); a crate that adds a
 //! broker to switchyard uses this module as well.
@@ -29,6 +30,7 @@
 
 mod backoff;
 mod key_gate;
+pub mod rpc;
 mod settled;
 
 pub use crate::delivery::Acker;

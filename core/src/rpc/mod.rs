@@ -16,29 +16,13 @@
 //!
 //! # For backend authors
 //!
-//! The machinery lives here, so a backend supplies only its transport:
-//!
-//! 1. an **inbox**: an address string and a stream of the reply messages sent to it
-//!    ([`Inbox`]), opened once per broker client, lazily, on its first request;
-//! 2. **sending a reply to an address** (override
-//!    [`Broker::send_reply`](crate::Broker::send_reply)).
-//!
-//! The backend keeps a [`Requester`] field and implements
-//! [`Broker::request`](crate::Broker::request) as
-//! `self.requester.request(self, || open_inbox(..), topic, message, timeout)`, and
-//! [`Broker::close`](crate::Broker::close) calls [`Requester::close`]. The requester keeps
-//! the pending requests by correlation id, enforces the timeout, drops late replies (with a
-//! `tracing` debug line), and ends pending requests with a typed error on close.
-//! [`pubsub`] is a transport over plain publish/subscribe (a reply topic per process,
-//! read by an ephemeral group) that any backend can use as it is.
+//! The requester's machinery and a generic reply transport are in
+//! [`backend::rpc`](crate::backend::rpc); a backend supplies only its transport.
 
 mod ext;
-pub mod pubsub;
-mod requester;
 mod responder;
 
 pub use ext::RequestExt;
-pub use requester::{Inbox, Requester};
 pub use responder::{reply_fn, IntoReply, ReplyHandler, ReplyService};
 
 /// Header names request/reply writes. They follow the `x-<feature>-<field>` scheme of the

@@ -11,10 +11,10 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::headers;
 use crate::broker::Publisher;
 use crate::error::{Error, FailureKind, Result};
 use crate::message::{new_id, Message};
+use crate::rpc::headers;
 
 /// Where a broker client's replies arrive: the address requests name in their
 /// [`headers::REPLY_TO`] header, and the stream of messages sent to it.
