@@ -12,3 +12,9 @@ pub const CONTENT_TYPE: &str = "content-type";
 /// The W3C trace context (`traceparent`), stamped on each published message and read
 /// by the runtime to continue the trace.
 pub const TRACEPARENT: &str = "traceparent";
+
+/// What every header of the middleware's retry tiers starts with (`x-retry-tier`,
+/// `x-retry-due-ms`, …). The middleware writes them; a backend that keeps them only on
+/// the messages it routed through a retry tier itself (RabbitMQ's hold queues) drops
+/// the rest by this prefix, so the name lives here, below both.
+pub const RETRY_TIER_PREFIX: &str = "x-retry-";

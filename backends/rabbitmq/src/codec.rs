@@ -38,7 +38,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 use switchyard_core::backend::{check_headers, is_reserved_header};
-use switchyard_core::headers::CONTENT_TYPE;
+use switchyard_core::headers::{CONTENT_TYPE, RETRY_TIER_PREFIX};
 use switchyard_core::{Bytes, Error, Headers, Message, Result};
 
 use crate::topology::is_hold_queue;
@@ -163,12 +163,6 @@ fn as_text(v: &AMQPValue) -> Option<String> {
     })
 }
 
-/// The prefix of the retry-tier headers (`x-retry-tier`, `x-retry-due-ms`, …). They
-/// steer a redelivery, so they are kept only on a message that came back through one of
-/// the group's hold queues, which switchyard itself writes; on anything else they are
-/// dropped, so no other client can park a handler or re-route a retry.
-pub(crate) const RETRY_HEADER_PREFIX: &str = "x-retry-";
-
 /// A received message. Total: whatever another client wrote, the answer is a message.
 /// A missing or empty `message_id` gets an id derived from the message (see
 /// [`derived_id`]), the same on every delivery, so a requeued message is recognised when
@@ -191,8 +185,11 @@ pub(crate) fn decode(props: &BasicProperties, data: Vec<u8>) -> Arc<Message> {
             }
         }
     }
+    // Retry-tier headers steer a redelivery, so they are kept only on a message that came
+    // back through one of the group's hold queues, which switchyard itself writes;
+    // dropped on anything else, so no other client can park a handler or re-route a retry.
     if !strip_hold_deaths(&mut headers) {
-        headers.retain(|name, _| !name.starts_with(RETRY_HEADER_PREFIX));
+        headers.retain(|name, _| !name.starts_with(RETRY_TIER_PREFIX));
     }
     reply::to_headers(props, &mut headers);
     if !headers.contains_key(CONTENT_TYPE) {

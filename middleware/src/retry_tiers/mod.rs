@@ -54,7 +54,7 @@ use tower::Service;
 /// [`RetryTiersInbound`]).
 pub mod headers {
     /// What every retry tier header starts with.
-    pub const PREFIX: &str = "x-retry-";
+    pub const PREFIX: &str = switchyard_core::headers::RETRY_TIER_PREFIX;
     /// How many tiers the message has been through.
     pub const TIER: &str = "x-retry-tier";
     /// When it is due back (milliseconds since the Unix epoch).

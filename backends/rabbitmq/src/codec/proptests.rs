@@ -157,7 +157,7 @@ proptest! {
         });
         if !hold_death {
             prop_assert!(
-                m.headers.keys().all(|k| !k.starts_with(RETRY_HEADER_PREFIX)),
+                m.headers.keys().all(|k| !k.starts_with(RETRY_TIER_PREFIX)),
                 "{:?}", m.headers
             );
         }
@@ -180,7 +180,7 @@ proptest! {
         sent in proptest::collection::btree_map(
             prop_oneof![8 => "\\PC{0,12}", 1 => "[a-z]{250,260}", 1 => Just(headers::KEY.to_string())]
                 .prop_filter("steered by where it came from", |k| {
-                    !k.starts_with(RETRY_HEADER_PREFIX)
+                    !k.starts_with(RETRY_TIER_PREFIX)
                         && !k.starts_with("x-first-death-")
                         && !k.starts_with("x-last-death-")
                 }),

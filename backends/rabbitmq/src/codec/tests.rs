@@ -186,9 +186,7 @@ fn forged_delivery_counts_and_retry_headers_are_not_trusted() {
         Some("99")
     );
     assert!(
-        m.headers
-            .keys()
-            .all(|k| !k.starts_with(RETRY_HEADER_PREFIX)),
+        m.headers.keys().all(|k| !k.starts_with(RETRY_TIER_PREFIX)),
         "{:?}",
         m.headers
     );
