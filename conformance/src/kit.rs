@@ -79,6 +79,32 @@ impl Ctx {
         Ok(())
     }
 
+    /// Waits until `count()` reaches `target`, polling; fails when the count has not grown
+    /// for `stall`. A slow machine only makes it take longer, while a stalled consumer
+    /// fails with how far it got.
+    pub(crate) async fn wait_for_count(
+        &self,
+        stall: Duration,
+        what: &str,
+        target: usize,
+        mut count: impl FnMut() -> usize,
+    ) -> Check {
+        // Tokio's clock, so a test can run the wait on paused time.
+        let (mut seen, mut grew) = (count(), tokio::time::Instant::now());
+        while seen < target {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let now = count();
+            if now > seen {
+                (seen, grew) = (now, tokio::time::Instant::now());
+            } else if grew.elapsed() > stall {
+                return Err(Outcome::Failed(format!(
+                    "no progress for {stall:?} at {seen} of {target} {what}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the capability holds for a part of a scenario; where it does not, says in
     /// the output that the part is not checked, so it does not pass silently.
     pub(crate) fn part_needs(&self, has: bool, what: &str) -> bool {
@@ -184,8 +210,11 @@ impl Report {
     }
 }
 
-/// How long one scenario may take before it counts as failed.
-const SCENARIO_LIMIT: Duration = Duration::from_secs(180);
+/// How long one scenario may take before it counts as failed. The load scenarios'
+/// waits fail sooner when progress stops (see [`Ctx::wait_for_count`]); this limit
+/// catches a hang anywhere else, and leaves room for a slow, busy machine, where the
+/// 100,000-message scenario on RabbitMQ can take over three minutes.
+const SCENARIO_LIMIT: Duration = Duration::from_secs(480);
 
 /// Runs every scenario against brokers from `connect` (called once per scenario) and
 /// prints a line per scenario plus the summary line to stdout (past the test harness's
@@ -264,5 +293,55 @@ pub(crate) async fn run_one(
         name,
         outcome,
         elapsed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use switchyard_memory::MemoryBroker;
+
+    use super::*;
+
+    fn ctx() -> Ctx {
+        let broker: AnyBroker = Arc::new(MemoryBroker::new());
+        Ctx {
+            caps: broker.capabilities(),
+            broker,
+            run_id: "test".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_count_that_stops_growing_fails_naming_how_far_it_got() {
+        let count = AtomicUsize::new(0);
+        let outcome = ctx()
+            .wait_for_count(Duration::from_secs(30), "handled", 10, || {
+                // Grows to 4, then stalls.
+                let n = count.load(Ordering::Relaxed);
+                if n < 4 {
+                    count.store(n + 1, Ordering::Relaxed);
+                }
+                n
+            })
+            .await;
+        let Err(Outcome::Failed(why)) = outcome else {
+            panic!("a stalled count fails, got {outcome:?}");
+        };
+        assert_eq!(why, "no progress for 30s at 4 of 10 handled");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_count_that_keeps_growing_passes_whatever_it_takes() {
+        // One more every 20 s: 200 s in all, each step within the 30 s allowed.
+        let start = tokio::time::Instant::now();
+        let outcome = ctx()
+            .wait_for_count(Duration::from_secs(30), "handled", 10, || {
+                (start.elapsed().as_secs() / 20) as usize
+            })
+            .await;
+        assert!(outcome.is_ok(), "{outcome:?}");
+        assert!(start.elapsed() >= Duration::from_secs(200));
     }
 }

@@ -11,8 +11,12 @@ use switchyard_middleware::{
 };
 use tower::ServiceBuilder;
 
-use super::{dead_letters, ids, publish_all, quick_retry, spawn, stop, Tally, LONG};
+use super::{dead_letters, ids, publish_all, quick_retry, spawn, stop, Tally};
 use crate::kit::{ensure, Check, Ctx, OrFail, Outcome};
+
+/// How long a load scenario waits without a single message handled before it fails:
+/// longer than any redelivery pause or member hand-over, far shorter than a stall.
+const STALL: Duration = Duration::from_secs(30);
 
 /// A stable pseudo-random draw in [0, 1) for (message, run), so runs are reproducible.
 fn draw(id: &str, run: usize) -> f64 {
@@ -98,8 +102,8 @@ async fn failure_mix(
         .collect();
     publish_all(ctx, &topic, msgs).await?;
     let expect = n - permanent.len();
-    ctx.wait_for(LONG, "every handleable message handled", || {
-        successes.distinct() >= expect
+    ctx.wait_for_count(STALL, "handleable messages handled", expect, || {
+        successes.distinct()
     })
     .await?;
     let mut records = Vec::new();
@@ -179,10 +183,8 @@ pub(super) async fn load_100k(ctx: Arc<Ctx>) -> Check {
         .collect();
     let want = ids(&sent);
     publish_all(&ctx, &topic, sent).await?;
-    ctx.wait_for(Duration::from_secs(150), "100,000 messages handled", || {
-        successes.distinct() >= n
-    })
-    .await?;
+    ctx.wait_for_count(STALL, "messages handled", n, || successes.distinct())
+        .await?;
     let report = stop(running).await?;
     successes.check_exactly_once(&want, "100k with 20% failures")?;
     let failed = failures.load(Ordering::Relaxed) as f64
