@@ -216,6 +216,20 @@ impl FailureKind {
         }
     }
 
+    /// The kind whose [`as_str`](Self::as_str) name is `name`; `None` for any other
+    /// text, such as a kind a newer version wrote into a header.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            FailureKind::Transient,
+            FailureKind::Permanent,
+            FailureKind::Decode,
+            FailureKind::Panic,
+            FailureKind::Unavailable,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == name)
+    }
+
     /// Whether a retry may help.
     pub fn is_retryable(self) -> bool {
         matches!(
@@ -375,6 +389,22 @@ impl fmt::Display for HandlerError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failure_kinds_read_back_from_their_names_and_nothing_else() {
+        for kind in [
+            FailureKind::Transient,
+            FailureKind::Permanent,
+            FailureKind::Decode,
+            FailureKind::Panic,
+            FailureKind::Unavailable,
+        ] {
+            assert_eq!(FailureKind::from_name(kind.as_str()), Some(kind));
+        }
+        for other in ["", "Transient", "transient ", "fatal"] {
+            assert_eq!(FailureKind::from_name(other), None, "{other:?}");
+        }
+    }
 
     #[test]
     fn io_errors_convert_as_transient() {

@@ -60,7 +60,7 @@ impl DeadLetterRecord {
             partition: None,
             offset: None,
             error: get(headers::ERROR).unwrap_or_default(),
-            kind: get(headers::ERROR_KIND).and_then(|k| failure_kind(&k)),
+            kind: get(headers::ERROR_KIND).and_then(|k| FailureKind::from_name(&k)),
             deliveries: get(headers::DELIVERIES)
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
@@ -94,19 +94,6 @@ impl DeadLetterRecord {
             .retain(|k, _| !k.starts_with(retry_tiers::headers::PREFIX));
         m
     }
-}
-
-/// The kind a dead letter's header names: the names [`FailureKind::as_str`] writes.
-fn failure_kind(name: &str) -> Option<FailureKind> {
-    [
-        FailureKind::Transient,
-        FailureKind::Permanent,
-        FailureKind::Decode,
-        FailureKind::Panic,
-        FailureKind::Unavailable,
-    ]
-    .into_iter()
-    .find(|k| k.as_str() == name)
 }
 
 #[cfg(test)]
@@ -150,7 +137,7 @@ mod proptests {
             prop_assert_eq!(&r.error, &get(headers::ERROR).unwrap_or_default());
             prop_assert_eq!(
                 r.kind.map(FailureKind::as_str),
-                get(headers::ERROR_KIND).as_deref().and_then(|k| failure_kind(k).map(FailureKind::as_str))
+                get(headers::ERROR_KIND).as_deref().and_then(|k| FailureKind::from_name(k).map(FailureKind::as_str))
             );
             prop_assert_eq!(
                 r.deliveries,

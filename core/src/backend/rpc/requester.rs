@@ -198,7 +198,8 @@ impl Requester {
                 kind: reply
                     .headers
                     .get(headers::ERROR_KIND)
-                    .and_then(|k| parse_kind(k))
+                    .map(String::as_str)
+                    .and_then(FailureKind::from_name)
                     .unwrap_or(FailureKind::Permanent),
                 message: text.clone(),
             }),
@@ -285,19 +286,6 @@ async fn read_inbox(
             });
         }
     }
-}
-
-/// The failure kind an error reply names; `None` for a name this version does not know.
-pub(super) fn parse_kind(name: &str) -> Option<FailureKind> {
-    [
-        FailureKind::Transient,
-        FailureKind::Permanent,
-        FailureKind::Decode,
-        FailureKind::Panic,
-        FailureKind::Unavailable,
-    ]
-    .into_iter()
-    .find(|k| k.as_str() == name)
 }
 
 #[cfg(test)]
