@@ -404,10 +404,10 @@ pub trait Broker: Publisher + Subscriber {
             what: "request/reply".into(),
         })
     }
-    /// Sends a responder's `reply` to the reply `address` a request carried. Default:
-    /// a publish to the reply topic `address` ([`backend::rpc::pubsub`](crate::backend::rpc::pubsub)), which
-    /// refuses addresses that are not reply topics; backends with their own reply
-    /// channel override it.
+    /// Sends a responder's `reply` to the reply `address` a request carried. Default: a
+    /// publish to the reply topic `address`
+    /// ([`backend::rpc::pubsub`](crate::backend::rpc::pubsub)), which refuses addresses
+    /// that are not reply topics; backends with their own reply channel override it.
     async fn send_reply(&self, address: &str, reply: Message) -> Result<()> {
         crate::backend::rpc::pubsub::send_reply(self, address, reply).await
     }

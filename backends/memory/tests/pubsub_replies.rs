@@ -1,5 +1,5 @@
-//! The generic request/reply transport (`switchyard_core::backend::rpc::pubsub`: a reply topic per
-//! client read by an ephemeral group) works end to end over a broker's plain
+//! The generic request/reply transport (`switchyard_core::backend::rpc::pubsub`: a reply
+//! topic per client read by an ephemeral group) works end to end over a broker's plain
 //! publish/subscribe. A backend without a channel of its own uses it as it is; here it
 //! runs over the memory broker's topics, bypassing memory's in-process inbox.
 
