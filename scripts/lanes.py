@@ -64,16 +64,31 @@ def package_name(package_id):
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def test_binaries(artifacts):
-    """(package, target name, kind, executable, package dir) of each built test."""
-    found = []
+def executables(artifacts):
+    """The artifact messages of the built executables (tests and examples)."""
     for line in Path(artifacts).read_text().splitlines():
         try:
             msg = json.loads(line)
         except ValueError:
             continue
-        if msg.get("reason") != "compiler-artifact" or not msg.get("executable"):
-            continue
+        if msg.get("reason") == "compiler-artifact" and msg.get("executable"):
+            yield msg
+
+
+def example_binary(artifacts, name):
+    """The executable of the facade's example `name`, as the build made it: running it
+    through `cargo run` would resolve features for the facade alone and rebuild tokio and
+    the crates above it."""
+    for msg in executables(artifacts):
+        if msg["target"]["kind"][0] == "example" and msg["target"]["name"] == name:
+            return msg["executable"]
+    sys.exit(f"lanes.py: the build made no example '{name}'")
+
+
+def test_binaries(artifacts):
+    """(package, target name, kind, executable, package dir) of each built test."""
+    found = []
+    for msg in executables(artifacts):
         if not msg["profile"]["test"]:
             continue
         package = package_name(msg["package_id"])
@@ -97,6 +112,9 @@ class Step:
         self.log = STEPS / (name.replace("/", "-").replace(" ", "-") + ".log")
         self.ok = None
         self.seconds = 0
+        # CPU time (user + system) of the step and the processes it waited for: the
+        # suite is bound by CPU on two cores, so this says which steps cost the most.
+        self.cpu = 0
 
 
 def failure_excerpt(lines, tail=40, panics=5):
@@ -115,6 +133,22 @@ def failure_excerpt(lines, tail=40, panics=5):
     return excerpt + lines[-tail:]
 
 
+def wait_with_usage(proc, deadline):
+    """Waits for `proc` until `deadline` (then kills its group): its exit code (or
+    why it was killed) and the CPU seconds it and its reaped children used."""
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, round(usage.ru_utime + usage.ru_stime)
+        if time.monotonic() >= deadline:
+            os.killpg(proc.pid, 9)
+            _, _, usage = os.wait4(proc.pid, 0)
+            proc.returncode = -9
+            return f"killed after {STEP_LIMIT} s", round(usage.ru_utime + usage.ru_stime)
+        time.sleep(0.2)
+
+
 def run_step(lane, step, print_lock):
     env = dict(os.environ, **step.env)
     started = time.monotonic()
@@ -123,17 +157,13 @@ def run_step(lane, step, print_lock):
             step.argv, cwd=step.cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
             process_group=0,  # its own group, so a timeout kills its children too
         )
-        try:
-            code = proc.wait(timeout=STEP_LIMIT)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            code = f"killed after {STEP_LIMIT} s"
+        code, step.cpu = wait_with_usage(proc, started + STEP_LIMIT)
     step.seconds = round(time.monotonic() - started)
     step.ok = code == 0
     verdict = "ok" if step.ok else f"FAILED ({code})"
     with print_lock:
-        print(f"== {lane}: {step.name} {verdict}, {step.seconds} s ==", flush=True)
+        print(f"== {lane}: {step.name} {verdict}, {step.seconds} s (CPU {step.cpu} s) ==",
+              flush=True)
         if not step.ok:
             lines = step.log.read_text(errors="replace").splitlines()
             print("\n".join("    " + line for line in failure_excerpt(lines)), flush=True)
@@ -159,9 +189,8 @@ def main():
 
     def orders(url, n):
         topic = f"sy-orders-{os.getpid()}-{url.split(':')[0]}"
-        argv = [cargo, "run", "-q", "--features", features, "--example", "orders", "--",
-                "--orders", str(n), "--fail-rate", "0.2", "--poison", "3",
-                "--duplicates", "20", "--url", url, "--topic", topic]
+        argv = [example_binary(artifacts, "orders"), "--orders", str(n), "--fail-rate",
+                "0.2", "--poison", "3", "--duplicates", "20", "--url", url, "--topic", topic]
         return Step(f"orders {url.split(':')[0]}", argv, summary=1)
 
     if not test_args:
@@ -217,7 +246,10 @@ def main():
                     summary += [f"{step.name}: {line}" for line in lines[-step.summary:]]
     (STEPS / "summary.txt").write_text("".join(line + "\n" for line in summary))
     for lane, steps in lanes.items():
-        print(f"lane {lane}: {len(steps)} steps, {sum(s.seconds for s in steps)} s")
+        print(f"lane {lane}: {len(steps)} steps, {sum(s.seconds for s in steps)} s, "
+              f"CPU {sum(s.cpu for s in steps)} s")
+    costliest = sorted((s for steps in lanes.values() for s in steps), key=lambda s: -s.cpu)
+    print("most CPU: " + ", ".join(f"{s.name} {s.cpu} s" for s in costliest[:8]))
     print(f"lanes: {failed} failed, in {round(time.monotonic() - started)} s")
     sys.exit(1 if failed else 0)
 

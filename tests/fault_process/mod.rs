@@ -17,6 +17,8 @@ pub(crate) fn consumer_binary() -> &'static Path {
     BIN.get_or_init(|| {
         let mut features = Vec::new();
         for (on, name) in [
+            (cfg!(feature = "default"), "default"),
+            (cfg!(feature = "all-backends"), "all-backends"),
             (cfg!(feature = "memory"), "memory"),
             (cfg!(feature = "kafka"), "kafka"),
             (cfg!(feature = "rabbitmq"), "rabbitmq"),
@@ -41,13 +43,15 @@ pub(crate) fn consumer_binary() -> &'static Path {
         };
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
         let started = Instant::now();
+        // `--workspace`: features resolved as `cargo test --workspace` resolved them for
+        // this test, so after `scripts/test`'s build this is a no-op; with `-p` cargo
+        // would resolve them for the facade alone and rebuild tokio and the crates above.
         let status = Command::new(cargo)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .args([
                 "build",
                 "--quiet",
-                "-p",
-                "switchyard",
+                "--workspace",
                 "--example",
                 "fault_consumer",
             ])
