@@ -1,6 +1,6 @@
 //! Run: `cargo run --release --example orders [-- --orders 10000 --url memory:// --topic orders]`
 //!
-//! The seed's order pipeline. An order service publishes `OrderCreated` events (JSON,
+//! The classic order pipeline. An order service publishes `OrderCreated` events (JSON,
 //! key = customer id, a per-customer sequence number in the payload) to one topic;
 //! payment, email and inventory consume it as three groups (publish-subscribe), and
 //! inventory runs three competing members. Every group runs behind the middleware stack

@@ -4,7 +4,7 @@
 //! feature and a URL: in-memory (`memory`, default), Apache Kafka (`kafka`) or RabbitMQ
 //! (`rabbitmq`).
 //!
-//! | seed pattern | switchyard |
+//! | pattern | switchyard |
 //! |---|---|
 //! | publish-subscribe | one [`SubscribeOptions::new`]`(topic, group)` per service |
 //! | competing consumers | the same group subscribed several times ([`Consumer::members`]) |

@@ -8,7 +8,7 @@
 //!   `span_id` and `parent_span_id` let any `tracing` subscriber (or an OpenTelemetry
 //!   bridge) stitch producer and consumer together across every backend.
 //! - **Spans.** `publish` (topic, key, id, trace_id, span_id, outcome) and `handle`
-//!   (topic, group, key, id, attempt, trace_id, span_id, parent_span_id, outcome,
+//!   (topic, group, key, id, delivery_count, trace_id, span_id, parent_span_id, outcome,
 //!   duration_us) at `INFO`; a disabled subscriber costs next to nothing.
 //! - **Counters** through the [`metrics`](https://docs.rs/metrics) facade, so any
 //!   recorder (Prometheus, StatsD, …) can be installed by the application:

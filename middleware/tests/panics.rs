@@ -17,7 +17,8 @@ use switchyard_middleware::{
 use tower::ServiceBuilder;
 
 async fn wait_for(what: &str, cond: impl Fn() -> bool) {
-    // Far below the 300 s idempotency lease the bug would wait out.
+    // Far below the 300 s idempotency lease: a mark left in flight would hold the
+    // redelivery that long.
     for _ in 0..1000 {
         if cond() {
             return;

@@ -83,9 +83,10 @@ impl<S> Consumer<S> {
         self
     }
 
-    /// Delay before a failed delivery is nacked for redelivery: `base × 2^(attempt−1)`,
-    /// capped at `max` and jittered into its upper half (default 5 ms, 1 s), so a failing
-    /// message does not spin and members do not retry in lockstep.
+    /// Delay before a failed delivery is nacked for redelivery:
+    /// `base × 2^(delivery_count−1)`, capped at `max` and jittered into its upper half
+    /// (default 5 ms, 1 s), so a failing message does not spin and members do not retry
+    /// in lockstep.
     /// Real retry policy belongs in the retry middleware; this only paces redelivery.
     pub fn redelivery_backoff(mut self, base: Duration, max: Duration) -> Self {
         self.redelivery_backoff = Backoff::new(base, max);
