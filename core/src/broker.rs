@@ -82,6 +82,7 @@ pub enum StartFrom {
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use = "settings take effect only when passed on"]
 pub struct SubscribeOptions {
     /// The topic.
     pub topic: String,
@@ -153,14 +154,12 @@ impl SubscribeOptions {
     }
 
     /// Where a new group starts.
-    #[must_use]
     pub fn start(mut self, start: StartFrom) -> Self {
         self.start = start;
         self
     }
 
     /// The in-flight window.
-    #[must_use]
     pub fn prefetch(mut self, prefetch: usize) -> Self {
         self.prefetch = prefetch;
         self
@@ -168,7 +167,6 @@ impl SubscribeOptions {
 
     /// Whether the group's broker state goes away after its last member leaves; the
     /// `ephemeral` field says what that means on each backend.
-    #[must_use]
     pub fn ephemeral(mut self, ephemeral: bool) -> Self {
         self.ephemeral = ephemeral;
         self
@@ -176,14 +174,12 @@ impl SubscribeOptions {
 
     /// How long an ephemeral group outlives its last member where the broker expires it
     /// on a timer (RabbitMQ's `x-expires`; the `ephemeral_expiry` field).
-    #[must_use]
     pub fn ephemeral_expiry(mut self, expiry: Duration) -> Self {
         self.ephemeral_expiry = expiry;
         self
     }
 
     /// Whether the consumer acks before or after its handler runs (the `guarantee` field).
-    #[must_use]
     pub fn guarantee(mut self, guarantee: Guarantee) -> Self {
         self.guarantee = guarantee;
         self

@@ -12,6 +12,7 @@ type Observer = dyn Fn(&Delivery, &Result<(), HandlerError>) + Send + Sync;
 
 /// Calls a function with each delivery and its handler's outcome.
 #[derive(Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct InspectLayer {
     observer: Arc<Observer>,
 }

@@ -86,6 +86,7 @@ pub enum DeliveryGuarantee {
 /// [`BrokerUrl::is_secret_setting`]).
 #[derive(Clone)]
 #[non_exhaustive]
+#[must_use = "settings take effect only when passed on"]
 pub struct KafkaConfig {
     /// `host:port` list, comma separated (librdkafka `bootstrap.servers`).
     pub bootstrap_servers: String,

@@ -9,6 +9,7 @@ use switchyard_core::{Error, Result};
 /// (`memory://name?capacity=1000000&publish_timeout_ms=30000&max_message_size=1048576`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use = "settings take effect only when passed on"]
 pub struct MemoryConfig {
     /// Most messages one topic holds (default 1,048,576).
     pub capacity: usize,
@@ -30,21 +31,18 @@ impl Default for MemoryConfig {
 
 impl MemoryConfig {
     /// Sets the per-topic capacity.
-    #[must_use]
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
         self
     }
 
     /// Sets how long a publish waits for room.
-    #[must_use]
     pub fn publish_timeout(mut self, timeout: Duration) -> Self {
         self.publish_timeout = timeout;
         self
     }
 
     /// Sets the largest accepted payload.
-    #[must_use]
     pub fn max_message_size(mut self, limit: Option<usize>) -> Self {
         self.max_message_size = limit;
         self

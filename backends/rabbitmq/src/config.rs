@@ -24,6 +24,7 @@ use crate::tls::{self, TlsSettings};
 /// (rotated certificates apply at the next reconnect).
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use = "settings take effect only when passed on"]
 pub struct RabbitConfig {
     /// The URL lapin connects to (without switchyard's parameters).
     pub(crate) amqp_url: String,

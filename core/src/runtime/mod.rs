@@ -81,6 +81,7 @@ impl Stats {
 }
 
 /// A token cancelled on Ctrl-C or SIGTERM: pass it to [`App::run`] or [`Consumer::run`].
+#[must_use = "the token is what a signal cancels; pass it to `run`"]
 pub fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();

@@ -22,6 +22,7 @@ type TopicFn = dyn Fn(&str) -> String + Send + Sync;
 /// A [`FailureKind::Unavailable`](switchyard_core::FailureKind::Unavailable) failure (a store the handling depends on was down) is
 /// never dead-lettered, and the deliveries it cost do not count toward `max_deliveries`.
 #[derive(Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct DeadLetterLayer {
     pub(super) publisher: Arc<dyn Publisher>,
     pub(super) topic_for: Arc<TopicFn>,
@@ -81,14 +82,12 @@ impl DeadLetterLayer {
     }
 
     /// Names the dead-letter topic of each topic (default `<topic>.dlq`).
-    #[must_use]
     pub fn topic(mut self, topic_for: impl Fn(&str) -> String + Send + Sync + 'static) -> Self {
         self.topic_for = Arc::new(topic_for);
         self
     }
 
     /// How many broker deliveries a retryable failure gets before it is dead-lettered.
-    #[must_use]
     pub fn max_deliveries(mut self, n: u32) -> Self {
         self.max_deliveries = n.max(1);
         self

@@ -11,6 +11,7 @@ use super::{Idempotency, IdempotencyStore};
 
 /// Runs each message id at most once per group (see the [module docs](super)).
 #[derive(Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct IdempotencyLayer {
     pub(super) store: Arc<dyn IdempotencyStore>,
     pub(super) lease: Duration,
@@ -45,14 +46,12 @@ impl IdempotencyLayer {
 
     /// How long an in-flight mark holds if its consumer never finishes (crash). Longer
     /// than your slowest handler.
-    #[must_use]
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
         self
     }
 
     /// How long a completed id is remembered.
-    #[must_use]
     pub fn retention(mut self, retention: Duration) -> Self {
         self.retention = retention;
         self
@@ -60,7 +59,6 @@ impl IdempotencyLayer {
 
     /// The most one store call may take; past it the call counts as an outage and is
     /// tried again (default 5 s).
-    #[must_use]
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
         self.try_timeout = timeout.max(Duration::from_millis(1));
         self
@@ -68,7 +66,6 @@ impl IdempotencyLayer {
 
     /// The pauses between store calls during an outage: doubling from `min` up to
     /// `max`, each drawn from the upper half of its step (default 50 ms to 2 s).
-    #[must_use]
     pub fn outage_backoff(mut self, min: Duration, max: Duration) -> Self {
         let min = min.max(Duration::from_millis(1));
         self.backoff = Backoff::new(min, max.max(min));
@@ -80,7 +77,6 @@ impl IdempotencyLayer {
     /// the delivery fails as [`FailureKind::Unavailable`](switchyard_core::FailureKind),
     /// which the dead-letter layer never dead-letters. Recording a completed mark is
     /// never given up, whatever this says: the handler has run.
-    #[must_use]
     pub fn outage_limit(mut self, limit: Option<Duration>) -> Self {
         self.outage_limit = limit;
         self

@@ -8,6 +8,7 @@ use super::{Retry, RetryPolicy};
 
 /// The in-process retry layer: wraps a handler in [`Retry`] with a [`RetryPolicy`].
 #[derive(Clone, Debug)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct RetryLayer {
     policy: Arc<RetryPolicy>,
 }

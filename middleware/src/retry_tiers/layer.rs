@@ -8,6 +8,7 @@ use super::{RetryTiers, RetryTiersService};
 
 /// Sends a failed delivery to its next retry tier (see [`RetryTiers`]).
 #[derive(Clone)]
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct RetryTiersLayer {
     tiers: Arc<RetryTiers>,
 }

@@ -138,6 +138,7 @@ impl RetryTiers {
     /// the topic's own first, then — where the broker cannot delay messages itself — one
     /// per tier topic, same group. Configure them (`concurrency`, `members`) before
     /// adding them to an [`App`].
+    #[must_use = "the tiers are handled only by consumers that run"]
     pub fn consumers<S>(
         &self,
         options: SubscribeOptions,
