@@ -23,6 +23,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
 use rdkafka::message::{Header, Headers as _, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use switchyard_core::rpc::headers::{CORRELATION_ID, REPLY_TO};
 use switchyard_core::{
     reply_fn, Broker, Bytes, CancellationToken, Consumer, Delivery, HandlerError, Message,
     RunningConsumer, SubscribeOptions,
@@ -33,8 +34,6 @@ use tokio::sync::oneshot;
 
 const PAYLOAD: usize = 256;
 const TIMEOUT: Duration = Duration::from_secs(30);
-const REPLY_TO: &str = "x-reply-to";
-const CORRELATION: &str = "x-reply-correlation-id";
 
 async fn echo(d: Delivery) -> Result<Bytes, HandlerError> {
     Ok(d.message().payload.clone())
@@ -162,7 +161,8 @@ async fn raw_responder(base: ClientConfig, topic: String, stop: Arc<AtomicBool>)
         else {
             continue;
         };
-        let (Some(to), Some(correlation)) = (header(&m, REPLY_TO), header(&m, CORRELATION)) else {
+        let (Some(to), Some(correlation)) = (header(&m, REPLY_TO), header(&m, CORRELATION_ID))
+        else {
             continue;
         };
         let to = String::from_utf8_lossy(to).into_owned();
@@ -172,7 +172,7 @@ async fn raw_responder(base: ClientConfig, topic: String, stop: Arc<AtomicBool>)
                 value: Some(uuid::Uuid::now_v7().to_string().as_bytes()),
             })
             .insert(Header {
-                key: CORRELATION,
+                key: CORRELATION_ID,
                 value: Some(correlation),
             });
         let record = FutureRecord::<str, [u8]>::to(&to)
@@ -222,7 +222,7 @@ impl Raw {
                     let Some(Ok(m)) = reader.poll(Duration::from_millis(100)) else {
                         continue;
                     };
-                    let Some(correlation) = header(&m, CORRELATION) else {
+                    let Some(correlation) = header(&m, CORRELATION_ID) else {
                         continue;
                     };
                     let key = String::from_utf8_lossy(correlation);
@@ -260,7 +260,7 @@ impl Raw {
                 value: Some(self.reply_topic.as_bytes()),
             })
             .insert(Header {
-                key: CORRELATION,
+                key: CORRELATION_ID,
                 value: Some(correlation.as_bytes()),
             });
         let record = FutureRecord::<str, [u8]>::to(&self.topic)
