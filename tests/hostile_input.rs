@@ -64,10 +64,7 @@ fn script(name: &str) -> String {
 }
 
 fn name(label: &str) -> String {
-    format!(
-        "sy-hostile-{label}-{}",
-        &switchyard::new_id().replace('-', "")[20..]
-    )
+    switchyard_conformance::support::unique_name(&format!("sy-hostile-{label}"))
 }
 
 /// Runs a helper script; panics with its output unless it succeeds.

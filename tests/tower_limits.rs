@@ -22,6 +22,7 @@ use switchyard::{
     handler_fn, AnyBroker, BoxError, CancellationToken, Consumer, ConsumerReport, Delivery,
     FailureKind, HandlerError, Message, RunningConsumer, SubscribeOptions,
 };
+use switchyard_conformance::support::unique_name;
 use tokio::time::{timeout, Instant};
 use tower::{Service, ServiceBuilder};
 
@@ -105,14 +106,12 @@ struct Scene {
 
 impl Scene {
     fn new(backend: &str, layer: &str, broker: &AnyBroker) -> Self {
-        // The tail of a UUIDv7 is random.
-        let run = switchyard::new_id()[24..].to_string();
-        let label = layer.to_lowercase();
+        let topic = unique_name(&format!("sy-tower-{}", layer.to_lowercase()));
         Self {
             what: format!("{backend} {layer}"),
             broker: broker.clone(),
-            topic: format!("sy-tower-{label}-{run}"),
-            group: format!("sy-tower-{label}-g-{run}"),
+            group: format!("{topic}-g"),
+            topic,
         }
     }
 

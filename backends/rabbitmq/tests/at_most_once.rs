@@ -6,9 +6,10 @@ mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{cleanup_groups, unique, url};
+use switchyard_conformance::support::wait_until;
 use switchyard_core::{
     Broker, CancellationToken, Consumer, Delivery, Guarantee, HandlerError, Message, Publisher,
     SubscribeOptions,
@@ -19,14 +20,6 @@ use tokio::sync::Semaphore;
 const MESSAGES: usize = 100;
 const PREFETCH: usize = 16;
 const CONCURRENCY: usize = 2;
-
-async fn until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "waited {limit:?} for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_most_once_keeps_prefetch_while_handlers_are_busy() {
@@ -58,7 +51,7 @@ async fn at_most_once_keeps_prefetch_while_handlers_are_busy() {
         .map(|i| Message::new(format!("m{i}")).with_key(format!("k{i}")))
         .collect();
     broker.publish_batch(&topic, batch).await.unwrap();
-    until(Duration::from_secs(30), "the handlers to start", || {
+    wait_until("the handlers to start", Duration::from_secs(30), || {
         started.load(Ordering::SeqCst) == CONCURRENCY
     })
     .await;
@@ -83,9 +76,9 @@ async fn at_most_once_keeps_prefetch_while_handlers_are_busy() {
     );
 
     gate.add_permits(MESSAGES);
-    until(
-        Duration::from_secs(60),
+    wait_until(
         "every message to be handled",
+        Duration::from_secs(60),
         || started.load(Ordering::SeqCst) == MESSAGES,
     )
     .await;

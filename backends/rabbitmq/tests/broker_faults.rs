@@ -21,8 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use lapin::{Connection, ConnectionProperties};
 use switchyard_conformance::support::unique_name;
 use switchyard_core::{
     Broker, CancellationToken, Consumer, Delivery, HandlerError, Message, Publisher,
@@ -121,25 +119,6 @@ impl Drop for StartAppGuard {
             wait_until_up();
         }
     }
-}
-
-async fn cleanup(topic: &str, group: &str) {
-    let conn = Connection::connect(&common::url(), ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ is reachable again");
-    let mut queues: Vec<String> = (0..8).map(|p| format!("{topic}:{group}.p{p}")).collect();
-    queues.push(format!("{topic}:{group}.members"));
-    for q in queues {
-        let ch = conn.create_channel().await.unwrap();
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let ch = conn.create_channel().await.unwrap();
-    let _ = ch
-        .exchange_delete(topic.into(), ExchangeDeleteOptions::default())
-        .await;
-    let _ = conn.close(200, "cleanup".into()).await;
 }
 
 /// The tests of this binary run one at a time: each fault hits every connection.
@@ -309,7 +288,7 @@ impl Run {
             .values()
             .map(|n| n.saturating_sub(1))
             .sum();
-        cleanup(&self.topic, GROUP).await;
+        common::cleanup_if_reachable(&self.topic, GROUP).await;
         (self.failures.load(Ordering::SeqCst), duplicates)
     }
 }

@@ -10,6 +10,8 @@
 //! the local broker (`SWITCHYARD_AMQP_URL` overrides); fails, never skips, when the
 //! broker or `rabbitmqctl` is missing.
 
+mod common;
+
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -17,18 +19,11 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use lapin::{Connection, ConnectionProperties};
 use switchyard_core::{
     Broker, CancellationToken, Consumer, Delivery, HandlerError, Message, Publisher,
     SubscribeOptions,
 };
 use switchyard_rabbitmq::RabbitBroker;
-
-fn base_url() -> String {
-    std::env::var("SWITCHYARD_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string())
-}
 
 fn eval(expr: &str) -> String {
     let out = Command::new("rabbitmqctl")
@@ -112,26 +107,6 @@ impl tracing::Subscriber for Captured {
     fn exit(&self, _: &tracing::span::Id) {}
 }
 
-async fn cleanup(topic: &str, group: &str) {
-    let Ok(conn) = Connection::connect(&base_url(), ConnectionProperties::default()).await else {
-        eprintln!("cleanup: RabbitMQ did not answer; {topic} left behind");
-        return;
-    };
-    let mut queues: Vec<String> = (0..8).map(|p| format!("{topic}:{group}.p{p}")).collect();
-    queues.push(format!("{topic}:{group}.members"));
-    if let Ok(ch) = conn.create_channel().await {
-        for q in queues {
-            let _ = ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        let _ = ch
-            .exchange_delete(topic.into(), ExchangeDeleteOptions::default())
-            .await;
-    }
-    let _ = conn.close(200, "cleanup".into()).await;
-}
-
 const GROUP: &str = "slow";
 /// The broker's minimum, and the shortest the test can wait for.
 const TIMEOUT_MS: u64 = 60_000;
@@ -150,7 +125,7 @@ async fn a_handler_past_consumer_timeout_is_redelivered_logged_and_loses_nothing
     let topic = switchyard_conformance::support::unique_name("syr-acktimeout");
     let outcome = tokio::spawn(run(topic.clone())).await;
     drop(setting);
-    cleanup(&topic, GROUP).await;
+    common::cleanup_if_reachable(&topic, GROUP).await;
     let report = match outcome {
         Ok(r) => r,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
@@ -193,7 +168,7 @@ struct Report {
 
 async fn run(topic: String) -> Report {
     let broker = Arc::new(
-        RabbitBroker::connect(&base_url())
+        RabbitBroker::connect(&common::url())
             .await
             .expect("RabbitMQ must be reachable"),
     );

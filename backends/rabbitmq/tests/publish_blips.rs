@@ -16,8 +16,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use lapin::{Connection, ConnectionProperties};
 use switchyard_conformance::support::unique_name;
 use switchyard_core::{
     Broker, CancellationToken, Consumer, Delivery, HandlerError, Message, Publisher,
@@ -65,34 +63,6 @@ fn close_connections_named(prefix: &str) -> usize {
         .unwrap_or_else(|| panic!("unexpected rabbitmqctl eval output {text:?}"));
     assert_eq!(state, "closed", "connections survived closing: {text}");
     count.parse().expect("a count")
-}
-
-/// Deletes the group's queues and the topic's exchange (the broker's file-handle budget
-/// is small).
-async fn cleanup(topic: &str, group: &str) {
-    let Ok(Ok(conn)) = timeout(
-        Duration::from_secs(10),
-        Connection::connect(&common::url(), ConnectionProperties::default()),
-    )
-    .await
-    else {
-        eprintln!("cleanup: RabbitMQ did not answer; {topic} left behind");
-        return;
-    };
-    let mut queues: Vec<String> = (0..8).map(|p| format!("{topic}:{group}.p{p}")).collect();
-    queues.push(format!("{topic}:{group}.members"));
-    let Ok(ch) = conn.create_channel().await else {
-        return;
-    };
-    for q in queues {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = ch
-        .exchange_delete(topic.into(), ExchangeDeleteOptions::default())
-        .await;
-    let _ = conn.close(200, "cleanup".into()).await;
 }
 
 /// What the blip run saw; checked after the queues are deleted, so a failure leaves
@@ -149,7 +119,7 @@ async fn publishes_in_flight_ride_out_closed_connections() {
     shutdown.cancel();
     let _ = timeout(Duration::from_secs(20), consumer.join()).await;
     let _ = timeout(Duration::from_secs(10), broker.close()).await;
-    cleanup(&topic, GROUP).await;
+    common::cleanup_if_reachable(&topic, GROUP).await;
 
     eprintln!(
         "{BLIPS} blips closing {:?} connections: {} messages published in {} batch and {} \
@@ -423,7 +393,7 @@ async fn a_silent_broker_fails_publish_naming_the_handshake() {
     let _ = timeout(Duration::from_secs(10), broker.close()).await;
     drop(sub);
     let _ = timeout(Duration::from_secs(10), direct.close()).await;
-    cleanup(&topic, GROUP).await;
+    common::cleanup_if_reachable(&topic, GROUP).await;
 
     let err = result
         .expect("publish hung with the broker silent")
@@ -470,7 +440,7 @@ async fn unreachable_broker_fails_publish_transiently_within_the_bound() {
     let _ = timeout(Duration::from_secs(10), broker.close()).await;
     drop(sub);
     let _ = timeout(Duration::from_secs(10), direct.close()).await;
-    cleanup(&topic, GROUP).await;
+    common::cleanup_if_reachable(&topic, GROUP).await;
 
     for (batch, result, took) in outcomes {
         let what = if batch { "publish_batch" } else { "publish" };
