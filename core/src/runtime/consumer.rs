@@ -205,6 +205,14 @@ pub struct RunningConsumer {
 }
 
 impl RunningConsumer {
+    /// Stops its members now, as cancelling the token given to [`Consumer::start`] does,
+    /// but leaves that token alone: other consumers started with it run on. In-flight
+    /// handlers get the consumer's shutdown timeout; [`join`](Self::join) waits for the
+    /// end.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Waits until every member stopped (after `shutdown` is cancelled, or a fatal
     /// error, which cancels the token so the other members stop too).
     pub async fn join(self) -> Result<ConsumerReport> {

@@ -284,6 +284,36 @@ async fn an_unreachable_shutdown_timeout_waits_for_the_handler_without_panicking
     assert_eq!((report.acked, report.abandoned), (1, 0), "{report:?}");
 }
 
+#[tokio::test]
+async fn shutdown_stops_one_consumer_and_leaves_the_shared_token_alone() {
+    let (source, tx, log) = scripted();
+    let token = CancellationToken::new();
+    let running = Consumer::handler(SubscribeOptions::new("t", "g"), ok)
+        .start(source, token.clone())
+        .await
+        .unwrap();
+    tx.send(delivery("a", &log)).unwrap();
+    // The subscription stays open (`tx` lives on): only shutdown can end the consumer.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while settled(&log).is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the delivery is handled");
+    running.shutdown();
+    let report = tokio::time::timeout(Duration::from_secs(10), running.join())
+        .await
+        .expect("shutdown ends the consumer")
+        .expect("no fatal error");
+    assert_eq!(report.acked, 1, "{report:?}");
+    assert!(
+        !token.is_cancelled(),
+        "the token other consumers share stays live"
+    );
+    drop(tx);
+}
+
 async fn ok(_: Delivery) -> std::result::Result<(), HandlerError> {
     Ok(())
 }
