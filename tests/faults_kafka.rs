@@ -4,12 +4,13 @@
 //! disturbing other tests; `tansu` must be on PATH (`scripts/test` installs it). At the
 //! end the broker stays down, and a publish must fail with a transient error in time.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use switchyard::{CancellationToken, Consumer, Delivery, HandlerError, Message, SubscribeOptions};
+use switchyard::{CancellationToken, Consumer, Message, SubscribeOptions};
+use switchyard_conformance::support::Tally;
 
 // Not 9092 (the shared test broker) nor the Kafka crate's own test ports.
 const ADDR: &str = "127.0.0.1:19392";
@@ -80,21 +81,8 @@ async fn broker_killed_and_restarted_loses_nothing_acknowledged() {
         .await
         .expect("connect to our tansu");
     let topic = format!("restart-{}", std::process::id());
-    let handled: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-    let handler = {
-        let handled = handled.clone();
-        move |d: Delivery| {
-            let handled = handled.clone();
-            async move {
-                *handled
-                    .lock()
-                    .unwrap()
-                    .entry(d.id().to_string())
-                    .or_default() += 1;
-                Ok::<_, HandlerError>(())
-            }
-        }
-    };
+    let handled = Tally::default();
+    let handler = handled.handler();
     let token = CancellationToken::new();
     let running = Consumer::handler(SubscribeOptions::new(&topic, "restart-group"), handler)
         .start(broker.clone(), token.clone())
@@ -143,10 +131,7 @@ async fn broker_killed_and_restarted_loses_nothing_acknowledged() {
     );
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let missing = acknowledged
-            .iter()
-            .filter(|id| !handled.lock().unwrap().contains_key(*id))
-            .count();
+        let missing = handled.missing(&acknowledged);
         if missing == 0 {
             break;
         }
@@ -160,16 +145,8 @@ async fn broker_killed_and_restarted_loses_nothing_acknowledged() {
     token.cancel();
     running.join().await.unwrap();
     broker.close().await.unwrap();
-    let lost = acknowledged
-        .iter()
-        .filter(|id| !handled.lock().unwrap().contains_key(*id))
-        .count();
-    let duplicated: usize = handled
-        .lock()
-        .unwrap()
-        .values()
-        .map(|n| n.saturating_sub(1))
-        .sum();
+    let lost = handled.missing(&acknowledged);
+    let duplicated = handled.extra_runs();
     // The fault table's line (printed even when the test passes).
     println!(
         "fault=broker-kill-publishing backend=kafka published={} confirmed={} failed={failed} delivered={} lost={lost} duplicated={duplicated}",

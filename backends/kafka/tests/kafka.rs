@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use switchyard_conformance::support::Tally;
 use switchyard_core::{
-    Broker, Consumer, Delivery, Error, HandlerError, Message, Publisher, SubscribeOptions,
-    Subscriber,
+    Broker, Consumer, Delivery, Error, Message, Publisher, SubscribeOptions, Subscriber,
 };
 use switchyard_kafka::{KafkaBroker, ReplayFrom};
 use tokio_util::sync::CancellationToken;
@@ -29,37 +29,13 @@ async fn wait_until(what: &str, cond: impl FnMut() -> bool) {
     switchyard_conformance::support::wait_until(what, LONG, cond).await;
 }
 
-#[derive(Clone, Default)]
-struct Seen(Arc<Mutex<HashMap<String, usize>>>);
-
-impl Seen {
-    fn add(&self, id: &str) {
-        *self.0.lock().unwrap().entry(id.to_string()).or_default() += 1;
-    }
-    fn covers(&self, ids: &HashSet<String>) -> bool {
-        let m = self.0.lock().unwrap();
-        ids.iter().all(|id| m.contains_key(id))
-    }
-    fn missing(&self, ids: &HashSet<String>) -> usize {
-        let m = self.0.lock().unwrap();
-        ids.iter().filter(|id| !m.contains_key(*id)).count()
-    }
-}
-
 type Running = (
     tokio::task::JoinHandle<switchyard_core::Result<switchyard_core::ConsumerReport>>,
     CancellationToken,
 );
 
-fn start_member(broker: &Arc<KafkaBroker>, topic: &str, group: &str, seen: &Seen) -> Running {
-    let seen = seen.clone();
-    let handler = move |d: Delivery| {
-        let seen = seen.clone();
-        async move {
-            seen.add(d.id());
-            Ok::<_, HandlerError>(())
-        }
-    };
+fn start_member(broker: &Arc<KafkaBroker>, topic: &str, group: &str, seen: &Tally) -> Running {
+    let handler = seen.handler();
     let token = CancellationToken::new();
     let consumer =
         Consumer::handler(SubscribeOptions::new(topic, group).prefetch(64), handler).concurrency(8);
@@ -83,7 +59,7 @@ async fn three_members_joining_and_leaving_mid_stream_lose_nothing() {
     let broker = Arc::new(broker(""));
     let (topic, group) = (name("churn"), name("g"));
     broker.ensure_topic(&topic).await.unwrap();
-    let seen = Seen::default();
+    let seen = Tally::default();
     let sent: Arc<Mutex<HashSet<String>>> = Arc::default();
     let publishing = Arc::new(AtomicBool::new(true));
     // A steady stream while members come and go.
@@ -124,7 +100,7 @@ async fn three_members_joining_and_leaving_mid_stream_lose_nothing() {
     let all = sent.lock().unwrap().clone();
     assert!(all.len() >= 500, "only {} published", all.len());
     wait_until("the last member to handle every message", || {
-        seen.covers(&all)
+        seen.missing(&all) == 0
     })
     .await;
     stop_member(c).await;

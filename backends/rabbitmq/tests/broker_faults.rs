@@ -12,7 +12,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,11 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
-use switchyard_conformance::support::unique_name;
-use switchyard_core::{
-    Broker, CancellationToken, Consumer, Delivery, HandlerError, Message, Publisher,
-    SubscribeOptions,
-};
+use switchyard_conformance::support::{unique_name, Tally};
+use switchyard_core::{Broker, CancellationToken, Consumer, Message, Publisher, SubscribeOptions};
 use switchyard_rabbitmq::RabbitBroker;
 
 fn rabbitmqctl(args: &[&str]) {
@@ -129,7 +126,7 @@ static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 struct Run {
     broker: Arc<RabbitBroker>,
     topic: String,
-    handled: Arc<Mutex<HashMap<String, usize>>>,
+    handled: Tally,
     confirmed: Arc<Mutex<HashSet<String>>>,
     published: Arc<AtomicUsize>,
     failures: Arc<AtomicUsize>,
@@ -149,22 +146,9 @@ impl Run {
         let url = common::with_param(&common::url(), "confirm_timeout_ms=120000");
         let broker = Arc::new(RabbitBroker::connect(&url).await.unwrap());
         let topic = unique_name(&format!("syr-{label}"));
-        let handled: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let handled = Tally::default();
         let shutdown = CancellationToken::new();
-        let handler = {
-            let handled = handled.clone();
-            move |d: Delivery| {
-                let handled = handled.clone();
-                async move {
-                    *handled
-                        .lock()
-                        .unwrap()
-                        .entry(d.id().to_string())
-                        .or_default() += 1;
-                    Ok::<_, HandlerError>(())
-                }
-            }
-        };
+        let handler = handled.handler();
         let consumer =
             Consumer::handler(SubscribeOptions::new(&topic, GROUP).prefetch(100), handler)
                 .concurrency(16)
@@ -232,7 +216,7 @@ impl Run {
     }
 
     fn handled(&self) -> usize {
-        self.handled.lock().unwrap().len()
+        self.handled.distinct()
     }
 
     /// Waits until `published` messages are confirmed and `handled` handled.
@@ -264,10 +248,7 @@ impl Run {
         );
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
-            let missing = {
-                let handled = self.handled.lock().unwrap();
-                owed.iter().filter(|id| !handled.contains_key(*id)).count()
-            };
+            let missing = self.handled.missing(&owed);
             if missing == 0 {
                 break;
             }
@@ -281,13 +262,7 @@ impl Run {
         self.shutdown.cancel();
         self.consumer.join().await.unwrap();
         self.broker.close().await.unwrap();
-        let duplicates = self
-            .handled
-            .lock()
-            .unwrap()
-            .values()
-            .map(|n| n.saturating_sub(1))
-            .sum();
+        let duplicates = self.handled.extra_runs();
         common::cleanup_if_reachable(&self.topic, GROUP).await;
         (self.failures.load(Ordering::SeqCst), duplicates)
     }

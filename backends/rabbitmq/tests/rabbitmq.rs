@@ -14,6 +14,7 @@ use common::{cleanup_groups, raw, unique, url};
 use lapin::options::{ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ExchangeKind};
+use switchyard_conformance::support::Tally;
 use switchyard_core::{
     Broker, CancellationToken, Consumer, Delivery, Error, HandlerError, Message, Publisher,
     SubscribeOptions, Subscriber,
@@ -72,22 +73,11 @@ async fn connection_kills_during_a_20k_run_lose_nothing() {
     let broker = Arc::new(RabbitBroker::connect(&url).await.unwrap());
     let topic = unique("killrun");
     let group = "workers";
-    let handled: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let handled = Tally::default();
     let shutdown = CancellationToken::new();
     let mut members = Vec::new();
     for _ in 0..4 {
-        let handled = handled.clone();
-        let handler = move |d: Delivery| {
-            let handled = handled.clone();
-            async move {
-                *handled
-                    .lock()
-                    .unwrap()
-                    .entry(d.id().to_string())
-                    .or_default() += 1;
-                Ok::<_, HandlerError>(())
-            }
-        };
+        let handler = handled.handler();
         let consumer =
             Consumer::handler(SubscribeOptions::new(&topic, group).prefetch(100), handler)
                 .concurrency(16);
@@ -135,7 +125,7 @@ async fn connection_kills_during_a_20k_run_lose_nothing() {
     let mut killed_connections = 0;
     let deadline = Instant::now() + Duration::from_secs(150);
     loop {
-        let done = handled.lock().unwrap().len();
+        let done = handled.distinct();
         if done >= total {
             break;
         }
@@ -155,11 +145,7 @@ async fn connection_kills_during_a_20k_run_lose_nothing() {
         m.join().await.unwrap();
     }
     broker.close().await.unwrap();
-    let (missing, again) = {
-        let handled = handled.lock().unwrap();
-        let missing = ids.iter().filter(|id| !handled.contains_key(*id)).count();
-        (missing, handled.values().filter(|&&n| n > 1).count())
-    };
+    let (missing, again) = (handled.missing(&ids), handled.duplicates());
     assert_eq!(missing, 0, "{missing} messages never handled");
     assert_eq!(kills, 3);
     assert!(

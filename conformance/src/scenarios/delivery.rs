@@ -12,8 +12,8 @@ use switchyard_core::{
 };
 
 use super::{
-    counting_handler, expect_nothing, ids, plain, publish_all, recv_n, spawn, stop, subscribe,
-    Tally, LONG,
+    expect_nothing, ids, plain, publish_all, recv_n, spawn, stop, subscribe, ExactlyOnce, Tally,
+    LONG,
 };
 use crate::kit::{ensure, Check, Ctx, OrFail, Outcome};
 
@@ -93,13 +93,7 @@ pub(super) async fn fanout_three_groups(ctx: Arc<Ctx>) -> Check {
     let mut running = Vec::new();
     for (i, tally) in tallies.iter().enumerate() {
         let opts = SubscribeOptions::new(&topic, ctx.name(&format!("group{i}")));
-        running.push(
-            spawn(
-                &ctx,
-                Consumer::handler(opts, counting_handler(tally.clone())),
-            )
-            .await?,
-        );
+        running.push(spawn(&ctx, Consumer::handler(opts, tally.handler())).await?);
     }
     let sent = plain(500, "fanout");
     publish_all(&ctx, &topic, sent.clone()).await?;
@@ -266,7 +260,7 @@ pub(super) async fn concurrent_publishers(ctx: Arc<Ctx>) -> Check {
         &ctx,
         Consumer::handler(
             SubscribeOptions::new(&topic, ctx.name("g")),
-            counting_handler(tally.clone()),
+            tally.handler(),
         )
         .concurrency(32),
     )

@@ -12,7 +12,7 @@ use switchyard_core::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    counting_handler, expect_nothing, ids, plain, publish_all, spawn, stop, subscribe, Tally, LONG,
+    expect_nothing, ids, plain, publish_all, spawn, stop, subscribe, ExactlyOnce, Tally, LONG,
 };
 use crate::kit::{ensure, Check, Ctx, OrFail, Outcome};
 
@@ -103,10 +103,7 @@ pub(super) async fn shutdown_deadline(ctx: Arc<Ctx>) -> Check {
     let tally = Tally::default();
     let running = spawn(
         &ctx,
-        Consumer::handler(
-            SubscribeOptions::new(&topic, &group),
-            counting_handler(tally.clone()),
-        ),
+        Consumer::handler(SubscribeOptions::new(&topic, &group), tally.handler()),
     )
     .await?;
     let want = ids(&sent);
@@ -171,11 +168,7 @@ pub(super) async fn publishers_and_churn(ctx: Arc<Ctx>) -> Check {
     let tally = Tally::default();
     let steady = spawn(
         &ctx,
-        Consumer::handler(
-            SubscribeOptions::new(&topic, &group),
-            counting_handler(tally.clone()),
-        )
-        .concurrency(16),
+        Consumer::handler(SubscribeOptions::new(&topic, &group), tally.handler()).concurrency(16),
     )
     .await?;
     let mut all = HashSet::new();
@@ -197,11 +190,8 @@ pub(super) async fn publishers_and_churn(ctx: Arc<Ctx>) -> Check {
     for _ in 0..5 {
         let extra = spawn(
             &ctx,
-            Consumer::handler(
-                SubscribeOptions::new(&topic, &group),
-                counting_handler(tally.clone()),
-            )
-            .concurrency(4),
+            Consumer::handler(SubscribeOptions::new(&topic, &group), tally.handler())
+                .concurrency(4),
         )
         .await?;
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -215,8 +205,7 @@ pub(super) async fn publishers_and_churn(ctx: Arc<Ctx>) -> Check {
     })
     .await?;
     stop(steady).await?;
-    let map = tally.0.lock().unwrap();
-    let missing = all.iter().filter(|id| !map.contains_key(*id)).count();
+    let missing = tally.missing(&all);
     ensure!(missing == 0, "{missing} messages lost");
     Ok(())
 }

@@ -11,7 +11,7 @@ use switchyard_middleware::{
 };
 use tower::ServiceBuilder;
 
-use super::{dead_letters, ids, publish_all, quick_retry, spawn, stop, Tally};
+use super::{dead_letters, ids, publish_all, quick_retry, spawn, stop, ExactlyOnce, Tally};
 use crate::kit::{ensure, Check, Ctx, OrFail, Outcome};
 
 /// How long a load scenario waits without a single message handled before it fails:
@@ -51,12 +51,7 @@ async fn failure_mix(
         move |d: Delivery| {
             let (successes, runs) = (successes.clone(), runs.clone());
             async move {
-                let run = {
-                    let mut map = runs.0.lock().unwrap();
-                    let r = map.entry(d.id().to_string()).or_default();
-                    *r += 1;
-                    *r
-                };
+                let run = runs.add(d.id());
                 let n: usize = std::str::from_utf8(d.payload())
                     .ok()
                     .and_then(|s| s.parse().ok())

@@ -15,7 +15,9 @@ use switchyard_middleware::{
 };
 use tower::ServiceBuilder;
 
-use super::{dead_letters, ids, plain, publish_all, quick_retry, spawn, stop, Tally, LONG};
+use super::{
+    dead_letters, ids, plain, publish_all, quick_retry, spawn, stop, ExactlyOnce, Tally, LONG,
+};
 use crate::kit::{ensure, Check, Ctx, OrFail};
 
 pub(super) async fn tower_layers(ctx: Arc<Ctx>) -> Check {
@@ -250,13 +252,13 @@ pub(super) async fn poison_and_replay(ctx: Arc<Ctx>) -> Check {
         "replayed {replayed:?}"
     );
     ctx.wait_for(LONG, "the replayed message handled", || {
-        tally.0.lock().unwrap().contains_key(&poison_id)
+        tally.count(&poison_id) > 0
     })
     .await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop(running).await?;
     ensure!(
-        tally.0.lock().unwrap()[&poison_id] == 1,
+        tally.count(&poison_id) == 1,
         "replayed message handled more than once"
     );
     ensure!(

@@ -2,11 +2,9 @@
 //! Each subscribes before it publishes, so backends whose groups only see messages
 //! published after the group exists (RabbitMQ queues) run them unchanged.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use switchyard_core::{
     Consumer, ConsumerReport, Delivery, HandlerError, Message, SubscribeOptions, Subscription,
 };
@@ -15,6 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::kit::{ensure, Check, Ctx, OrFail, Outcome, Scenario};
+pub(crate) use crate::support::Tally;
 
 mod delivery;
 mod forged;
@@ -212,41 +211,20 @@ async fn stop((task, token): Running) -> Result<ConsumerReport, Outcome> {
     }
 }
 
-/// Counts handler runs per message id.
-#[derive(Clone, Default)]
-struct Tally(Arc<Mutex<HashMap<String, usize>>>);
+/// The exactly-once check of a [`Tally`]: every id of `ids` ran once, and nothing else.
+pub(crate) trait ExactlyOnce {
+    fn check_exactly_once(&self, ids: &HashSet<String>, label: &str) -> Check;
+}
 
-impl Tally {
-    fn add(&self, id: &str) {
-        *self.0.lock().unwrap().entry(id.to_string()).or_default() += 1;
-    }
-    fn distinct(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
+impl ExactlyOnce for Tally {
     fn check_exactly_once(&self, ids: &HashSet<String>, label: &str) -> Check {
-        let map = self.0.lock().unwrap();
-        let missing = ids.iter().filter(|id| !map.contains_key(*id)).count();
-        let dup = map.values().filter(|&&n| n > 1).count();
-        let foreign = map.keys().filter(|id| !ids.contains(*id)).count();
+        let (missing, dup, foreign) = (self.missing(ids), self.duplicates(), self.foreign(ids));
         ensure!(
             missing == 0 && dup == 0 && foreign == 0,
             "{label}: {missing} missing, {dup} handled more than once, {foreign} not ours (of {})",
             ids.len()
         );
         Ok(())
-    }
-}
-
-fn counting_handler(
-    tally: Tally,
-) -> impl Fn(Delivery) -> BoxFuture<'static, Result<(), HandlerError>> + Clone + Send + Sync + 'static
-{
-    move |d: Delivery| {
-        let tally = tally.clone();
-        Box::pin(async move {
-            tally.add(d.id());
-            Ok(())
-        })
     }
 }
 

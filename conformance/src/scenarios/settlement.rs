@@ -8,7 +8,10 @@ use std::time::Duration;
 use switchyard_core::{Consumer, Delivery, Error, HandlerError, Message, Nack, SubscribeOptions};
 use tokio_util::sync::CancellationToken;
 
-use super::{expect_nothing, ids, plain, publish_all, recv_n, spawn, stop, subscribe, Tally, LONG};
+use super::{
+    expect_nothing, ids, plain, publish_all, recv_n, spawn, stop, subscribe, ExactlyOnce, Tally,
+    LONG,
+};
 use crate::kit::{ensure, Check, Ctx, OrFail, Outcome};
 
 pub(super) async fn nack_redelivers(ctx: Arc<Ctx>) -> Check {

@@ -11,7 +11,7 @@ use switchyard_middleware::{DeadLetterLayer, RetryTiers, RetryTiersLayer};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 
-use super::{dead_letters, publish_all, Tally, LONG};
+use super::{dead_letters, publish_all, ExactlyOnce, Tally, LONG};
 use crate::kit::{ensure, Check, Ctx, OrFail, Outcome};
 
 pub(super) async fn retry_tiers(ctx: Arc<Ctx>) -> Check {
