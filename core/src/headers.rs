@@ -13,6 +13,12 @@ pub const CONTENT_TYPE: &str = "content-type";
 /// by the runtime to continue the trace.
 pub const TRACEPARENT: &str = "traceparent";
 
+/// The prefixes of header names reserved for backends' own fields (the message id on
+/// Kafka, the key on RabbitMQ): `switchyard-` and `x-switchyard-`, in any letter case.
+/// Publishing a message with such a header fails; backends drop them from what other
+/// clients wrote, so no header can override a message's id or key.
+pub const RESERVED_HEADER_PREFIXES: [&str; 2] = ["switchyard-", "x-switchyard-"];
+
 /// What every header of the middleware's retry tiers starts with (`x-retry-tier`,
 /// `x-retry-due-ms`, …). The middleware writes them; a backend that keeps them only on
 /// the messages it routed through a retry tier itself (RabbitMQ's hold queues) drops

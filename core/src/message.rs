@@ -8,14 +8,10 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::codec::{Codec, JsonCodec};
 use crate::error::Result;
-use crate::headers::CONTENT_TYPE;
+use crate::headers::{CONTENT_TYPE, RESERVED_HEADER_PREFIXES};
 
 /// Message headers: a sorted string map, carried byte for byte by every backend.
 pub type Headers = BTreeMap<String, String>;
-
-/// The prefixes of header names reserved for backends' own fields (the message id on
-/// Kafka, the key on RabbitMQ): `switchyard-` and `x-switchyard-`, in any letter case.
-pub const RESERVED_HEADER_PREFIXES: [&str; 2] = ["switchyard-", "x-switchyard-"];
 
 /// Whether `name` is reserved (see [`RESERVED_HEADER_PREFIXES`]). Backends drop such
 /// headers from what other clients wrote, and refuse them on publish, so no header can
@@ -107,7 +103,10 @@ impl Message {
         self
     }
 
-    /// Adds or replaces a header.
+    /// Adds or replaces a header. Names starting with one of
+    /// [`RESERVED_HEADER_PREFIXES`](crate::headers::RESERVED_HEADER_PREFIXES) are the
+    /// backends' own: publishing a message that carries one fails with a configuration
+    /// error.
     #[must_use]
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.insert(name.into(), value.into());

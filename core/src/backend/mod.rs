@@ -34,7 +34,8 @@ pub mod rpc;
 mod settled;
 
 pub use crate::delivery::Acker;
-pub use crate::message::{check_headers, is_reserved_header, RESERVED_HEADER_PREFIXES};
+pub use crate::headers::RESERVED_HEADER_PREFIXES;
+pub use crate::message::{check_headers, is_reserved_header};
 pub use crate::names::{validate_name, MAX_NAME_LEN};
 pub use crate::url::{redact, BrokerUrl};
 pub use backoff::Backoff;
