@@ -62,7 +62,6 @@ pub async fn recv_n(sub: &mut Box<dyn Subscription>, n: usize, limit: Duration) 
 /// hands [`Tally::handler`] to its consumers.
 ///
 /// ```
-/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// use switchyard_conformance::support::Tally;
 ///
 /// let tally = Tally::default();
@@ -71,7 +70,6 @@ pub async fn recv_n(sub: &mut Box<dyn Subscription>, n: usize, limit: Duration) 
 /// tally.add("b");
 /// assert_eq!((tally.distinct(), tally.missing(["a", "b", "c"])), (2, 1));
 /// assert_eq!((tally.duplicates(), tally.extra_runs(), tally.count("a")), (1, 1, 2));
-/// # });
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct Tally(Arc<Mutex<HashMap<String, usize>>>);
