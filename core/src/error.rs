@@ -216,18 +216,19 @@ impl FailureKind {
         }
     }
 
+    /// Every kind, in declaration order: what [`from_name`](Self::from_name) searches.
+    const ALL: [FailureKind; 5] = [
+        FailureKind::Transient,
+        FailureKind::Permanent,
+        FailureKind::Decode,
+        FailureKind::Panic,
+        FailureKind::Unavailable,
+    ];
+
     /// The kind whose [`as_str`](Self::as_str) name is `name`; `None` for any other
     /// text, such as a kind a newer version wrote into a header.
     pub fn from_name(name: &str) -> Option<Self> {
-        [
-            FailureKind::Transient,
-            FailureKind::Permanent,
-            FailureKind::Decode,
-            FailureKind::Panic,
-            FailureKind::Unavailable,
-        ]
-        .into_iter()
-        .find(|k| k.as_str() == name)
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
     }
 
     /// Whether a retry may help.
@@ -392,13 +393,7 @@ mod tests {
 
     #[test]
     fn failure_kinds_read_back_from_their_names_and_nothing_else() {
-        for kind in [
-            FailureKind::Transient,
-            FailureKind::Permanent,
-            FailureKind::Decode,
-            FailureKind::Panic,
-            FailureKind::Unavailable,
-        ] {
+        for kind in FailureKind::ALL {
             assert_eq!(FailureKind::from_name(kind.as_str()), Some(kind));
         }
         for other in ["", "Transient", "transient ", "fatal"] {
