@@ -32,10 +32,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
-use switchyard_core::backend::rpc::pubsub::REPLY_TOPIC_PREFIX;
+use switchyard_core::backend::rpc::pubsub::{new_reply_topic, REPLY_TOPIC_PREFIX};
 use switchyard_core::backend::rpc::{Inbox, Requester};
 use switchyard_core::backend::{check_headers, validate_name};
-use switchyard_core::{new_id, Error, Message, Result};
+use switchyard_core::{Error, Message, Result};
 use tokio::sync::mpsc;
 
 use crate::broker::{config_error, kafka_error, KafkaBroker, BACKEND};
@@ -135,10 +135,7 @@ impl KafkaBroker {
             .replies
             .topic
             .lock()
-            .get_or_insert_with(|| {
-                // The id's random tail; its head is the clock, shared by clients made together.
-                format!("{REPLY_TOPIC_PREFIX}{}", &new_id().replace('-', "")[12..])
-            })
+            .get_or_insert_with(new_reply_topic)
             .clone();
         self.create_reply_topic(&topic).await?;
         let consumer: BaseConsumer = self

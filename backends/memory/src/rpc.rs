@@ -3,9 +3,9 @@
 
 use futures::StreamExt;
 use parking_lot::Mutex;
-use switchyard_core::backend::rpc::pubsub::REPLY_TOPIC_PREFIX;
+use switchyard_core::backend::rpc::pubsub::new_reply_topic;
 use switchyard_core::backend::rpc::Inbox;
-use switchyard_core::{new_id, Error, Message, Result};
+use switchyard_core::{Error, Message, Result};
 
 use crate::broker::BACKEND;
 use tokio::sync::mpsc;
@@ -23,7 +23,7 @@ impl Replies {
     /// A new inbox, replacing the previous one (the requester opens another only when
     /// the previous one is gone).
     pub(crate) fn open(&self) -> Inbox {
-        let address = format!("{REPLY_TOPIC_PREFIX}{}", &new_id().replace('-', "")[12..]);
+        let address = new_reply_topic();
         let (tx, rx) = mpsc::channel(CAPACITY);
         *self.open.lock() = Some((address.clone(), tx));
         Inbox::new(address, stream(rx))

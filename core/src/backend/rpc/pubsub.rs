@@ -20,14 +20,19 @@ use crate::message::{new_id, Message};
 /// reply address cannot make a responder publish into an application's topic.
 pub const REPLY_TOPIC_PREFIX: &str = "sy.reply.";
 
+/// A fresh reply topic name: [`REPLY_TOPIC_PREFIX`] and the random tail of a new id
+/// (its head is the clock, shared by clients made together).
+pub fn new_reply_topic() -> String {
+    format!("{REPLY_TOPIC_PREFIX}{}", &new_id().replace('-', "")[12..])
+}
+
 /// How many replies the inbox takes from the subscription at once.
 const BATCH: usize = 256;
 
 /// Subscribes a new ephemeral group to a new reply topic and returns it as an inbox.
 /// Each reply is acked as it is taken: a reply is worth one look, by this client only.
 pub async fn open_inbox<S: Subscriber + ?Sized>(subscriber: &S) -> Result<Inbox> {
-    // The id's random tail; its head is the clock, shared by clients made together.
-    let address = format!("{REPLY_TOPIC_PREFIX}{}", &new_id().replace('-', "")[12..]);
+    let address = new_reply_topic();
     let subscription = subscriber
         .subscribe(SubscribeOptions::queue(&address).ephemeral(true))
         .await?;
