@@ -38,7 +38,7 @@ impl fmt::Debug for BrokerUrl {
             .collect();
         f.debug_struct("BrokerUrl")
             .field("scheme", &self.scheme)
-            .field("authority", &redact_rest(&self.authority))
+            .field("authority", &redact_rest(&self.authority, 0))
             .field("params", &params)
             .finish()
     }
@@ -118,6 +118,31 @@ impl BrokerUrl {
         }
     }
 
+    /// The name of setting `index` as an error may show it, or `None` when it is a
+    /// word without a value right after a secret setting: most likely the rest of that
+    /// secret, cut at a raw `&` (as [`redact`] hides it too).
+    pub fn shown_name(&self, index: usize) -> Option<&str> {
+        let (key, value) = self.params.get(index)?;
+        let after_secret = index
+            .checked_sub(1)
+            .and_then(|i| self.params.get(i))
+            .is_some_and(|(k, v)| Self::is_secret_setting(k) && !v.is_empty());
+        (!(after_secret && value.is_empty())).then_some(key.as_str())
+    }
+
+    /// The error for setting `index`, which this backend does not know: named, unless
+    /// it may be part of a secret (see [`BrokerUrl::shown_name`]).
+    pub fn unknown_setting(&self, index: usize, known: &str) -> Error {
+        match self.shown_name(index) {
+            Some(name) => Error::config(name, known.to_string()),
+            None => Error::config(
+                "url",
+                "a word without a value follows a secret setting, likely the rest of its \
+                 value cut at a raw '&' (not shown): percent-encode '&' in values as %26",
+            ),
+        }
+    }
+
     /// Whether a setting's value is to be treated as a secret: its name (case and
     /// punctuation aside) mentions a password, secret, token, key, credential, user or
     /// the like, e.g. `sasl.password`, `sasl.username`, `ssl.key.password`,
@@ -135,13 +160,26 @@ impl BrokerUrl {
     /// for a secret setting, any user and password hidden in a URL-like value, the
     /// value itself otherwise.
     pub fn redact_setting(name: &str, value: &str) -> String {
-        if Self::is_secret_setting(name) && !value.is_empty() {
+        redact_value(name, value, 0)
+    }
+}
+
+/// How many URLs deep a value is searched for secrets: past this a URL-like value is
+/// hidden whole, so a hostile URL of URLs costs neither stack nor quadratic memory.
+const MAX_NESTED_URLS: usize = 4;
+
+/// [`BrokerUrl::redact_setting`] for a value `depth` URLs deep.
+fn redact_value(name: &str, value: &str, depth: usize) -> String {
+    if BrokerUrl::is_secret_setting(name) && !value.is_empty() {
+        "***".to_string()
+    } else if value.contains("://") || value.contains('@') {
+        if depth >= MAX_NESTED_URLS {
             "***".to_string()
-        } else if value.contains("://") || value.contains('@') {
-            redact(value)
         } else {
-            value.to_string()
+            redact_nested(value, depth + 1)
         }
+    } else {
+        value.to_string()
     }
 }
 
@@ -171,8 +209,9 @@ const SECRET_WORDS: &[&str] = &[
 ///   string loses more than its password: better than showing one);
 /// - the values of secret-looking settings (see [`BrokerUrl::is_secret_setting`]) are
 ///   hidden, and URLs in other settings' values are redacted in turn;
-/// - a `host:word` whose port is not a number (`user:pass` with the host forgotten)
+/// - a `host:word` whose port is no port number (`user:pass` with the host forgotten)
 ///   loses the word;
+/// - URLs nested in settings more than four deep are hidden whole;
 /// - a string without `://` is still searched for `user:pass@`.
 ///
 /// ```
@@ -184,8 +223,13 @@ const SECRET_WORDS: &[&str] = &[
 /// );
 /// ```
 pub fn redact(url: &str) -> String {
+    redact_nested(url, 0)
+}
+
+/// [`redact`] for a URL found `depth` URLs deep in another's settings.
+fn redact_nested(url: &str, depth: usize) -> String {
     match url.find("://").filter(|&i| is_scheme(&url[..i])) {
-        Some(i) => format!("{}{}", &url[..i + 3], redact_rest(&url[i + 3..])),
+        Some(i) => format!("{}{}", &url[..i + 3], redact_rest(&url[i + 3..], depth)),
         None => {
             // A mistyped `scheme:/user:pass@host` keeps its scheme; anything else before
             // the last '@' may be a password.
@@ -195,7 +239,11 @@ pub fn redact(url: &str) -> String {
                 .map_or(0, |i| {
                     url.len() - url[i + 1..].trim_start_matches('/').len()
                 });
-            format!("{}{}", &url[..scheme_len], redact_rest(&url[scheme_len..]))
+            format!(
+                "{}{}",
+                &url[..scheme_len],
+                redact_rest(&url[scheme_len..], depth)
+            )
         }
     }
 }
@@ -208,7 +256,7 @@ fn is_scheme(s: &str) -> bool {
 }
 
 /// Redacts what follows `scheme://`: userinfo, non-numeric ports, secret settings.
-fn redact_rest(rest: &str) -> String {
+fn redact_rest(rest: &str, depth: usize) -> String {
     let mut out = String::with_capacity(rest.len());
     let mut rest = rest;
     let mut in_query = false;
@@ -228,7 +276,7 @@ fn redact_rest(rest: &str) -> String {
         out.push_str("@***");
         if let Some(i) = rest.find('&') {
             out.push('&');
-            out.push_str(&redact_query(&rest[i + 1..]));
+            out.push_str(&redact_query(&rest[i + 1..], depth));
         }
         return out;
     }
@@ -247,13 +295,13 @@ fn redact_rest(rest: &str) -> String {
     }
     if let Some(q) = query {
         out.push('?');
-        out.push_str(&redact_query(q));
+        out.push_str(&redact_query(q, depth));
     }
     out
 }
 
-/// Hosts of an authority: `host:port` whose port is not a number loses the port (it is
-/// likely a password whose `@host` is missing).
+/// Hosts of an authority: `host:port` whose port is no port number (letters, or past
+/// 65535) loses the port (it is likely a password whose `@host` is missing).
 fn redact_hosts(hosts: &str) -> String {
     let (at, hosts) = match hosts.strip_prefix('@') {
         Some(h) => ("@", h),
@@ -268,7 +316,7 @@ fn redact_hosts(hosts: &str) -> String {
                 Some(0)
             };
             match port_start.and_then(|s| h[s..].find(':').map(|c| s + c)) {
-                Some(c) if !h[c + 1..].bytes().all(|b| b.is_ascii_digit()) => {
+                Some(c) if !is_port(&h[c + 1..]) => {
                     format!("{}:***", &h[..c])
                 }
                 _ => h.to_string(),
@@ -278,8 +326,13 @@ fn redact_hosts(hosts: &str) -> String {
     format!("{at}{}", shown.join(","))
 }
 
+/// Empty (no port given) or a number a port can be.
+fn is_port(s: &str) -> bool {
+    s.is_empty() || (s.bytes().all(|b| b.is_ascii_digit()) && s.parse::<u16>().is_ok())
+}
+
 /// A query string with secret values hidden and URL values redacted.
-fn redact_query(query: &str) -> String {
+fn redact_query(query: &str, depth: usize) -> String {
     let mut secret_before = false;
     query
         .split('&')
@@ -290,7 +343,7 @@ fn redact_query(query: &str) -> String {
                     format!("{k}=***")
                 } else {
                     let decoded = decode_lossy(v);
-                    let redacted = BrokerUrl::redact_setting(k, &decoded);
+                    let redacted = redact_value(k, &decoded, depth);
                     if redacted == decoded {
                         pair.to_string()
                     } else {
@@ -459,5 +512,46 @@ mod tests {
         let u = BrokerUrl::parse("kafka://h?api_key=hunter22").unwrap();
         let err = u.param_parse::<u32>("api_key").unwrap_err();
         assert!(!format!("{err} {err:?}").contains("hunter22"), "{err}");
+    }
+
+    #[test]
+    fn a_password_of_digits_past_any_port_is_hidden_with_the_host_forgotten() {
+        assert_eq!(redact("amqp://guest:123456"), "amqp://guest:***");
+        assert_eq!(redact("amqp://guest:65536/%2f"), "amqp://guest:***/%2f");
+        assert_eq!(redact("amqp://h:5672/%2f"), "amqp://h:5672/%2f");
+        assert_eq!(redact("amqp://h:/%2f"), "amqp://h:/%2f");
+    }
+
+    #[test]
+    fn urls_nested_without_end_cost_neither_stack_nor_quadratic_memory() {
+        let url = format!("amqp://h/?connection_name={}", "://?x=".repeat(40_000));
+        // A small stack: one frame per nested URL would overflow it.
+        let shown = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || redact(&url))
+            .unwrap()
+            .join()
+            .expect("redacted without overflowing the stack");
+        assert!(shown.len() < 1_000, "{}", shown.len());
+        let nested = "kafka://h?sasl.password=pw";
+        let mut url = nested.to_string();
+        for _ in 0..MAX_NESTED_URLS {
+            url = format!(
+                "kafka://h?x={}",
+                url.replace('&', "%26").replace('=', "%3D")
+            );
+        }
+        assert!(!redact(&url).contains("pw"), "{}", redact(&url));
+    }
+
+    #[test]
+    fn a_word_cut_from_a_secret_at_a_raw_ampersand_is_not_named() {
+        let u = BrokerUrl::parse("kafka://h:9092?sasl.password=Tr0ub&dor&acks=all&x").unwrap();
+        assert_eq!(u.shown_name(1), None);
+        assert_eq!(u.shown_name(2), Some("acks"));
+        assert_eq!(u.shown_name(3), Some("x"), "not after a secret");
+        let shown = u.unknown_setting(1, "unknown").to_string();
+        assert!(!shown.contains("dor") && shown.contains("%26"), "{shown}");
+        assert!(u.unknown_setting(3, "unknown").to_string().contains("`x`"));
     }
 }

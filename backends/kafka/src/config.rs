@@ -192,7 +192,11 @@ impl KafkaConfig {
             ));
         }
         let mut config = Self::new(servers);
-        for (key, value) in &parsed.params {
+        for (index, (key, value)) in parsed.params.iter().enumerate() {
+            if parsed.shown_name(index).is_none() {
+                // librdkafka would name it in its refusal.
+                return Err(parsed.unknown_setting(index, ""));
+            }
             let bad = |what: &str| Error::config(key.as_str(), format!("{value:?} is not {what}"));
             match key.as_str() {
                 "partitions" => {
@@ -240,9 +244,9 @@ impl KafkaConfig {
                 other if other.contains('.') => {
                     config.client.push((other.to_string(), value.clone()))
                 }
-                other => {
-                    return Err(Error::config(
-                        other,
+                _ => {
+                    return Err(parsed.unknown_setting(
+                        index,
                         "unknown kafka:// setting; switchyard's are partitions, replication, \
                          create_topics, commit, commit_interval_ms, delivery, publish_timeout_ms, \
                          max_message_size, join_timeout_ms, revoke_timeout_ms, assign_delay_ms; librdkafka settings \
@@ -407,6 +411,18 @@ mod tests {
             "{err}"
         );
         assert!(KafkaConfig::from_url("kafka://").is_err());
+    }
+
+    #[test]
+    fn a_password_cut_at_a_raw_ampersand_is_not_shown() {
+        for url in [
+            "kafka://h:9092?sasl.password=Tr0ub&dor",
+            "kafka://h:9092?sasl.password=Tr0ub&d.or",
+        ] {
+            let err = KafkaConfig::from_url(url).unwrap_err().to_string();
+            assert!(!err.contains("dor") && !err.contains("d.or"), "{err}");
+            assert!(err.contains("%26"), "{err}");
+        }
     }
 
     #[test]

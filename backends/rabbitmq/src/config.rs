@@ -115,13 +115,21 @@ impl RabbitConfig {
             });
         }
         let mut passthrough = Vec::new();
-        for (key, value) in &parsed.params {
+        for (index, (key, value)) in parsed.params.iter().enumerate() {
             if LAPIN.contains(&key.as_str()) {
                 passthrough.push(format!("{key}={value}"));
             } else if !OURS.contains(&key.as_str()) && !tls::SETTINGS.contains(&key.as_str()) {
-                return Err(Error::config(
-                    key.as_str(),
-                    format!(
+                if value.contains('@') && !parsed.authority.contains('@') {
+                    // `amqp://user:pa?ss@host`: the "setting" is the password's tail.
+                    return Err(Error::config(
+                        "url",
+                        "the query string holds an '@' and the host part none: a user or \
+                         password containing '?' must be percent-encoded (%3F)",
+                    ));
+                }
+                return Err(parsed.unknown_setting(
+                    index,
+                    &format!(
                         "unknown amqp:// setting; known: {}, {} (switchyard) and {} (lapin)",
                         OURS.join(", "),
                         tls::SETTINGS.join(", "),
@@ -323,6 +331,17 @@ mod tests {
         ] {
             let err = RabbitConfig::from_url(&format!("amqp://h/?{bad}")).unwrap_err();
             assert!(matches!(err, Error::Config { .. }), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_password_cut_at_a_raw_question_mark_or_ampersand_is_not_shown() {
+        for url in [
+            "amqp://ann:ab?cd=ef@h/%2f",
+            "amqps://h/%2f?tls_key_file=ab&cd",
+        ] {
+            let err = RabbitConfig::from_url(url).unwrap_err().to_string();
+            assert!(!err.contains("cd") && !err.contains("ef"), "{url}: {err}");
         }
     }
 
