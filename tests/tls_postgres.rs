@@ -151,8 +151,8 @@ async fn tls_settings_are_checked_before_connecting() {
         ),
         (
             "postgres://postgres:hunter22@127.0.0.1/test?sslmode=require&nope=1".to_string(),
-            "postgres",
-            "does not parse",
+            "nope",
+            "unknown setting",
         ),
     ] {
         match PostgresStore::connect(&config, None).await {

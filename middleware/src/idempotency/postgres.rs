@@ -129,12 +129,13 @@ impl PostgresStore {
         }
         let split = tls::split(config)?;
         // The string is not shown: it may hold a password.
-        let mut pg_config: tokio_postgres::Config = split.config.parse().map_err(|e| {
-            Error::config(
-                "postgres",
-                format!("the connection string does not parse: {e}"),
-            )
-        })?;
+        let mut pg_config: tokio_postgres::Config =
+            split.config.parse().map_err(|e: tokio_postgres::Error| {
+                // The reason is in the source: "unknown option `x`" and the like.
+                let reason =
+                    std::error::Error::source(&e).map_or(e.to_string(), |s| format!("{e}: {s}"));
+                tls::parse_error(&reason, &split.keys)
+            })?;
         if pg_config.get_connect_timeout().is_none() {
             pg_config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -333,5 +334,34 @@ mod tests {
         let other_id = format!("{long_id}y");
         assert_ne!(long, row_key(MarkKey::new("g", &other_id)));
         assert_ne!(long, row_key(MarkKey::new("h", &long_id)));
+    }
+
+    #[tokio::test]
+    async fn a_malformed_connection_string_shows_no_part_of_its_password() {
+        for config in [
+            "POSTGRES://app:S3cret@db/x",
+            " postgres://app:S3cret@db/x",
+            "jdbc:postgresql://app:S3cret@db/x?ssl=S3cret",
+            "host=db password=S3cret horse",
+            "host=db password=S3cret horse=battery",
+            "host=db password=S3cret horse='battery",
+            "postgres://app@db/x?password=S3cret&horse=battery",
+        ] {
+            let Err(err) = PostgresStore::connect(config, None).await else {
+                panic!("{config} was taken");
+            };
+            let shown = format!("{err} {err:?}");
+            assert!(
+                !shown.contains("S3cret") && !shown.contains("horse"),
+                "{config}: {shown}"
+            );
+        }
+        let Err(err) = PostgresStore::connect("host=db sslmod=require", None).await else {
+            panic!("an unknown setting was taken");
+        };
+        assert!(
+            matches!(&err, Error::Config { setting, .. } if setting == "sslmod"),
+            "a setting's name is still shown: {err}"
+        );
     }
 }

@@ -31,6 +31,8 @@ pub(super) struct Split {
     pub(super) config: String,
     /// `sslrootcert`, if given.
     pub(super) ca_file: Option<String>,
+    /// The settings' names, in order.
+    pub(super) keys: Vec<String>,
 }
 
 /// Takes `sslrootcert` out of a URL (`postgres://…?sslrootcert=…`) or key/value
@@ -38,17 +40,20 @@ pub(super) struct Split {
 /// into `require` (which this store checks as strictly).
 pub(super) fn split(config: &str) -> Result<Split> {
     let mut ca_file = None;
+    let mut keys = Vec::new();
     let is_url = config.starts_with("postgres://") || config.starts_with("postgresql://");
     let config = if is_url {
         let Some((base, query)) = config.split_once('?') else {
             return Ok(Split {
                 config: config.to_string(),
                 ca_file,
+                keys,
             });
         };
         let mut kept = Vec::new();
         for pair in query.split('&') {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            keys.push(key.to_string());
             match key {
                 "sslrootcert" => ca_file = Some(decode(value)?),
                 "sslmode" if is_verify(&decode(value)?) => kept.push("sslmode=require".into()),
@@ -63,6 +68,7 @@ pub(super) fn split(config: &str) -> Result<Split> {
     } else {
         let mut kept = Vec::new();
         for (key, value, raw) in key_values(config)? {
+            keys.push(key.to_string());
             match key {
                 "sslrootcert" => ca_file = Some(value),
                 "sslmode" if is_verify(&value) => kept.push("sslmode=require".to_string()),
@@ -71,7 +77,46 @@ pub(super) fn split(config: &str) -> Result<Split> {
         }
         kept.join(" ")
     };
-    Ok(Split { config, ca_file })
+    Ok(Split {
+        config,
+        ca_file,
+        keys,
+    })
+}
+
+/// tokio-postgres's refusal of a connection string, without any part of the string
+/// that may be a password: it names an unknown option, and a password holding a space
+/// or a raw `&` is cut into such "options", so one is named only when it looks like a
+/// setting's name and does not follow a secret setting.
+pub(super) fn parse_error(refusal: &str, keys: &[String]) -> Error {
+    let unknown = refusal
+        .split_once("unknown option `")
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(name, _)| name);
+    let Some(name) = unknown else {
+        return Error::config(
+            "postgres",
+            format!("the connection string does not parse: {refusal}"),
+        );
+    };
+    let plain = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+    let after_secret = keys
+        .iter()
+        .position(|k| k == name)
+        .and_then(|i| i.checked_sub(1))
+        .is_some_and(|i| switchyard_core::backend::BrokerUrl::is_secret_setting(&keys[i]));
+    if plain && !after_secret {
+        Error::config(name, "unknown setting in the PostgreSQL connection string")
+    } else {
+        Error::config(
+            "postgres",
+            "the connection string holds a setting tokio-postgres does not know (not shown: \
+             it may be part of a password); quote a value holding spaces (password='a b') \
+             and percent-encode '&' in a URL's values as %26",
+        )
+    }
 }
 
 fn is_verify(mode: &str) -> bool {
@@ -109,10 +154,14 @@ fn key_values(config: &str) -> Result<Vec<(&str, String, &str)>> {
         let key = &config[start..i];
         i = skip_space(i);
         if bytes.get(i) != Some(&b'=') {
-            // tokio-postgres gives the precise message.
+            // The word is not shown: it may be a password, or a URL holding one.
             return Err(Error::config(
                 "postgres",
-                format!("expected `{key}=value` in the connection string"),
+                format!(
+                    "expected `key=value` at byte {start} of the connection string; a URL \
+                     starts with `postgres://` or `postgresql://` in lower case, and a value \
+                     holding spaces is quoted: password='a b'"
+                ),
             ));
         }
         i = skip_space(i + 1);
@@ -123,9 +172,11 @@ fn key_values(config: &str) -> Result<Vec<(&str, String, &str)>> {
                 match bytes.get(i) {
                     None => {
                         return Err(Error::config(
-                            key,
+                            "postgres",
+                            // The key is not shown: a password with a space may have
+                            // been cut into it.
                             "unterminated quoted value in the connection string",
-                        ))
+                        ));
                     }
                     Some(b'\'') => {
                         i += 1;
