@@ -22,7 +22,7 @@ const QUEUE_FULL_MAX: Duration = Duration::from_millis(10);
 const QUEUE_FULL: Backoff = Backoff::new(Duration::from_millis(1), QUEUE_FULL_MAX);
 
 impl KafkaBroker {
-    fn check_size(&self, message: &Message) -> Result<()> {
+    pub(crate) fn check_size(&self, message: &Message) -> Result<()> {
         let limit = self.inner.config.max_message_size;
         // The payload is what the caller controls; a record whose key and headers push
         // it over the limit is refused by librdkafka and mapped to the same error.

@@ -11,7 +11,11 @@
 //! republish. What the delay topic holds survives any consumer's restart; a scheduler
 //! that stops (its client closed or crashed) leaves its records for the next member of
 //! `T.scheduler`, which is any client that schedules on `T` again or calls
-//! [`KafkaBroker::start_scheduler`].
+//! [`KafkaBroker::start_scheduler`]. A scheduler whose subscription fails joins again.
+//! A due message this client can never publish (larger than its `max_message_size`,
+//! or with reserved header names: written by another producer or a client with other
+//! limits) is dropped with an error naming its id, not retried with the others held
+//! behind it.
 //!
 //! There are no transactions (tansu has none), so a republish and its commit are two
 //! steps, and a duplicate can occur in exactly one place: a record republished to `T`
@@ -65,7 +69,11 @@ impl Schedulers {
         self.cancel.cancel();
         let tasks: Vec<_> = self.running.lock().drain().map(|(_, t)| t).collect();
         for task in tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+            match tokio::time::timeout(Duration::from_secs(30), task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(ended)) => tracing::error!(error = %ended, "a scheduler task died"),
+                Err(_) => tracing::warn!("a scheduler did not stop within 30 s; left running"),
+            }
         }
     }
 }
@@ -194,11 +202,14 @@ impl KafkaBroker {
     }
 }
 
-/// One scheduler member: joins, then republishes what comes due until `cancel`.
+/// One scheduler member: joins, then republishes what comes due until `cancel` or the
+/// client is gone. A subscription that fails (the broker refusing the group after a
+/// credential change, say) is left and joined again: a scheduler that stopped there
+/// would leave every scheduled message waiting until the process restarts.
 async fn run(inner: Weak<Inner>, topic: String, delay_topic: String, cancel: CancellationToken) {
     let group = format!("{topic}{GROUP_SUFFIX}");
     let mut pauses = RETRY.pauses();
-    let mut sub = loop {
+    loop {
         let Some(broker) = inner.upgrade().map(|inner| KafkaBroker { inner }) else {
             return;
         };
@@ -208,61 +219,87 @@ async fn run(inner: Weak<Inner>, topic: String, delay_topic: String, cancel: Can
             r = broker.subscribe(options) => r,
         };
         drop(broker);
-        match joined {
-            Ok(sub) => break sub,
-            Err(error) => {
-                tracing::warn!(%error, topic, "the scheduler could not join; trying again");
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(pauses.next().unwrap_or(Duration::from_secs(5))) => {}
+        let failed = match joined {
+            Ok(sub) => {
+                pauses = RETRY.pauses();
+                match serve(&inner, &topic, sub, &cancel).await {
+                    Served::Stopped => return,
+                    Served::Failed(error) => {
+                        tracing::warn!(%error, topic, "the scheduler's subscription failed; joining again");
+                        continue;
+                    }
                 }
             }
+            Err(error) => error,
+        };
+        tracing::warn!(error = %failed, topic, "the scheduler could not join; trying again");
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(pauses.next().unwrap_or(Duration::from_secs(5))) => {}
         }
-    };
+    }
+}
+
+/// How a scheduler's subscription ended.
+enum Served {
+    /// Cancelled, or the client is gone.
+    Stopped,
+    /// The subscription failed; the member joins again.
+    Failed(Error),
+}
+
+/// Republishes what comes due from one subscription until it ends, then closes it,
+/// which commits what was republished; what still waits goes back to the delay topic's
+/// next reader.
+async fn serve(
+    inner: &Weak<Inner>,
+    topic: &str,
+    mut sub: Box<dyn switchyard_core::Subscription>,
+    cancel: &CancellationToken,
+) -> Served {
     let mut waiting = Waiting::default();
     let mut buf = Vec::new();
     let mut failures = 0;
-    loop {
+    let served = loop {
         let next = waiting.next_due();
         tokio::select! {
-            () = cancel.cancelled() => break,
+            () = cancel.cancelled() => break Served::Stopped,
             r = sub.recv_many(&mut buf, WINDOW) => match r {
-                Ok(0) => break,
+                Ok(0) => break Served::Failed(Error::transient(
+                    crate::broker::BACKEND,
+                    "the scheduler's subscription ended",
+                )),
                 Ok(_) => {
                     for d in buf.drain(..) {
                         waiting.add(d).await;
                     }
                 }
-                Err(error) => {
-                    tracing::warn!(%error, topic, "the scheduler's subscription failed");
-                    break;
-                }
+                Err(error) => break Served::Failed(error),
             },
             () = sleep_until(next) => {
                 let Some(broker) = inner.upgrade().map(|inner| KafkaBroker { inner }) else {
-                    break;
+                    break Served::Stopped;
                 };
-                match waiting.republish_due(&broker, &topic).await {
+                match waiting.republish_due(&broker, topic).await {
                     Ok(()) => failures = 0,
                     Err(error) => {
                         failures += 1;
                         let pause = RETRY.pause(failures);
                         tracing::warn!(%error, topic, ?pause, "republishing due messages failed; trying again");
                         tokio::select! {
-                            () = cancel.cancelled() => break,
+                            () = cancel.cancelled() => break Served::Stopped,
                             () = tokio::time::sleep(pause) => {}
                         }
                     }
                 }
             }
         }
-    }
-    // Commits what was republished; what still waits goes back to the delay topic's
-    // next reader.
+    };
     drop(waiting);
     if let Err(error) = sub.close().await {
         tracing::warn!(%error, topic, "closing the scheduler's subscription failed");
     }
+    served
 }
 
 /// Sleeps until `due` (ms since the epoch) on the wall clock, or forever for `None`.
@@ -326,9 +363,27 @@ impl Waiting {
         if due.is_empty() {
             return Ok(());
         }
-        let messages: Vec<Message> = due.iter().map(|k| self.by_due[k].1.clone()).collect();
-        broker.publish_batch(topic, messages).await?;
+        let mut messages = Vec::with_capacity(due.len());
+        let mut publishable = Vec::with_capacity(due.len());
         for k in due {
+            let (d, message) = &self.by_due[&k];
+            // A message this client can never publish (written by another producer, or
+            // by a client allowing larger messages) would fail every batch it is in and
+            // hold its partition's commit for good: it is dropped, with the reason.
+            if let Err(refused) = can_publish(broker, message) {
+                tracing::error!(id = d.id(), topic, error = %refused, "a scheduled message can never be published from this client; dropped");
+                let (d, _) = self.by_due.remove(&k).expect("filed above");
+                let _ = d.ack().await;
+                continue;
+            }
+            messages.push(message.clone());
+            publishable.push(k);
+        }
+        if messages.is_empty() {
+            return Ok(());
+        }
+        broker.publish_batch(topic, messages).await?;
+        for k in publishable {
             let (d, _) = self.by_due.remove(&k).expect("filed above");
             if let Err(error) = d.ack().await {
                 // The record comes back to a scheduler and is republished again.
@@ -337,6 +392,13 @@ impl Waiting {
         }
         Ok(())
     }
+}
+
+/// Whether `message` passes this client's checks before a publish.
+fn can_publish(broker: &KafkaBroker, message: &Message) -> Result<()> {
+    check_headers(message)?;
+    crate::record::check_header_names(message)?;
+    broker.check_size(message)
 }
 
 #[cfg(test)]

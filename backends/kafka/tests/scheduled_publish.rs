@@ -50,6 +50,42 @@ async fn a_scheduled_message_waits_in_the_delay_topic_for_the_next_scheduler() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_message_the_scheduler_can_never_publish_holds_up_nothing() {
+    let topic = name("sched-big");
+    let group = name("g");
+    // Scheduled by a client allowing larger messages than the scheduler's: due first,
+    // then two small ones of one key (one partition, so they arrive in order).
+    let first = KafkaBroker::connect(&url("")).unwrap();
+    let now = SystemTime::now();
+    let big = Message::new(vec![7u8; 4096]).with_key("k");
+    let small = Message::new("small").with_key("k");
+    let last = Message::new("last").with_key("k");
+    for (m, after) in [(&big, 1000), (&small, 1500), (&last, 2500)] {
+        let when = now + Duration::from_millis(after);
+        first.publish_at(&topic, m.clone(), when).await.unwrap();
+    }
+    first.close().await.unwrap();
+
+    let second = KafkaBroker::connect(&url("max_message_size=1024")).unwrap();
+    let mut sub = second
+        .subscribe(SubscribeOptions::new(&topic, &group))
+        .await
+        .unwrap();
+    second.start_scheduler(&topic).unwrap();
+    // Every batch with the big one in it would fail and go out again, the small ones
+    // with it: everything up to `last` arrives exactly once, and the big one never.
+    let mut got = Vec::new();
+    while got.last() != Some(&last.id) {
+        let d = recv_n(&mut sub, 1).await.remove(0);
+        got.push(d.id().to_string());
+        d.ack().await.unwrap();
+    }
+    assert_eq!(got, [small.id.clone(), last.id.clone()]);
+    sub.close().await.unwrap();
+    second.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_whose_delay_topic_would_not_fit_is_refused_at_once() {
     let broker = KafkaBroker::connect(&url("")).unwrap();
     let long = "t".repeat(190);
