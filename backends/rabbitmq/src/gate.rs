@@ -9,9 +9,14 @@
 //! back (recognised by its id) it heads its key again, ahead of the successors held
 //! here. The member counts the attempts of what it requeued, since classic queues only
 //! flag a redelivery.
+//!
+//! A requeued message may never come back: RabbitMQ drops one whose TTL ran out, or
+//! dead-letters one past a quorum queue's delivery limit, and tells the consumer
+//! nothing. After [`RETURN_LIMIT`] its key goes on without it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use switchyard_core::backend::KeyGate;
 use switchyard_core::Message;
@@ -25,11 +30,15 @@ pub(crate) struct Entry {
     pub(crate) requeued_head: bool,
 }
 
+/// How long a key waits for its requeued message to come back. It normally returns
+/// within milliseconds, ahead of anything not yet delivered.
+pub(crate) const RETURN_LIMIT: Duration = Duration::from_secs(30);
+
 #[derive(Default)]
 pub(crate) struct Gate {
     keys: KeyGate<String, Entry>,
-    /// Keys whose head was nacked for requeue, with that message's id.
-    awaiting: HashMap<String, String>,
+    /// Keys whose head was nacked for requeue, with that message's id and when.
+    awaiting: HashMap<String, (String, Instant)>,
     /// The delivery count a message requeued by this member comes back with.
     attempts: HashMap<String, u32>,
 }
@@ -42,7 +51,7 @@ impl Gate {
         }
         let key = entry.message.key.clone();
         if let Some(k) = &key {
-            if let Some(id) = self.awaiting.get(k) {
+            if let Some((id, _)) = self.awaiting.get(k) {
                 if *id == entry.message.id {
                     self.awaiting.remove(k);
                     entry.requeued_head = true;
@@ -81,8 +90,41 @@ impl Gate {
         self.attempts
             .insert(message.id.clone(), attempt.saturating_add(1));
         if let Some(key) = &message.key {
-            self.awaiting.insert(key.clone(), message.id.clone());
+            self.awaiting
+                .insert(key.clone(), (message.id.clone(), Instant::now()));
         }
+    }
+
+    /// Frees the keys whose requeued message has been away for [`RETURN_LIMIT`] by
+    /// `now`: their successors go ahead. If it comes back later after all, it queues
+    /// behind them.
+    pub(crate) fn release_overdue(&mut self, now: Instant) {
+        let overdue: Vec<String> = self
+            .awaiting
+            .iter()
+            .filter(|(_, (_, since))| now.saturating_duration_since(*since) >= RETURN_LIMIT)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in overdue {
+            if let Some((id, _)) = self.awaiting.remove(&key) {
+                self.attempts.remove(&id);
+                tracing::warn!(
+                    %key,
+                    %id,
+                    limit = ?RETURN_LIMIT,
+                    "a requeued message did not come back (the broker expired or dead-lettered it); its key goes on without it"
+                );
+                self.keys.settle(key.as_str());
+            }
+        }
+    }
+
+    /// When the first key waiting for a requeued message is to be freed.
+    pub(crate) fn next_release(&self) -> Option<Instant> {
+        self.awaiting
+            .values()
+            .map(|(_, since)| *since + RETURN_LIMIT)
+            .min()
     }
 
     /// Received messages not yet handed out.
@@ -119,6 +161,28 @@ mod tests {
 
     fn keyed(key: &str) -> Arc<Message> {
         Arc::new(Message::new("x").with_key(key))
+    }
+
+    #[test]
+    fn a_requeued_message_that_never_comes_back_frees_its_key_after_the_limit() {
+        let mut g = Gate::default();
+        let (a1, a2) = (keyed("a"), keyed("a"));
+        g.arrive(entry(&a1));
+        g.arrive(entry(&a2));
+        assert_eq!(g.take(false).unwrap().message.id, a1.id);
+        g.settled(&a1, 1, true);
+        assert!(g.take(false).is_none(), "a2 waits for a1 to come back");
+        let due = g.next_release().expect("a key awaits its message");
+        g.release_overdue(due - Duration::from_millis(1));
+        assert!(g.take(false).is_none(), "not before the limit");
+        g.release_overdue(due);
+        assert_eq!(g.take(false).unwrap().message.id, a2.id);
+        assert!(g.quiet(), "nothing awaited any more");
+        assert_eq!(g.next_release(), None);
+        // Back after all: queued behind its successor, not lost.
+        g.arrive(entry(&a1));
+        g.settled(&a2, 1, false);
+        assert_eq!(g.take(false).unwrap().message.id, a1.id);
     }
 
     #[test]

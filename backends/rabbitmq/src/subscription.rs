@@ -143,6 +143,9 @@ impl Subscription for RabbitSubscription {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let mut taken = Vec::new();
+            // The first key to be freed from waiting on a requeued message that may
+            // never come back: the wait below ends then, with or without a wake-up.
+            let next_release;
             {
                 let mut guard = self.shared.state.lock();
                 let st = &mut *guard;
@@ -152,6 +155,15 @@ impl Subscription for RabbitSubscription {
                 if let Some(e) = st.fatal.take() {
                     return Err(e);
                 }
+                let now = Instant::now();
+                for part in st.parts.values_mut() {
+                    part.gate.release_overdue(now);
+                }
+                next_release = st
+                    .parts
+                    .values()
+                    .filter_map(|p| p.gate.next_release())
+                    .min();
                 let credit = self.shared.prefetch.saturating_sub(st.unsettled).min(max);
                 let keys: Vec<u32> = st.parts.keys().copied().collect();
                 if credit > 0 && !keys.is_empty() {
@@ -195,7 +207,13 @@ impl Subscription for RabbitSubscription {
                 );
                 return Ok(n);
             }
-            notified.await;
+            match next_release {
+                Some(at) => {
+                    let at = tokio::time::Instant::from_std(at);
+                    let _ = tokio::time::timeout_at(at, notified).await;
+                }
+                None => notified.await,
+            }
         }
     }
 

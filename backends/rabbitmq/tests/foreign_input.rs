@@ -10,7 +10,7 @@ use std::time::Duration;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
-use switchyard_core::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
+use switchyard_core::{Broker, Message, Nack, Publisher, SubscribeOptions, Subscriber};
 use switchyard_rabbitmq::RabbitBroker;
 
 use common::{cleanup, raw, unique, url};
@@ -125,5 +125,63 @@ async fn odd_foreign_messages_are_delivered_and_later_messages_still_flow() {
         odd_seen.len(),
         good_seen.len(),
         good_ids.len()
+    );
+}
+
+/// A message with a TTL, requeued after the TTL ran out, is dropped by the broker and
+/// never comes back: its key's later messages still go out (after the gate's limit on
+/// waiting for it), not held for good.
+#[tokio::test]
+async fn a_requeued_message_the_broker_expires_does_not_hold_its_key() {
+    let topic = unique("expired");
+    let group = "g";
+    let broker = RabbitBroker::connect(&url())
+        .await
+        .expect("RabbitMQ must be reachable");
+    let mut sub = broker
+        .subscribe(SubscribeOptions::new(&topic, group).prefetch(8))
+        .await
+        .unwrap();
+    let conn = raw().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert("x-switchyard-key".into(), AMQPValue::LongString("k".into()));
+    for (body, ttl) in [("short-lived", Some("1000")), ("next", None)] {
+        let mut props = BasicProperties::default().with_headers(headers.clone());
+        if let Some(ttl) = ttl {
+            props = props.with_expiration(ttl.into());
+        }
+        let confirm = ch
+            .basic_publish(
+                topic.as_str().into(),
+                routing_key_for_partition(0).as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                props,
+            )
+            .await
+            .unwrap();
+        confirm.await.unwrap();
+    }
+    let outcome = tokio::time::timeout(Duration::from_secs(90), async {
+        let first = sub.recv().await.expect("open").expect("receive");
+        assert_eq!(first.payload(), &b"short-lived"[..]);
+        // Past its TTL when requeued: the broker drops it instead.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        first.nack(Nack::Requeue).await.unwrap();
+        let next = sub.recv().await.expect("open").expect("receive");
+        let got = String::from_utf8_lossy(next.payload()).into_owned();
+        next.ack().await.unwrap();
+        got
+    })
+    .await;
+    sub.close().await.unwrap();
+    cleanup(&conn, &topic, group).await;
+    let _ = conn.close(200, "done".into()).await;
+    broker.close().await.unwrap();
+    assert_eq!(
+        outcome.as_deref(),
+        Ok("next"),
+        "the key stayed held behind a message that never came back"
     );
 }
