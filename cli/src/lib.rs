@@ -425,7 +425,7 @@ async fn run_command(cli: Cli, input: impl BufRead, out: &mut impl Write) -> Res
                 return Err(Error::config(
                     "id",
                     format!(
-                        "dead letters {:?} name no original {} to replay to",
+                        "dead letters {:?} name no valid original {} to replay to",
                         done.unroutable,
                         if to_topic { "topic" } else { "topic and group" }
                     ),

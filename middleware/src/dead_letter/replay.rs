@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use switchyard_core::backend::validate_name;
 use switchyard_core::{AnyBroker, Delivery, Error, Result, SubscribeOptions, Subscription};
 
 use super::headers;
@@ -20,8 +21,9 @@ pub struct Replayed {
     /// Of the kept ones, those published again to the dead-letter topic so the reading
     /// group's log position could move past them (see [`DeadLetterAdmin`]).
     pub moved: usize,
-    /// Ids selected but kept because they lack the header naming where they go
-    /// (`x-dlq-original-topic`, and `x-dlq-original-group` when replaying to the group).
+    /// Ids selected but left in the dead-letter topic because the header naming where
+    /// they go (`x-dlq-original-topic`, and `x-dlq-original-group` when replaying to the
+    /// group) is missing or names no valid topic or group.
     pub unroutable: Vec<String>,
     /// Why the replay stopped early, if it did; the letters it had not reached are kept.
     pub error: Option<String>,
@@ -215,12 +217,13 @@ impl DeadLetterAdmin {
         for (i, record) in records.iter().enumerate() {
             if !settled[i] && !matches!(plan[i], Plan::Copy(_)) {
                 outcome.kept += 1;
-                if plan[i] == Plan::Keep
-                    && record.selected(selection)
-                    && self.target(record).is_none()
-                {
-                    outcome.unroutable.push(record.message.id.clone());
-                }
+            }
+            // Kept in place or moved within the dead-letter topic, it stays there.
+            if matches!(plan[i], Plan::Keep | Plan::Move)
+                && record.selected(selection)
+                && self.target(record).is_none()
+            {
+                outcome.unroutable.push(record.message.id.clone());
             }
         }
         if let Err(e) = close {
@@ -249,10 +252,17 @@ impl DeadLetterAdmin {
 
     /// Where a record goes: (topic, group), the group only when replaying to it.
     fn target<'a>(&self, record: &'a DeadLetterRecord) -> Option<(&'a str, Option<&'a str>)> {
+        // Names another client wrote: one the broker would refuse is no target, so
+        // the letter is kept and reported rather than stopping the replay.
         let topic = record.original_topic.as_deref()?;
+        validate_name("topic", topic).ok()?;
         match self.to {
             ReplayTo::Topic => Some((topic, None)),
-            ReplayTo::Group => Some((topic, Some(record.original_group.as_deref()?))),
+            ReplayTo::Group => {
+                let group = record.original_group.as_deref()?;
+                validate_name("group", group).ok()?;
+                Some((topic, Some(group)))
+            }
         }
     }
 
@@ -376,4 +386,42 @@ fn letter_key(d: &Delivery) -> (String, Option<String>) {
         m.id.clone(),
         m.headers.get(headers::ORIGINAL_GROUP).cloned(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use switchyard_core::{Message, Publisher, SubscribeOptions, Subscriber};
+
+    #[tokio::test]
+    async fn a_letter_naming_no_valid_topic_is_kept_and_the_others_replayed() {
+        let broker = Arc::new(switchyard_memory::MemoryBroker::new());
+        let mut back = broker
+            .subscribe(SubscribeOptions::new("t", "g"))
+            .await
+            .unwrap();
+        let admin = DeadLetterAdmin::new(broker.clone())
+            .to(ReplayTo::Topic)
+            .idle(Duration::from_millis(100));
+        admin.prepare("t.dlq").await.unwrap();
+        let bad = Message::new("a").with_header(headers::ORIGINAL_TOPIC, "");
+        let good = Message::new("b").with_header(headers::ORIGINAL_TOPIC, "t");
+        for m in [&bad, &good] {
+            broker.publish("t.dlq", m.clone()).await.unwrap();
+        }
+        let done = admin.replay("t.dlq", &Selection::All).await.unwrap();
+        assert_eq!(done.replayed, std::slice::from_ref(&good.id), "{done:?}");
+        assert_eq!(done.unroutable, std::slice::from_ref(&bad.id), "{done:?}");
+        assert_eq!((done.kept + done.moved, done.error), (1, None));
+        assert_eq!(back.recv().await.unwrap().unwrap().id(), good.id);
+        let left: Vec<String> = admin
+            .list("t.dlq")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.message.id)
+            .collect();
+        assert_eq!(left, std::slice::from_ref(&bad.id), "the bad letter stays");
+    }
 }
