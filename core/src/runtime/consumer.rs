@@ -1,13 +1,16 @@
 //! The consumer builder, and a started consumer's handle.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
 use super::member::{run_member, MemberSettings};
+use super::settle::panic_text;
 use super::{ConsumerReport, Stats};
 use crate::backend::Backoff;
 use crate::broker::{SubscribeOptions, Subscriber};
@@ -175,13 +178,28 @@ where
         let tasks = subscriptions
             .into_iter()
             .map(|sub| {
-                tokio::spawn(run_member(
+                let member = run_member(
                     sub,
                     self.service.clone(),
                     settings.clone(),
                     shutdown.clone(),
                     stats.clone(),
-                ))
+                );
+                let siblings = shutdown.clone();
+                // A panic outside the handler's call (a service's `poll_ready`, a
+                // backend's receive) ends this member: its siblings stop too, at once,
+                // rather than run on unaware until shutdown.
+                tokio::spawn(async move {
+                    AssertUnwindSafe(member).catch_unwind().await.unwrap_or_else(|panic| {
+                        siblings.cancel();
+                        let text = panic_text(panic.as_ref());
+                        tracing::error!(panic = %text, "a consumer member panicked; stopping the consumer");
+                        Err(Error::permanent(
+                            "runtime",
+                            format!("a consumer member panicked: {text}; its unsettled deliveries return to the broker"),
+                        ))
+                    })
+                })
             })
             .collect();
         Ok(RunningConsumer {

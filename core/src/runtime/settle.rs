@@ -116,12 +116,17 @@ impl Observed {
 
 /// A caught panic as the handler's failure.
 fn panic_error(panic: Box<dyn std::any::Any + Send>) -> HandlerError {
-    let text = panic
+    let text = panic_text(panic.as_ref());
+    HandlerError::new(FailureKind::Panic, format!("handler panicked: {text}"))
+}
+
+/// A caught panic's message, where it has one.
+pub(super) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "handler panicked".to_string());
-    HandlerError::new(FailureKind::Panic, format!("handler panicked: {text}"))
+        .unwrap_or_else(|| "no message".to_string())
 }
 
 /// Acks after the handler succeeded, and counts it.

@@ -70,14 +70,15 @@ impl Subscription for Scripted {
     }
 }
 
-/// A subscriber with one scripted subscription.
-struct Source(Mutex<Option<Scripted>>);
+/// A subscriber with scripted subscriptions, handed out in order.
+struct Source(Mutex<Vec<Scripted>>);
 
 #[async_trait]
 impl Subscriber for Source {
     async fn subscribe(&self, _: SubscribeOptions) -> Result<Box<dyn Subscription>> {
-        let sub = self.0.lock().take().expect("one subscription per test");
-        Ok(Box::new(sub))
+        let mut left = self.0.lock();
+        assert!(!left.is_empty(), "more subscriptions than scripted");
+        Ok(Box::new(left.remove(0)))
     }
 }
 
@@ -85,7 +86,7 @@ impl Subscriber for Source {
 fn scripted() -> (Arc<Source>, mpsc::UnboundedSender<Delivery>, Log) {
     let (tx, rx) = mpsc::unbounded_channel();
     (
-        Arc::new(Source(Mutex::new(Some(Scripted(rx))))),
+        Arc::new(Source(Mutex::new(vec![Scripted(rx)]))),
         tx,
         Log::default(),
     )
@@ -312,6 +313,47 @@ async fn shutdown_stops_one_consumer_and_leaves_the_shared_token_alone() {
         "the token other consumers share stays live"
     );
     drop(tx);
+}
+
+#[tokio::test]
+async fn a_member_that_panics_outside_the_handler_stops_its_siblings_at_once() {
+    /// Panics in `poll_ready` once a delivery arrived for it.
+    #[derive(Clone)]
+    struct PanicsWhenReady;
+    impl tower::Service<Delivery> for PanicsWhenReady {
+        type Response = ();
+        type Error = HandlerError;
+        type Future = futures::future::Ready<std::result::Result<(), HandlerError>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::result::Result<(), HandlerError>> {
+            panic!("poll_ready broke");
+        }
+        fn call(&mut self, _: Delivery) -> Self::Future {
+            futures::future::ready(Ok(()))
+        }
+    }
+    // Two members; the second gets the delivery, the first waits on an open
+    // subscription that never delivers, so only the panic can end it.
+    let (idle_tx, idle_rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let source = Arc::new(Source(Mutex::new(vec![Scripted(idle_rx), Scripted(rx)])));
+    let log = Log::default();
+    let token = CancellationToken::new();
+    let running = Consumer::new(SubscribeOptions::new("t", "g"), PanicsWhenReady)
+        .members(2)
+        .start(source, token.clone())
+        .await
+        .unwrap();
+    tx.send(delivery("a", &log)).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), running.join())
+        .await
+        .expect("the panic stops the whole consumer");
+    let err = ended.expect_err("the panic is the consumer's error");
+    assert!(err.to_string().contains("poll_ready broke"), "{err}");
+    assert!(!token.is_cancelled(), "the shared token stays live");
+    drop((idle_tx, tx));
 }
 
 async fn ok(_: Delivery) -> std::result::Result<(), HandlerError> {
