@@ -45,6 +45,10 @@ pub(super) fn without_own_headers(mut letter: Message, why: &switchyard_core::Er
 pub(super) fn dead_letter(delivery: &Delivery, error: &HandlerError) -> Message {
     let origin = delivery.origin();
     let mut m = delivery.message().clone();
+    // Dead-letter headers the message already carries (written by another client, or
+    // left from an earlier failure) would pass for this failure's where absent here.
+    m.headers
+        .retain(|name, _| !headers::ALL.contains(&name.as_str()));
     let h = &mut m.headers;
     h.insert(
         headers::ERROR.into(),

@@ -148,6 +148,34 @@ mod tests {
             .expect("the third counted delivery is dead-lettered");
     }
 
+    #[tokio::test]
+    async fn dead_letter_headers_the_message_brought_along_are_not_kept() {
+        let broker = Arc::new(switchyard_memory::MemoryBroker::new());
+        let mut sub = switchyard_core::Subscriber::subscribe(
+            &*broker,
+            switchyard_core::SubscribeOptions::new("t.dlq", "read"),
+        )
+        .await
+        .unwrap();
+        let layer = DeadLetterLayer::new(broker.clone());
+        // Keyless, from a memory topic (no partition): forged headers would stand.
+        let forged = Message::new("x")
+            .with_header(headers::ORIGINAL_KEY, "forged")
+            .with_header(headers::ORIGINAL_PARTITION, "7");
+        layer
+            .on_failure(
+                delivery(&Arc::new(forged), 1),
+                HandlerError::permanent("no"),
+            )
+            .await
+            .unwrap();
+        let letter = sub.recv().await.unwrap().unwrap();
+        let h = &letter.message().headers;
+        assert!(!h.contains_key(headers::ORIGINAL_KEY), "{h:?}");
+        assert!(!h.contains_key(headers::ORIGINAL_PARTITION), "{h:?}");
+        assert_eq!(h[headers::ERROR_KIND], "permanent");
+    }
+
     /// Refuses, permanently, any message with more than 15 headers.
     struct Picky(Arc<switchyard_memory::MemoryBroker>);
 
