@@ -24,10 +24,12 @@ pub(crate) fn headers(message: &Message) -> OwnedHeaders {
     h
 }
 
-/// Milliseconds since the epoch, Kafka's record timestamp.
+/// Milliseconds since the epoch, Kafka's record timestamp: saturating, since a
+/// message from another broker may carry a time past what 64 bits of milliseconds hold,
+/// and a wrapped, negative one would be taken for "no timestamp" or break fetches.
 pub(crate) fn millis(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
@@ -361,5 +363,13 @@ mod proptests {
             prop_assert_eq!(&back.payload, &m.payload);
             prop_assert_eq!(back.timestamp, m.timestamp);
         }
+    }
+
+    #[test]
+    fn a_timestamp_past_what_milliseconds_hold_saturates() {
+        let far = UNIX_EPOCH + Duration::from_secs(i64::MAX as u64);
+        assert_eq!(millis(far), i64::MAX);
+        assert_eq!(millis(UNIX_EPOCH + Duration::from_millis(5)), 5);
+        assert_eq!(millis(UNIX_EPOCH - Duration::from_secs(1)), 0);
     }
 }
