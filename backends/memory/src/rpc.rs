@@ -41,10 +41,15 @@ impl Replies {
                 ))
             }
         };
-        // A closed inbox means its requester is gone: the reply has nobody to reach.
-        tx.send(Ok(reply))
-            .await
-            .map_err(|_| Error::Closed { backend: BACKEND })
+        // A closed inbox means its requester is gone: the reply has nobody to reach, now
+        // or on a retry, so the error is permanent (the responder drops the reply
+        // rather than run the request again and again).
+        tx.send(Ok(reply)).await.map_err(|_| {
+            Error::permanent(
+                BACKEND,
+                format!("the reply inbox {address:?} is closed (its requester has closed); reply dropped"),
+            )
+        })
     }
 }
 
@@ -53,4 +58,25 @@ fn stream(
     rx: mpsc::Receiver<Result<Message>>,
 ) -> futures::stream::BoxStream<'static, Result<Message>> {
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) }).boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_reply_to_a_closed_inbox_is_refused_for_good() {
+        let replies = Replies::default();
+        let inbox = replies.open();
+        let address = inbox.address.clone();
+        drop(inbox);
+        let err = replies
+            .send(&address, Message::new("late"))
+            .await
+            .unwrap_err();
+        assert!(
+            !err.is_transient(),
+            "a retry would run the request again: {err}"
+        );
+    }
 }
