@@ -135,8 +135,9 @@ impl Requester {
     /// client's reply address, and waits up to `timeout` for the reply. `open` opens the
     /// inbox when there is none yet (the first request, or after the last one ended).
     ///
-    /// The timeout covers the publish too. A reply carrying [`headers::ERROR`] becomes
-    /// [`Error::ErrorReply`]; [`Requester::close`] ends the wait with [`Error::Closed`].
+    /// The timeout covers opening the inbox and the publish too. A reply carrying
+    /// [`headers::ERROR`] becomes [`Error::ErrorReply`]; [`Requester::close`] ends the
+    /// wait with [`Error::Closed`].
     pub async fn request<P, F, Fut>(
         &self,
         publisher: &P,
@@ -156,7 +157,26 @@ impl Requester {
                 "must be more than zero: it is how long a request waits for its reply",
             ));
         }
-        let pending = self.pending(open).await?;
+        // The timeout covers the whole request: opening the inbox (a broker that
+        // accepts the connection and never answers), the publish and the reply.
+        let deadline = tokio::time::Instant::now().checked_add(timeout);
+        let until = |deadline: Option<tokio::time::Instant>| async move {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let pending = tokio::select! {
+            pending = self.pending(open) => pending?,
+            () = until(deadline) => {
+                return Err(Error::Timeout {
+                    after: timeout,
+                    what: format!(
+                        "opening the reply inbox for a request on topic {topic:?} (the timeout given to request)"
+                    ),
+                })
+            }
+        };
         let correlation = new_id();
         let (tx, rx) = oneshot::channel();
         match pending.waiters.lock().as_mut() {
@@ -179,9 +199,13 @@ impl Requester {
             // The sender is only dropped after an answer was sent; treat a drop as closed.
             rx.await.unwrap_or_else(|_| Err(self.closed_error()))
         };
-        let reply = match tokio::time::timeout(timeout, exchange).await {
+        let reply = tokio::select! {
+            reply = exchange => Ok(reply),
+            () = until(deadline) => Err(()),
+        };
+        let reply = match reply {
             Ok(reply) => reply?,
-            Err(_) => {
+            Err(()) => {
                 return Err(Error::Timeout {
                     after: timeout,
                     what: format!(

@@ -251,3 +251,26 @@ async fn a_zero_timeout_is_a_config_error() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn the_timeout_covers_an_inbox_that_never_opens() {
+    let requester = Requester::new("test");
+    let (tx, _requests) = mpsc::unbounded();
+    let publisher = Capture(tx);
+    let never = || std::future::pending::<Result<Inbox>>();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(10),
+        requester.request(
+            &publisher,
+            never,
+            "rates",
+            Message::new("x"),
+            Duration::from_millis(50),
+        ),
+    )
+    .await
+    .expect("the request's own timeout ends it");
+    let err = ended.unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert!(err.to_string().contains("opening the reply inbox"), "{err}");
+}
