@@ -40,7 +40,7 @@ impl RabbitBroker {
         let config = Arc::new(RabbitConfig::from_url(url)?);
         // Fail now, not at the first publish, when the broker is unreachable.
         let probe = connection::connect_with_retry(&config, "probe").await?;
-        let _ = probe.close(200, "probe".into()).await;
+        crate::connection::close_connection(&probe, "probe").await;
         Ok(Self {
             inner: Arc::new(Inner {
                 publisher: publisher::PublisherCore::new(config.clone()),
@@ -297,6 +297,6 @@ impl Depths {
     }
 
     async fn close(self) {
-        let _ = self.conn.close(200, "inspect".into()).await;
+        crate::connection::close_connection(&self.conn, "inspect").await;
     }
 }

@@ -144,6 +144,9 @@ impl RabbitConfig {
         } else {
             format!("{base}?{}", passthrough.join("&"))
         };
+        if let Some(frame_max) = parsed.param_parse::<u32>("frame_max")? {
+            check_frame_max(frame_max, "frame_max")?;
+        }
         let partitions = parsed.param_parse::<u32>("partitions")?.unwrap_or(8);
         if partitions == 0 || partitions > 1024 || !partitions.is_power_of_two() {
             return Err(Error::config(
@@ -311,6 +314,26 @@ fn percent_decode(s: &str) -> Result<String> {
         .map_err(|_| Error::config("url", "the amqp:// URL is not UTF-8"))
 }
 
+/// Refuses a frame size below RabbitMQ's default: the codec lets a message's headers
+/// fill one default frame ([`crate::codec::MAX_PROPERTY_BYTES`]), and a header frame
+/// larger than the connection's `frame_max` makes the broker (or lapin, receiving)
+/// close the connection, again on every redelivery. `0` leaves the choice to the
+/// broker, which [`crate::connection`] checks once connected.
+pub(crate) fn check_frame_max(frame_max: u32, setting: &str) -> Result<()> {
+    const DEFAULT: u32 = 131_072;
+    if frame_max != 0 && frame_max < DEFAULT {
+        return Err(Error::config(
+            setting,
+            format!(
+                "{frame_max} is below {DEFAULT}: a message's headers may take up to one \
+                 {DEFAULT}-byte frame, and a larger header frame closes the connection; \
+                 leave frame_max out, or set it to {DEFAULT} or more"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,6 +354,21 @@ mod tests {
         ] {
             let err = RabbitConfig::from_url(&format!("amqp://h/?{bad}")).unwrap_err();
             assert!(matches!(err, Error::Config { .. }), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_frame_max_below_the_default_is_refused() {
+        let err = RabbitConfig::from_url("amqp://h/%2f?frame_max=8192").unwrap_err();
+        assert!(
+            matches!(&err, Error::Config { setting, .. } if setting == "frame_max"),
+            "{err}"
+        );
+        for ok in ["frame_max=131072", "frame_max=0", "frame_max=1048576"] {
+            assert!(
+                RabbitConfig::from_url(&format!("amqp://h/%2f?{ok}")).is_ok(),
+                "{ok}"
+            );
         }
     }
 

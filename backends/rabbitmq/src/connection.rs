@@ -56,6 +56,22 @@ pub(crate) async fn connect_once(config: &RabbitConfig, role: &str) -> Result<Co
 /// a broker that accepts the socket but never answers must not hang the caller.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 
+/// How long closing a connection or channel waits for the broker's close-ok. A broker
+/// that stops answering (a memory or disk alarm) would otherwise hold a close, and the
+/// shutdown waiting on it, for ever; dropped unanswered, the socket closes anyway.
+pub(crate) const CLOSE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Closes `conn`, waiting at most [`CLOSE_LIMIT`] for the broker; the outcome is not
+/// needed (a connection closed either way hands its unsettled messages back).
+pub(crate) async fn close_connection(conn: &Connection, reason: &str) {
+    let _ = tokio::time::timeout(CLOSE_LIMIT, conn.close(200, reason.into())).await;
+}
+
+/// Closes `channel` the same way, within [`CLOSE_LIMIT`].
+pub(crate) async fn close_channel(channel: &lapin::Channel, reason: &str) {
+    let _ = tokio::time::timeout(CLOSE_LIMIT, channel.close(200, reason.into())).await;
+}
+
 /// [`connect_once`], given up after `limit` when that is sooner than the usual 10 s: a
 /// caller with a deadline of its own then gets an error naming the handshake that did
 /// not finish, not only its own wait.
@@ -85,7 +101,17 @@ pub(crate) async fn connect_within(
             after,
             what: format!("the AMQP handshake with {}", config.redacted_url),
         }),
-        Ok(Ok(c)) => Ok(c),
+        Ok(Ok(c)) => {
+            // A broker configured with a smaller frame than the codec allows for.
+            let negotiated = c.configuration().frame_max();
+            if let Err(e) =
+                crate::config::check_frame_max(negotiated, "frame_max (negotiated with the broker)")
+            {
+                close_connection(&c, "frame_max too small").await;
+                return Err(e);
+            }
+            Ok(c)
+        }
         Ok(Err(e)) => Err(connect_error(config, e, tls_failure.lock().take())),
     }
 }

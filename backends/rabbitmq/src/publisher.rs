@@ -130,7 +130,7 @@ impl PublisherCore {
             .is_some_and(|l| l.conn.status().connected() && l.channel.status().connected());
         if !healthy {
             if let Some(old) = live.take() {
-                let _ = old.conn.close(200, "reconnecting".into()).await;
+                crate::connection::close_connection(&old.conn, "reconnecting").await;
             }
             // One attempt: the caller's retry loop owns the backoff and the deadline.
             // Given up a little before the caller's deadline, so that the caller sees
@@ -481,7 +481,7 @@ impl PublisherCore {
             // Waits for outstanding confirms so nothing accepted is cut off.
             let _ = tokio::time::timeout(Duration::from_secs(5), live.channel.wait_for_confirms())
                 .await;
-            let _ = live.conn.close(200, "closed".into()).await;
+            crate::connection::close_connection(&live.conn, "closed").await;
         }
         Ok(())
     }

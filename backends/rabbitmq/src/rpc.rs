@@ -152,7 +152,7 @@ impl Rpc {
         self.requester.close();
         let conn = self.link.lock().await.conn.take();
         if let Some(conn) = conn {
-            let _ = conn.close(200, "closed".into()).await;
+            crate::connection::close_connection(&conn, "closed").await;
         }
     }
 
@@ -164,7 +164,7 @@ impl Rpc {
         }
         if !link.conn.as_ref().is_some_and(|c| c.status().connected()) {
             if let Some(old) = link.conn.take() {
-                let _ = old.close(200, "reconnecting".into()).await;
+                crate::connection::close_connection(&old, "reconnecting").await;
             }
             let conn = connect_once(&self.config, "rpc").await?;
             *link = Link {
@@ -181,7 +181,7 @@ impl Rpc {
     async fn open_inbox(&self) -> Result<Inbox> {
         let mut link = self.link.lock().await;
         if let Some(old) = link.requests.take() {
-            let _ = old.close(200, "replaced".into()).await;
+            crate::connection::close_channel(&old, "replaced").await;
         }
         let conn = self.connection(&mut link).await?;
         let channel = confirm_channel(conn, "the request channel").await?;

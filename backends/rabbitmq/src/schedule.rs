@@ -187,7 +187,7 @@ pub(crate) async fn declare_levels(
         )
         .await
         .map_err(|e| map_err(&format!("binding exchange {below:?} to {name:?}"), e))?;
-        let _ = ch.close(200, "declared".into()).await;
+        crate::connection::close_channel(&ch, "declared").await;
     }
     Ok(())
 }

@@ -95,7 +95,7 @@ impl Supervisor {
                 Ok(())
             }
             Err(e) => {
-                let _ = conn.close(200, "setup failed".into()).await;
+                crate::connection::close_connection(&conn, "setup failed").await;
                 Err(e)
             }
         }
@@ -109,7 +109,7 @@ impl Supervisor {
         self.membership = None;
         self.control = None;
         if let Some(conn) = self.conn.take() {
-            let _ = conn.close(200, "reconnecting".into()).await;
+            crate::connection::close_connection(&conn, "reconnecting").await;
         }
     }
 
@@ -167,7 +167,7 @@ impl Supervisor {
     pub(crate) async fn shutdown(&mut self) {
         self.close_parts().await;
         if let Some(conn) = self.conn.take() {
-            let _ = conn.close(200, "subscription closed".into()).await;
+            crate::connection::close_connection(&conn, "subscription closed").await;
         }
         self.shared.wake.notify_waiters();
     }
@@ -181,7 +181,7 @@ impl Supervisor {
         let parts = std::mem::take(&mut self.shared.state.lock().parts);
         futures::future::join_all(parts.values().map(|part| async move {
             if part.channel.status().connected() {
-                let _ = part.channel.close(200, "partition released".into()).await;
+                crate::connection::close_channel(&part.channel, "partition released").await;
             }
         }))
         .await;
@@ -401,7 +401,7 @@ impl Supervisor {
     /// their original places in the queue and ends the exclusive consumer, together.
     pub(crate) async fn release(&mut self, part: Part) {
         if part.channel.status().connected() {
-            let _ = part.channel.close(200, "rebalancing".into()).await;
+            crate::connection::close_channel(&part.channel, "rebalancing").await;
         }
         if let Some(pump) = part.pump {
             pump.abort();

@@ -153,7 +153,7 @@ async fn declare_exchange_of(conn: &Connection, exchange: &str, kind: ExchangeKi
         .await;
     match r {
         Ok(()) => {
-            let _ = ch.close(200, "declared".into()).await;
+            crate::connection::close_channel(&ch, "declared").await;
             Ok(())
         }
         Err(e) => Err(conflict("exchange", exchange, e)),
@@ -280,7 +280,7 @@ pub(crate) async fn declare_group(
             }
         }
     }
-    let _ = ch.close(200, "declared".into()).await;
+    crate::connection::close_channel(&ch, "declared").await;
     Ok(())
 }
 
@@ -327,7 +327,7 @@ async fn queue_exists(conn: &Connection, name: &str) -> Result<bool> {
         .await;
     match r {
         Ok(_) => {
-            let _ = ch.close(200, "looked".into()).await;
+            crate::connection::close_channel(&ch, "looked").await;
             Ok(true)
         }
         Err(e) if soft_code(&e) == Some(404) => Ok(false),
@@ -421,7 +421,7 @@ pub(crate) async fn declare_delay(
     )
     .await
     .map_err(|e| map_err(&format!("binding queue {hold:?}"), e))?;
-    let _ = ch.close(200, "declared".into()).await;
+    crate::connection::close_channel(&ch, "declared").await;
     Ok(())
 }
 
