@@ -335,19 +335,26 @@ impl PublisherCore {
                 *deadline = Instant::now() + self.config.confirm_timeout;
             }
             let o = &outgoing[i];
-            let confirm = channel
-                .basic_publish(
-                    exchange.clone(),
-                    o.routing_key.clone(),
-                    BasicPublishOptions {
-                        // A message no queue takes comes back: an error, not a loss.
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &o.message.payload,
-                    o.props.clone(),
-                )
+            let write = channel.basic_publish(
+                exchange.clone(),
+                o.routing_key.clone(),
+                BasicPublishOptions {
+                    // A message no queue takes comes back: an error, not a loss.
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &o.message.payload,
+                o.props.clone(),
+            );
+            // The write itself waits for room in the socket: a broker blocking its
+            // publishers (a memory or disk alarm) stops reading, and the confirm
+            // timeout is the bound on that too.
+            let confirm = tokio::time::timeout_at(*deadline, write)
                 .await
+                .map_err(|_| Error::Timeout {
+                    after: self.config.confirm_timeout,
+                    what: format!("writing a publish to {}", self.config.redacted_url),
+                })?
                 .map_err(|e| map_err("publishing", e))?;
             pending.push_back((i, confirm));
         }

@@ -357,6 +357,79 @@ async fn connect_via(
     (direct, sub, broker)
 }
 
+/// Forwards like [`forward`], but stops reading from the clients while `frozen` is
+/// set, as a broker blocking its publishers (a memory or disk alarm) does: their
+/// writes fill the socket buffers and then wait.
+async fn forward_freezable(listener: Arc<TcpListener>, frozen: Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let target = common::amqp_address();
+    let mut links = tokio::task::JoinSet::new();
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        let Ok(server) = TcpStream::connect(&target).await else {
+            continue;
+        };
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = server.into_split();
+        let frozen = frozen.clone();
+        links.spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                while frozen.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                match client_read.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) if server_write.write_all(&buf[..n]).await.is_err() => break,
+                    Ok(_) => {}
+                }
+            }
+        });
+        links.spawn(async move {
+            let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+        });
+    }
+}
+
+/// A broker that stops reading what a publisher writes: the publish fails within its
+/// bound (`confirm_timeout`) instead of waiting on the socket for as long as that lasts,
+/// and closing the client does not wait for ever on an answer that cannot come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_stops_reading_fails_a_publish_within_its_bound() {
+    let topic = unique_name("syr-blocked");
+    let name = unique_name("syr-blocked");
+    let listener = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let forwarding = tokio::spawn(forward_freezable(listener, frozen.clone()));
+    let bound = Duration::from_secs(2);
+    let (direct, sub, broker) = connect_via(&topic, &name, port, bound).await;
+
+    frozen.store(true, Ordering::SeqCst);
+    // Far more than the socket buffers and lapin's own hold.
+    let big = Message::new(vec![0u8; 64 << 20]);
+    let result = timeout(bound + Duration::from_secs(20), broker.publish(&topic, big)).await;
+    // Closing waits a bounded time for confirms and for the broker's close-ok.
+    let closed = timeout(Duration::from_secs(20), broker.close()).await;
+    forwarding.abort();
+    let _ = forwarding.await;
+    drop(sub);
+    let _ = timeout(Duration::from_secs(10), direct.close()).await;
+    common::cleanup_if_reachable(&topic, GROUP).await;
+
+    let err = result
+        .expect("publish hung on a broker that stopped reading")
+        .expect_err("nothing is confirmed while the broker does not read");
+    assert!(err.is_transient(), "{err}");
+    assert!(err.to_string().contains("writing a publish"), "{err}");
+    assert!(
+        closed.is_ok(),
+        "close hung on a broker that stopped reading"
+    );
+}
+
 /// A broker that takes connections and then says nothing (overloaded, or a load
 /// balancer with nothing behind it): a publish that has to reconnect fails within its
 /// bound, with an error that names the handshake that never finished rather than only
