@@ -2,13 +2,16 @@
 //! it comes due, so every group of the topic gets it then.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use switchyard_core::backend::{check_headers, validate_name};
+use switchyard_core::backend::{check_headers, validate_name, Backoff};
 use switchyard_core::{CancellationToken, Error, Message, Publisher, Receipt, Result};
 
 use crate::broker::BACKEND;
 use crate::MemoryBroker;
+
+/// Pauses between tries to publish a due message to a full topic.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
 
 /// The pending timers of one broker. They hold the broker weakly (a timer must not keep
 /// a dropped broker alive) and end, messages unpublished, on [`MemoryBroker::shutdown`]
@@ -34,9 +37,9 @@ impl Drop for Timers {
 impl MemoryBroker {
     /// Checks `message` now (headers, size, topic name: what a publish would refuse),
     /// then starts a timer that publishes it to `topic` no sooner than `when`. A time
-    /// already past publishes at once, from the timer task. A publish that fails when
-    /// due (the topic full past `publish_timeout`, or shut down) is logged and dropped:
-    /// nothing waits for its outcome.
+    /// already past publishes at once, from the timer task. A topic full past
+    /// `publish_timeout` when it is due is tried again, with backoff, until it takes the
+    /// message or the broker shuts down; only a refusal for good is logged and dropped.
     pub(crate) async fn schedule(
         &self,
         topic: &str,
@@ -77,13 +80,30 @@ impl MemoryBroker {
             if cancel.is_cancelled() {
                 return;
             }
-            let Some(inner) = broker.upgrade() else {
-                return;
-            };
-            let broker = MemoryBroker { inner };
             let id = message.id.clone();
-            if let Err(error) = broker.publish(&topic, message).await {
+            let mut pauses = RETRY.pauses();
+            loop {
+                let Some(inner) = broker.upgrade() else {
+                    return;
+                };
+                let error = match (MemoryBroker { inner })
+                    .publish(&topic, message.clone())
+                    .await
+                {
+                    Ok(_) => return,
+                    Err(e @ Error::Closed { .. }) => e,
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!(error = %e, topic, id, "a scheduled message is due and its topic is full; trying again");
+                        tokio::select! {
+                            () = cancel.cancelled() => return,
+                            () = tokio::time::sleep(pauses.next().unwrap_or(Duration::from_secs(1))) => {}
+                        }
+                        continue;
+                    }
+                    Err(e) => e,
+                };
                 tracing::warn!(%error, topic, id, "a scheduled message could not be published when due; dropped");
+                return;
             }
         });
         Ok(receipt)
@@ -92,8 +112,6 @@ impl MemoryBroker {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use switchyard_core::{SubscribeOptions, Subscriber};
 
     use super::*;
@@ -155,5 +173,34 @@ mod tests {
         assert!(matches!(bad_topic, Err(Error::InvalidName { .. })));
         let reserved = Message::new("x").with_header("switchyard-id", "forged");
         assert!(broker.schedule("t", reserved, now).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_message_due_while_its_topic_is_full_waits_for_room() {
+        let broker = MemoryBroker::with_config(
+            crate::MemoryConfig::default()
+                .capacity(1)
+                .publish_timeout(Duration::from_millis(20)),
+        );
+        let mut sub = broker
+            .subscribe(SubscribeOptions::new("t", "g"))
+            .await
+            .unwrap();
+        broker.publish("t", Message::new("first")).await.unwrap();
+        let due = Message::new("due");
+        broker
+            .schedule("t", due.clone(), SystemTime::now())
+            .await
+            .unwrap();
+        // Full for several publish timeouts, then room.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let first = sub.recv().await.unwrap().unwrap();
+        first.ack().await.unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+            .await
+            .expect("the due message arrives once there is room")
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.id(), due.id);
     }
 }
