@@ -163,14 +163,20 @@ mod tests {
         Arc::new(Message::new("x").with_key(key))
     }
 
-    #[test]
-    fn a_requeued_message_that_never_comes_back_frees_its_key_after_the_limit() {
+    /// A gate holding `a2` behind `a1`, which was handed out and nacked for requeue.
+    fn first_of_two_requeued() -> (Gate, Arc<Message>, Arc<Message>) {
         let mut g = Gate::default();
         let (a1, a2) = (keyed("a"), keyed("a"));
         g.arrive(entry(&a1));
         g.arrive(entry(&a2));
         assert_eq!(g.take(false).unwrap().message.id, a1.id);
         g.settled(&a1, 1, true);
+        (g, a1, a2)
+    }
+
+    #[test]
+    fn a_requeued_message_that_never_comes_back_frees_its_key_after_the_limit() {
+        let (mut g, a1, a2) = first_of_two_requeued();
         assert!(g.take(false).is_none(), "a2 waits for a1 to come back");
         let due = g.next_release().expect("a key awaits its message");
         g.release_overdue(due - Duration::from_millis(1));
@@ -203,12 +209,7 @@ mod tests {
 
     #[test]
     fn a_requeued_message_heads_its_key_again_with_the_next_attempt() {
-        let mut g = Gate::default();
-        let (a1, a2) = (keyed("a"), keyed("a"));
-        g.arrive(entry(&a1));
-        g.arrive(entry(&a2));
-        assert_eq!(g.take(false).unwrap().message.id, a1.id);
-        g.settled(&a1, 1, true);
+        let (mut g, a1, a2) = first_of_two_requeued();
         assert!(!g.quiet(), "the requeued message is on its way back");
         assert!(g.take(false).is_none(), "a2 must wait for a1's redelivery");
         g.arrive(entry(&a1));

@@ -148,15 +148,24 @@ mod tests {
             .expect("the third counted delivery is dead-lettered");
     }
 
-    #[tokio::test]
-    async fn dead_letter_headers_the_message_brought_along_are_not_kept() {
+    /// A memory broker and a reader of `t.dlq` on it.
+    async fn broker_reading_dlq() -> (
+        Arc<switchyard_memory::MemoryBroker>,
+        Box<dyn switchyard_core::Subscription>,
+    ) {
         let broker = Arc::new(switchyard_memory::MemoryBroker::new());
-        let mut sub = switchyard_core::Subscriber::subscribe(
+        let sub = switchyard_core::Subscriber::subscribe(
             &*broker,
             switchyard_core::SubscribeOptions::new("t.dlq", "read"),
         )
         .await
         .unwrap();
+        (broker, sub)
+    }
+
+    #[tokio::test]
+    async fn dead_letter_headers_the_message_brought_along_are_not_kept() {
+        let (broker, mut sub) = broker_reading_dlq().await;
         let layer = DeadLetterLayer::new(broker.clone());
         // Keyless, from a memory topic (no partition): forged headers would stand.
         let forged = Message::new("x")
@@ -198,13 +207,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_letter_refused_whole_goes_without_the_messages_own_headers() {
-        let broker = Arc::new(switchyard_memory::MemoryBroker::new());
-        let mut sub = switchyard_core::Subscriber::subscribe(
-            &*broker,
-            switchyard_core::SubscribeOptions::new("t.dlq", "read"),
-        )
-        .await
-        .unwrap();
+        let (broker, mut sub) = broker_reading_dlq().await;
         let layer = DeadLetterLayer::new(Arc::new(Picky(broker.clone())));
         let mut m = Message::new("poison").with_key("k");
         for i in 0..10 {
